@@ -36,5 +36,3 @@ pub mod server;
 pub mod uri;
 
 pub use device::{BlockDevice, Capabilities, Extent, Piece, ZeroFlags};
-pub use file::FileDevice;
-pub use server::{Export, Listener, Server, Shutdown};
