@@ -280,7 +280,11 @@ pub(crate) async fn run_reader(conn: Arc<Conn>, rd: BoxRead) {
         e = read_replies(&conn, &mut rd) => e,
         _ = conn.wait_closed() => return,
     };
-    conn.fail(err.to_string());
+    let reason = match err {
+        ClientError::Disconnected { reason } => reason,
+        other => other.to_string(),
+    };
+    conn.fail(reason);
 }
 
 /// Read replies until something fatal happens; returns what it was.
@@ -333,9 +337,13 @@ fn unknown_cookie(cookie: u64) -> ClientError {
 }
 
 /// The entry vanished while we awaited: only `fail` removes entries behind
-/// the reader's back, so the connection is already closed.
-fn vanished(conn: &Conn) -> ClientError {
-    conn.closed_error()
+/// the reader's back, so the connection is already closed and this error
+/// only ends the reader (`fail` keeps the first reason). Must not lock the
+/// state: callers hold it.
+fn vanished() -> ClientError {
+    ClientError::Disconnected {
+        reason: "the connection closed while a reply was being read".into(),
+    }
 }
 
 fn request_error(p: &Pending, errno: Errno, message: String) -> ClientError {
@@ -398,7 +406,7 @@ where
     // The payload: exactly the requested length, which we allocated.
     rd.read_exact(&mut buf).await.map_err(read_io)?;
     let mut st = conn.state();
-    let p = conn.finish(&mut st, cookie).ok_or_else(|| vanished(conn))?;
+    let p = conn.finish(&mut st, cookie).ok_or_else(vanished)?;
     drop(st);
     let _ = p.tx.send(Ok(Outcome::Data(buf)));
     Ok(())
@@ -448,10 +456,7 @@ where
                 .ok_or_else(|| bad(format!("data at offset {offset} lies outside the request")))?;
             let mut buf = {
                 let mut st = conn.state();
-                let p = st
-                    .pending
-                    .get_mut(&h.cookie)
-                    .ok_or_else(|| vanished(conn))?;
+                let p = st.pending.get_mut(&h.cookie).ok_or_else(vanished)?;
                 let Op::Read { buf, covered } = &mut p.op else {
                     unreachable!("command checked above")
                 };
@@ -462,10 +467,7 @@ where
                 .await
                 .map_err(read_io)?;
             let mut st = conn.state();
-            let p = st
-                .pending
-                .get_mut(&h.cookie)
-                .ok_or_else(|| vanished(conn))?;
+            let p = st.pending.get_mut(&h.cookie).ok_or_else(vanished)?;
             let Op::Read { buf: slot, .. } = &mut p.op else {
                 unreachable!("command checked above")
             };
@@ -486,10 +488,7 @@ where
             let start = relative_start(offset, len, req_offset, req_len)
                 .ok_or_else(|| bad(format!("hole at offset {offset} lies outside the request")))?;
             let mut st = conn.state();
-            let p = st
-                .pending
-                .get_mut(&h.cookie)
-                .ok_or_else(|| vanished(conn))?;
+            let p = st.pending.get_mut(&h.cookie).ok_or_else(vanished)?;
             let Op::Read { covered, .. } = &mut p.op else {
                 unreachable!("command checked above")
             };
@@ -513,10 +512,7 @@ where
             }
             let extents = decode_extents(&data[4..], req_len).map_err(bad)?;
             let mut st = conn.state();
-            let p = st
-                .pending
-                .get_mut(&h.cookie)
-                .ok_or_else(|| vanished(conn))?;
+            let p = st.pending.get_mut(&h.cookie).ok_or_else(vanished)?;
             let Op::BlockStatus { extents: slot } = &mut p.op else {
                 unreachable!("command checked above")
             };
@@ -543,10 +539,7 @@ where
                 }
             }
             let mut st = conn.state();
-            let p = st
-                .pending
-                .get_mut(&h.cookie)
-                .ok_or_else(|| vanished(conn))?;
+            let p = st.pending.get_mut(&h.cookie).ok_or_else(vanished)?;
             let message = match e.offset {
                 Some(off) => format!("{} (at offset {off})", e.message),
                 None => e.message,
@@ -565,7 +558,7 @@ where
 /// The final chunk arrived: check the reply is whole and hand it over.
 fn complete(conn: &Conn, cookie: u64) -> Result<(), ClientError> {
     let mut st = conn.state();
-    let p = conn.finish(&mut st, cookie).ok_or_else(|| vanished(conn))?;
+    let p = conn.finish(&mut st, cookie).ok_or_else(vanished)?;
     drop(st);
     let result = match (&p.error, p.op) {
         (Some((errno, message)), _) => Err(ClientError::Request {

@@ -5,12 +5,12 @@
 //!
 //! # Layout
 //!
-//! - [`handshake`](self::handshake): fixed-newstyle negotiation (structured
+//! - `handshake`: fixed-newstyle negotiation (structured
 //!   replies, `base:allocation`, `OPT_GO` with a fallback to
 //!   `OPT_EXPORT_NAME`), bounded by [`HANDSHAKE_TIMEOUT`].
-//! - [`inflight`](self::inflight): the map of requests in flight and the
+//! - `inflight`: the map of requests in flight and the
 //!   reader task that demultiplexes replies into it.
-//! - [`error`](self::error): [`ClientError`], one enum for the layer.
+//! - `error`: [`ClientError`], one enum for the layer.
 //! - this file: [`Client`], the public face: connect, capabilities, and one
 //!   method per command.
 //!

@@ -499,3 +499,74 @@ where
     }
     out
 }
+
+#[tokio::test]
+async fn write_cancelled_mid_send_closes_the_connection() {
+    bounded(async {
+        let (c, s) = pair(true).await;
+        // The server reads nothing, so a 4 MiB write blocks part-way.
+        let big = vec![1u8; 4 << 20];
+        let r = tokio::time::timeout(Duration::from_millis(50), c.write(0, &big, false)).await;
+        assert!(r.is_err(), "the write should still have been blocked");
+        assert!(c.is_closed());
+        assert_disconnected(c.flush().await, "cancelled");
+        drop(s);
+    })
+    .await
+}
+
+#[tokio::test]
+async fn writer_blocked_on_a_full_socket_wakes_when_the_reader_fails() {
+    bounded(async {
+        let (c, mut s) = pair(true).await;
+        let writer = c.clone();
+        let blocked =
+            tokio::spawn(async move { writer.write(0, &vec![1u8; 4 << 20], false).await });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        // Garbage instead of a reply, without reading the request.
+        s.s.write_all(&[0xee; 4]).await.unwrap();
+        assert_disconnected(blocked.await.unwrap(), "magic");
+        assert!(c.is_closed());
+    })
+    .await
+}
+
+#[tokio::test]
+async fn dropping_every_clone_closes_the_socket() {
+    bounded(async {
+        let (c, mut s) = pair(true).await;
+        let c2 = c.clone();
+        drop(c);
+        drop(c2);
+        let mut rest = vec![];
+        s.s.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty());
+    })
+    .await
+}
+
+#[tokio::test]
+async fn read_waiting_for_the_rest_of_its_payload_fails_when_another_request_breaks_the_stream() {
+    bounded(async {
+        let (c, mut s) = pair(true).await;
+        let reader = c.clone();
+        let read = tokio::spawn(async move { reader.read(0, 8).await });
+        let r = s.request().await;
+        // Header and half the data; the reader now waits inside the chunk.
+        let h = ChunkHeader {
+            flags: REPLY_FLAG_DONE,
+            kind: REPLY_TYPE_OFFSET_DATA,
+            cookie: r.cookie,
+            length: 16,
+        };
+        s.s.write_all(&h.encode()).await.unwrap();
+        s.s.write_all(&0u64.to_be_bytes()).await.unwrap();
+        s.s.write_all(&[1; 4]).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let big = vec![1u8; 4 << 20];
+        let w = tokio::time::timeout(Duration::from_millis(50), c.write(0, &big, false)).await;
+        assert!(w.is_err());
+        assert_disconnected(read.await.unwrap(), "cancelled");
+    })
+    .await
+}
