@@ -1,1 +1,36 @@
-//! placeholder
+//! The lazy-fetch engine: a virtual disk that serves at once and fills
+//! itself from a legacy disk.
+//!
+//! # Layout
+//!
+//! The data path, from a frontend down to the disks:
+//!
+//! - [`frontend`]: the thin adapter that lets the NBD server (and the FUSE
+//!   frontend) serve a [`volume::Volume`] as a `BlockDevice`. The engine
+//!   below knows nothing of either protocol.
+//! - [`volume`]: reads, writes, trims and flushes on the virtual disk; the
+//!   chunk state machine and where each engine invariant is enforced.
+//! - [`presence`]: the atomic bitmaps (present, zero, written) of each chunk.
+//! - [`inflight`]: single-flight locks of the chunks being changed.
+//! - [`hydrate`]: the background pass that fetches every absent chunk,
+//!   rate-limited and yielding to foreground fetches.
+//! - [`state`]: the state directory: header, checkpoint, journal, lock; the
+//!   order that makes the map durable only after the data.
+//! - [`source`]: where chunks come from (`source/file.rs`, `source/nbd.rs`).
+//! - [`target`]: where they go (`target/file.rs`: a file or block device).
+//! - [`units`], [`stats`], [`error`]: chunk geometry, counters, the error enum.
+
+pub mod error;
+pub mod frontend;
+pub mod hydrate;
+pub mod inflight;
+pub mod presence;
+pub mod source;
+pub mod state;
+pub mod stats;
+pub mod target;
+pub mod units;
+pub mod volume;
+
+pub use error::{Error, Result};
+pub use volume::{OpenOptions, Volume};

@@ -1,0 +1,200 @@
+//! The background pass: fetch every absent chunk until the volume is whole.
+//!
+//! It walks the map from a cursor, asks the source for its holes a window
+//! ahead (those chunks become zero chunks without a fetch), and fetches runs
+//! of up to [`MAX_RUN`] contiguous absent chunks with one source read, with
+//! a few runs in flight. It never waits on a chunk someone else holds: it
+//! skips it and comes back on the next lap.
+//!
+//! Scheduling (invariant 7): hydration reads use [`Class::Background`];
+//! while foreground fetches are in flight it drops to one run at a time and
+//! waits for them to finish (a bounded wait, so it cannot starve); the
+//! `--rate-limit` is a token bucket on the bytes it fetches. When the source
+//! fails it backs off (1 s doubling to 30 s) and tries again, so a lost
+//! source pauses hydration without stopping the server.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::task::JoinSet;
+
+use crate::source::{Class, Source};
+use crate::units::ChunkIndex;
+use crate::volume::{MAX_RUN, Volume};
+
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Bytes per second, `None` for unlimited.
+    pub rate_limit: Option<u64>,
+    /// Runs in flight when there is no foreground load.
+    pub workers: usize,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            rate_limit: None,
+            workers: 4,
+        }
+    }
+}
+
+/// How far ahead of the cursor source holes are learnt, in bytes.
+const HOLE_WINDOW: u64 = 256 << 20;
+
+/// A token bucket: `rate` bytes per second, bursts up to one second's worth.
+struct Bucket {
+    rate: f64,
+    tokens: f64,
+    at: Instant,
+}
+
+impl Bucket {
+    fn new(rate: u64) -> Bucket {
+        Bucket {
+            rate: rate as f64,
+            tokens: rate as f64,
+            at: Instant::now(),
+        }
+    }
+
+    /// Time to wait before `n` bytes may be fetched (and take them).
+    fn take(&mut self, n: u64) -> Duration {
+        let now = Instant::now();
+        self.tokens = (self.tokens + now.duration_since(self.at).as_secs_f64() * self.rate)
+            .min(self.rate.max(n as f64));
+        self.at = now;
+        self.tokens -= n as f64;
+        if self.tokens >= 0.0 {
+            Duration::ZERO
+        } else {
+            Duration::from_secs_f64(-self.tokens / self.rate)
+        }
+    }
+}
+
+/// Hydrate until every chunk is present or `stop` resolves.
+pub async fn run<S: Source>(
+    volume: Arc<Volume<S>>,
+    opts: Options,
+    stop: impl std::future::Future<Output = ()>,
+) {
+    tokio::select! {
+        _ = stop => {}
+        _ = hydrate(volume.clone(), opts) => {}
+    }
+}
+
+async fn hydrate<S: Source>(volume: Arc<Volume<S>>, opts: Options) {
+    let g = volume.geometry();
+    let mut bucket = opts.rate_limit.map(Bucket::new);
+    let mut cursor = 0u64;
+    let mut holes_known_until = 0u64;
+    let mut backoff = Duration::from_secs(1);
+    let mut tasks: JoinSet<crate::Result<usize>> = JoinSet::new();
+    let run_bytes = g.chunk_size() * MAX_RUN as u64;
+    loop {
+        if volume.map().is_complete() {
+            break;
+        }
+        let Some(c) = volume
+            .map()
+            .next_absent(cursor)
+            .or_else(|| volume.map().next_absent(0))
+        else {
+            break;
+        };
+        let offset = g.bytes(c).start;
+        if offset >= holes_known_until || offset < holes_known_until.saturating_sub(HOLE_WINDOW) {
+            let len = HOLE_WINDOW.min(g.size() - offset);
+            if let Err(e) = volume.learn_holes(offset, len).await {
+                tracing::warn!("hydration: recording source holes failed: {e}");
+            }
+            holes_known_until = offset + len;
+            if volume.map().state(c) != crate::presence::ChunkState::Absent {
+                cursor = c.0 + 1;
+                continue;
+            }
+        }
+        // Foreground first: one run at a time while clients wait on the
+        // source, and give their fetches a head start (bounded).
+        let foreground = volume.foreground_active() > 0;
+        let limit = if foreground { 1 } else { opts.workers.max(1) };
+        if foreground {
+            let deadline = Instant::now() + Duration::from_millis(20);
+            while volume.foreground_active() > 0 && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+        while tasks.len() >= limit {
+            if let Some(r) = tasks.join_next().await {
+                backoff = settle(r, backoff).await;
+            }
+        }
+        if let Some(b) = bucket.as_mut() {
+            let wait = b.take(run_bytes.min(g.size() - offset));
+            if !wait.is_zero() {
+                tokio::time::sleep(wait).await;
+            }
+        }
+        let v = volume.clone();
+        tasks.spawn(async move { v.fetch_run_from(c, MAX_RUN, Class::Background).await });
+        cursor = c.0 + MAX_RUN as u64;
+        if cursor >= g.chunks() {
+            cursor = 0;
+        }
+        // A busy first chunk makes the run empty: yield so its holder can
+        // finish instead of spinning on it.
+        tokio::task::yield_now().await;
+    }
+    while let Some(r) = tasks.join_next().await {
+        settle(r, Duration::ZERO).await;
+    }
+    if volume.map().is_complete() {
+        if let Err(e) = volume.flush().await {
+            tracing::warn!("hydration complete but the final flush failed: {e}");
+        } else {
+            tracing::info!(
+                "hydration complete: {} chunks present",
+                volume.map().present_count()
+            );
+        }
+    }
+    let _ = ChunkIndex(0);
+}
+
+/// Handle one finished run: on error log, wait (backoff) and return the
+/// next backoff; on success reset it.
+async fn settle(
+    r: Result<crate::Result<usize>, tokio::task::JoinError>,
+    backoff: Duration,
+) -> Duration {
+    match r {
+        Ok(Ok(_)) => Duration::from_secs(1),
+        Ok(Err(e)) => {
+            tracing::warn!("hydration paused for {backoff:?}: {e}");
+            tokio::time::sleep(backoff).await;
+            (backoff * 2).min(Duration::from_secs(30))
+        }
+        Err(e) => {
+            tracing::error!("hydration task failed: {e}");
+            backoff
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bucket_allows_a_burst_then_paces() {
+        let mut b = Bucket::new(1000);
+        assert_eq!(b.take(1000), Duration::ZERO);
+        let wait = b.take(500);
+        assert!(
+            wait >= Duration::from_millis(400) && wait <= Duration::from_millis(600),
+            "{wait:?}"
+        );
+    }
+}

@@ -1,0 +1,60 @@
+//! Where the legacy disk is read from.
+//!
+//! A source is positional reads, a size and an optional block status (its
+//! holes are learnt and never fetched). Reads say whether they serve a
+//! client now ([`Class::Foreground`]) or the background hydration, so a
+//! source with a queue can keep the two apart (invariant 7).
+
+pub mod file;
+pub mod nbd;
+
+use std::future::Future;
+use std::io;
+
+pub use nbd_server::Extent;
+
+use crate::state::SourceId;
+
+/// Who is waiting for a read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Class {
+    /// A client request waits on it.
+    Foreground,
+    /// Hydration or readahead.
+    Background,
+}
+
+/// How the source is doing, for `stream status`.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case", tag = "state", content = "detail")]
+pub enum Health {
+    Up,
+    Reconnecting(String),
+    Down(String),
+}
+
+pub trait Source: Send + Sync + 'static {
+    /// Identity recorded in the state and checked on resume.
+    fn id(&self) -> SourceId;
+
+    /// `len` bytes at `offset` (within the source).
+    fn read(
+        &self,
+        offset: u64,
+        len: usize,
+        class: Class,
+    ) -> impl Future<Output = io::Result<Vec<u8>>> + Send;
+
+    /// Allocation from `offset`, or `None` when the source cannot tell.
+    fn block_status(
+        &self,
+        _offset: u64,
+        _len: u64,
+    ) -> impl Future<Output = io::Result<Option<Vec<Extent>>>> + Send {
+        async { Ok(None) }
+    }
+
+    fn health(&self) -> Health {
+        Health::Up
+    }
+}

@@ -1,0 +1,1 @@
+//! An NBD export as a source (being written).

@@ -1,0 +1,745 @@
+//! The state directory of one migration, and how the presence map is made
+//! durable.
+//!
+//! Files:
+//!
+//! | file         | content                                                    |
+//! |--------------|------------------------------------------------------------|
+//! | `state.json` | header: source, target, sizes, chunk size, phase; checksummed |
+//! | `map`        | checkpoint: the three bitmaps, a generation, a checksum     |
+//! | `journal`    | batches of chunk state changes since the checkpoint         |
+//! | `lock`       | `flock`ed by the running `stream start` (holds its pid)     |
+//!
+//! Durability order (invariant 1: a chunk marked present in the durable
+//! state has its correct data durable in the target):
+//!
+//! 1. the volume writes the chunk's data to the target, then sets its bits,
+//!    then [`StateDir::record`]s an entry, all under the chunk's lock;
+//! 2. a persist cycle takes the recorded entries, syncs the target, and
+//!    only then appends the entries to the journal and syncs the journal.
+//!
+//! An entry taken in step 2 was recorded after its target write completed,
+//! so the sync covers it. A checkpoint snapshots the bitmaps *before* that
+//! target sync, for the same reason, and is written with the next
+//! generation; the journal is then restarted with that generation, and a
+//! journal whose generation differs from the checkpoint's is stale and
+//! ignored (the checkpoint already contains it).
+//!
+//! Every batch carries a sequence number and a checksum. At open, replay
+//! stops at the first bad batch; if nothing valid follows it, it was a torn
+//! write of an unacknowledged flush and is cut off; if a valid batch
+//! follows, the journal is damaged in the middle and the state is refused
+//! rather than trusted.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::presence::{Bitmap, ChunkState, PresenceMap};
+use crate::units::{ChunkIndex, Geometry};
+
+pub const FORMAT: &str = "stream-state";
+pub const VERSION: u32 = 1;
+
+const MAP_MAGIC: &[u8; 8] = b"STRMMAP1";
+const JOURNAL_MAGIC: &[u8; 8] = b"STRMJRN1";
+const BATCH_MAGIC: u32 = 0x4a42_4154; // "JBAT"
+const HASH_LEN: usize = 16;
+/// Journal size after which a persist cycle also writes a checkpoint.
+pub const CHECKPOINT_AFTER: u64 = 16 << 20;
+
+/// Phase of a migration.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    /// Serving and hydrating.
+    Streaming,
+    /// `finalize` has started: hydrate, flush, manifest, verify.
+    Finalizing,
+    /// The target is native storage now; never served again.
+    Finalized,
+}
+
+/// What identifies the source.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SourceId {
+    /// `file` or `nbd`.
+    pub kind: String,
+    /// Canonical path or NBD URI.
+    pub location: String,
+    pub size: u64,
+}
+
+/// What identifies the target.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TargetId {
+    pub path: String,
+    /// `file` or `block`.
+    pub kind: String,
+    pub size: u64,
+    /// Device and inode of a file, or the device number of a block device:
+    /// a target replaced by another file of the same name is caught.
+    pub dev: u64,
+    pub ino: u64,
+    /// We created the target sparse, so every chunk not yet written reads
+    /// as zeros; zero chunks then need no target write at all.
+    pub created_sparse: bool,
+}
+
+/// `state.json`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Header {
+    pub format: String,
+    pub version: u32,
+    pub source: SourceId,
+    pub target: TargetId,
+    pub size: u64,
+    pub chunk_size: u64,
+    pub phase: Phase,
+    /// Unix seconds.
+    pub created_at: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finalized_at: Option<u64>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Sealed {
+    header: Header,
+    /// blake3 of the canonical JSON of `header`.
+    checksum: String,
+}
+
+fn hash16(parts: &[&[u8]]) -> [u8; HASH_LEN] {
+    let mut h = blake3::Hasher::new();
+    for p in parts {
+        h.update(p);
+    }
+    let mut out = [0u8; HASH_LEN];
+    out.copy_from_slice(&h.finalize().as_bytes()[..HASH_LEN]);
+    out
+}
+
+/// Write `bytes` to `dir/name` atomically: temp file, fsync, rename, fsync dir.
+fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<()> {
+    let tmp = dir.join(format!(".{name}.tmp"));
+    {
+        let mut f = File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    fs::rename(&tmp, dir.join(name))?;
+    File::open(dir)?.sync_all()
+}
+
+impl Header {
+    pub fn geometry(&self) -> Geometry {
+        Geometry::new(self.size, self.chunk_size).expect("validated when the header was loaded")
+    }
+
+    fn seal(&self) -> Vec<u8> {
+        let canonical = serde_json::to_vec(self).expect("header serialises");
+        let sealed = Sealed {
+            header: self.clone(),
+            checksum: blake3::hash(&canonical).to_hex().to_string(),
+        };
+        let mut v = serde_json::to_vec_pretty(&sealed).expect("header serialises");
+        v.push(b'\n');
+        v
+    }
+
+    fn unseal(path: &Path, bytes: &[u8]) -> Result<Header> {
+        let corrupt = |detail: String| Error::StateCorrupt {
+            path: path.to_path_buf(),
+            detail,
+        };
+        let sealed: Sealed =
+            serde_json::from_slice(bytes).map_err(|e| corrupt(format!("not valid JSON: {e}")))?;
+        let h = sealed.header;
+        if h.format != FORMAT {
+            return Err(corrupt(format!("format is {:?}, not {FORMAT:?}", h.format)));
+        }
+        if h.version != VERSION {
+            return Err(corrupt(format!(
+                "version {} is not the version {VERSION} this stream reads",
+                h.version
+            )));
+        }
+        let canonical = serde_json::to_vec(&h).expect("header serialises");
+        if blake3::hash(&canonical).to_hex().as_str() != sealed.checksum {
+            return Err(corrupt("checksum does not match the content".into()));
+        }
+        Geometry::new(h.size, h.chunk_size).map_err(corrupt)?;
+        Ok(h)
+    }
+}
+
+/// An open, locked state directory.
+#[derive(Debug)]
+pub struct StateDir {
+    dir: PathBuf,
+    _lock: File,
+    journal: Mutex<Journal>,
+    /// Entries recorded since the last persist cycle took them.
+    dirty: Mutex<Vec<u64>>,
+}
+
+#[derive(Debug)]
+struct Journal {
+    file: File,
+    generation: u64,
+    len: u64,
+    next_seq: u64,
+}
+
+fn entry(c: ChunkIndex, state: ChunkState, written: bool) -> u64 {
+    let zero = match state {
+        ChunkState::Zero => 1,
+        ChunkState::Data => 0,
+        ChunkState::Absent => panic!("absent is never journaled"),
+    };
+    (c.0 << 2) | (u64::from(written) << 1) | zero
+}
+
+fn apply(map: &PresenceMap, e: u64) -> bool {
+    let c = ChunkIndex(e >> 2);
+    if c.0 >= map.chunks() {
+        return false;
+    }
+    let state = if e & 1 != 0 {
+        ChunkState::Zero
+    } else {
+        ChunkState::Data
+    };
+    map.set(c, state, e & 2 != 0);
+    true
+}
+
+impl StateDir {
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+
+    fn io(&self, source: io::Error) -> Error {
+        Error::StateIo {
+            dir: self.dir.clone(),
+            source,
+        }
+    }
+
+    fn lock(dir: &Path) -> Result<File> {
+        let path = dir.join("lock");
+        let mut f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(|source| Error::StateIo {
+                dir: dir.to_path_buf(),
+                source,
+            })?;
+        // SAFETY: flock on an fd we own.
+        let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if r != 0 {
+            let mut holder = String::new();
+            let _ = f.read_to_string(&mut holder);
+            return Err(Error::Locked {
+                dir: dir.to_path_buf(),
+                holder: format!("pid {}", holder.trim()),
+            });
+        }
+        f.set_len(0).ok();
+        let _ = f.write_all_at(std::process::id().to_string().as_bytes(), 0);
+        Ok(f)
+    }
+
+    /// Whether `dir` holds a migration's state.
+    pub fn exists(dir: &Path) -> bool {
+        dir.join("state.json").exists()
+    }
+
+    /// Read the header only, without locking (for `status` and `finalize`
+    /// run beside a live `start`).
+    pub fn read_header(dir: &Path) -> Result<Header> {
+        let path = dir.join("state.json");
+        let bytes = fs::read(&path).map_err(|source| Error::StateIo {
+            dir: dir.to_path_buf(),
+            source,
+        })?;
+        Header::unseal(&path, &bytes)
+    }
+
+    /// Create a new state directory for a fresh migration.
+    pub fn create(dir: &Path, header: &Header) -> Result<(StateDir, PresenceMap)> {
+        let io = |source| Error::StateIo {
+            dir: dir.to_path_buf(),
+            source,
+        };
+        fs::create_dir_all(dir).map_err(io)?;
+        let lock = Self::lock(dir)?;
+        if Self::exists(dir) {
+            return Err(Error::Invalid(format!(
+                "{} already holds a migration",
+                dir.display()
+            )));
+        }
+        let map = PresenceMap::new(header.geometry().chunks());
+        write_checkpoint(dir, &map_bytes(&map), 1).map_err(io)?;
+        let journal = Journal::create(dir, 1).map_err(io)?;
+        // The header last: a directory without it is not a migration yet.
+        write_atomic(dir, "state.json", &header.seal()).map_err(io)?;
+        Ok((
+            StateDir {
+                dir: dir.to_path_buf(),
+                _lock: lock,
+                journal: Mutex::new(journal),
+                dirty: Mutex::new(Vec::new()),
+            },
+            map,
+        ))
+    }
+
+    /// Open and lock an existing state directory; replay its journal.
+    pub fn open(dir: &Path) -> Result<(StateDir, Header, PresenceMap)> {
+        let lock = Self::lock(dir)?;
+        let header = Self::read_header(dir)?;
+        let chunks = header.geometry().chunks();
+        let (map, generation) = read_checkpoint(dir, chunks)?;
+        let journal = Journal::open(dir, generation, &map)?;
+        Ok((
+            StateDir {
+                dir: dir.to_path_buf(),
+                _lock: lock,
+                journal: Mutex::new(journal),
+                dirty: Mutex::new(Vec::new()),
+            },
+            header,
+            map,
+        ))
+    }
+
+    /// Replace the header (phase changes).
+    pub fn write_header(&self, header: &Header) -> Result<()> {
+        write_atomic(&self.dir, "state.json", &header.seal()).map_err(|e| self.io(e))
+    }
+
+    /// Record that chunk `c` became `state`. Call under the chunk's lock,
+    /// after the target write and the bitmap update.
+    pub fn record(&self, c: ChunkIndex, state: ChunkState, written: bool) {
+        self.dirty
+            .lock()
+            .expect("poisoned")
+            .push(entry(c, state, written));
+    }
+
+    /// Entries waiting for a persist cycle.
+    pub fn pending(&self) -> usize {
+        self.dirty.lock().expect("poisoned").len()
+    }
+
+    /// Step 2a of a persist cycle: take the recorded entries.
+    pub fn take_pending(&self) -> Vec<u64> {
+        std::mem::take(&mut *self.dirty.lock().expect("poisoned"))
+    }
+
+    /// Put back entries a failed persist cycle took, ahead of newer ones, so
+    /// a later flush still covers them.
+    pub fn restore_pending(&self, mut entries: Vec<u64>) {
+        let mut d = self.dirty.lock().expect("poisoned");
+        entries.append(&mut d);
+        *d = entries;
+    }
+
+    /// Whether the last run ended without a clean shutdown (the `running`
+    /// marker is still there); marks this run as running.
+    pub fn mark_running(&self) -> Result<bool> {
+        let p = self.dir.join("running");
+        let unclean = p.exists();
+        write_atomic(
+            &self.dir,
+            "running",
+            std::process::id().to_string().as_bytes(),
+        )
+        .map_err(|e| self.io(e))?;
+        Ok(unclean)
+    }
+
+    /// Record a clean shutdown (after the final checkpoint).
+    pub fn mark_clean(&self) -> Result<()> {
+        match fs::remove_file(self.dir.join("running")) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(self.io(e)),
+        }
+        File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| self.io(e))
+    }
+
+    /// Step 2b, after the target sync: append and sync. Blocking.
+    pub fn append(&self, entries: &[u64]) -> Result<()> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let mut j = self.journal.lock().expect("poisoned");
+        j.append(entries).map_err(|source| Error::PersistMap {
+            dir: self.dir.clone(),
+            source,
+        })
+    }
+
+    pub fn journal_len(&self) -> u64 {
+        self.journal.lock().expect("poisoned").len
+    }
+
+    /// Write `snapshot` (taken before the last target sync) as the new
+    /// checkpoint and restart the journal. Blocking.
+    pub fn checkpoint(&self, snapshot: &[u8]) -> Result<()> {
+        let mut j = self.journal.lock().expect("poisoned");
+        let generation = j.generation + 1;
+        let persist = |source| Error::PersistMap {
+            dir: self.dir.clone(),
+            source,
+        };
+        write_checkpoint(&self.dir, snapshot, generation).map_err(persist)?;
+        *j = Journal::create(&self.dir, generation).map_err(persist)?;
+        Ok(())
+    }
+}
+
+/// The bitmaps of `map` as checkpoint payload.
+pub fn map_bytes(map: &PresenceMap) -> Vec<u8> {
+    let mut v = Vec::new();
+    for b in map.bitmaps() {
+        v.extend_from_slice(&b.to_bytes());
+    }
+    v
+}
+
+fn write_checkpoint(dir: &Path, bitmaps: &[u8], generation: u64) -> io::Result<()> {
+    let mut v = Vec::with_capacity(bitmaps.len() + 48);
+    v.extend_from_slice(MAP_MAGIC);
+    v.extend_from_slice(&generation.to_le_bytes());
+    v.extend_from_slice(&(bitmaps.len() as u64).to_le_bytes());
+    v.extend_from_slice(bitmaps);
+    let h = hash16(&[&v]);
+    v.extend_from_slice(&h);
+    write_atomic(dir, "map", &v)
+}
+
+fn read_checkpoint(dir: &Path, chunks: u64) -> Result<(PresenceMap, u64)> {
+    let path = dir.join("map");
+    let corrupt = |detail: &str| Error::StateCorrupt {
+        path: path.clone(),
+        detail: detail.to_string(),
+    };
+    let v = fs::read(&path).map_err(|source| Error::StateIo {
+        dir: dir.to_path_buf(),
+        source,
+    })?;
+    if v.len() < 24 + HASH_LEN || &v[..8] != MAP_MAGIC {
+        return Err(corrupt("not a presence map"));
+    }
+    let (body, h) = v.split_at(v.len() - HASH_LEN);
+    if hash16(&[body]) != h {
+        return Err(corrupt("checksum does not match (torn or damaged)"));
+    }
+    let generation = u64::from_le_bytes(body[8..16].try_into().expect("8"));
+    let len = u64::from_le_bytes(body[16..24].try_into().expect("8")) as usize;
+    let bitmaps = &body[24..];
+    let one = chunks.div_ceil(64) as usize * 8;
+    if len != bitmaps.len() || bitmaps.len() != 3 * one {
+        return Err(corrupt("size does not match the header's geometry"));
+    }
+    let parts: Option<Vec<Bitmap>> = (0..3)
+        .map(|i| Bitmap::from_bytes(chunks, &bitmaps[i * one..(i + 1) * one]))
+        .collect();
+    let mut parts = parts.ok_or_else(|| corrupt("bits set past the last chunk"))?;
+    let written = parts.pop().expect("3");
+    let zero = parts.pop().expect("3");
+    let present = parts.pop().expect("3");
+    Ok((PresenceMap::from_parts(present, zero, written), generation))
+}
+
+impl Journal {
+    const HEADER_LEN: u64 = 16;
+
+    fn create(dir: &Path, generation: u64) -> io::Result<Journal> {
+        let path = dir.join("journal");
+        let mut header = Vec::with_capacity(16);
+        header.extend_from_slice(JOURNAL_MAGIC);
+        header.extend_from_slice(&generation.to_le_bytes());
+        write_atomic(dir, "journal", &header)?;
+        let file = OpenOptions::new().read(true).write(true).open(&path)?;
+        Ok(Journal {
+            file,
+            generation,
+            len: Self::HEADER_LEN,
+            next_seq: 0,
+        })
+    }
+
+    /// Open the journal and replay it onto `map` if it belongs to the
+    /// checkpoint's generation.
+    fn open(dir: &Path, generation: u64, map: &PresenceMap) -> Result<Journal> {
+        let path = dir.join("journal");
+        let io = |source| Error::StateIo {
+            dir: dir.to_path_buf(),
+            source,
+        };
+        let bytes = match fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(io(e)),
+        };
+        let stale = bytes.len() < Self::HEADER_LEN as usize
+            || &bytes[..8] != JOURNAL_MAGIC
+            || u64::from_le_bytes(bytes[8..16].try_into().expect("8")) != generation;
+        if stale {
+            // Written before the checkpoint we loaded (or never started):
+            // the checkpoint already holds all of it.
+            return Journal::create(dir, generation).map_err(io);
+        }
+        let mut at = Self::HEADER_LEN as usize;
+        let mut seq = 0u64;
+        while let Some((entries, next)) = parse_batch(&bytes, at, seq) {
+            for e in entries {
+                if !apply(map, e) {
+                    return Err(Error::StateCorrupt {
+                        path,
+                        detail: format!("journal names a chunk past the end at byte {at}"),
+                    });
+                }
+            }
+            at = next;
+            seq += 1;
+        }
+        if at < bytes.len() {
+            // A bad batch. Torn tail, or damage in the middle?
+            let later_valid = (at + 1..bytes.len()).any(|p| {
+                bytes[p..].starts_with(&BATCH_MAGIC.to_le_bytes())
+                    && (seq..seq + 1024).any(|s| parse_batch(&bytes, p, s).is_some())
+            });
+            if later_valid {
+                return Err(Error::StateCorrupt {
+                    path,
+                    detail: format!(
+                        "journal batch {seq} at byte {at} is damaged but later batches are intact"
+                    ),
+                });
+            }
+            tracing::warn!(
+                "journal {}: {} bytes of a torn last batch discarded (a flush that was never acknowledged)",
+                path.display(),
+                bytes.len() - at
+            );
+        }
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(io)?;
+        file.set_len(at as u64).map_err(io)?;
+        file.sync_all().map_err(io)?;
+        Ok(Journal {
+            file,
+            generation,
+            len: at as u64,
+            next_seq: seq,
+        })
+    }
+
+    fn append(&mut self, entries: &[u64]) -> io::Result<()> {
+        let mut v = Vec::with_capacity(16 + entries.len() * 8 + HASH_LEN);
+        v.extend_from_slice(&BATCH_MAGIC.to_le_bytes());
+        v.extend_from_slice(&self.next_seq.to_le_bytes());
+        v.extend_from_slice(&(entries.len() as u32).to_le_bytes());
+        for e in entries {
+            v.extend_from_slice(&e.to_le_bytes());
+        }
+        let h = hash16(&[&v]);
+        v.extend_from_slice(&h);
+        self.file.write_all_at(&v, self.len)?;
+        self.file.sync_data()?;
+        self.len += v.len() as u64;
+        self.next_seq += 1;
+        Ok(())
+    }
+}
+
+/// Parse the batch at `at` with sequence `seq`: its entries and where the
+/// next batch starts, or `None` if it is not a whole, valid batch.
+fn parse_batch(bytes: &[u8], at: usize, seq: u64) -> Option<(Vec<u64>, usize)> {
+    let head = bytes.get(at..at + 16)?;
+    if u32::from_le_bytes(head[0..4].try_into().ok()?) != BATCH_MAGIC {
+        return None;
+    }
+    if u64::from_le_bytes(head[4..12].try_into().ok()?) != seq {
+        return None;
+    }
+    let count = u32::from_le_bytes(head[12..16].try_into().ok()?) as usize;
+    let body_end = at.checked_add(16)?.checked_add(count.checked_mul(8)?)?;
+    let h = bytes.get(body_end..body_end.checked_add(HASH_LEN)?)?;
+    if hash16(&[&bytes[at..body_end]]) != h {
+        return None;
+    }
+    let entries = bytes[at + 16..body_end]
+        .chunks_exact(8)
+        .map(|b| u64::from_le_bytes(b.try_into().expect("8")))
+        .collect();
+    Some((entries, body_end + HASH_LEN))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header() -> Header {
+        Header {
+            format: FORMAT.into(),
+            version: VERSION,
+            source: SourceId {
+                kind: "file".into(),
+                location: "/src".into(),
+                size: 1 << 20,
+            },
+            target: TargetId {
+                path: "/tgt".into(),
+                kind: "file".into(),
+                size: 1 << 20,
+                dev: 1,
+                ino: 2,
+                created_sparse: true,
+            },
+            size: 1 << 20,
+            chunk_size: 65536,
+            phase: Phase::Streaming,
+            created_at: 0,
+            finalized_at: None,
+        }
+    }
+
+    #[test]
+    fn journal_replay_restores_recorded_states() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (st, map) = StateDir::create(dir.path(), &header()).unwrap();
+            map.set(ChunkIndex(3), ChunkState::Data, false);
+            st.record(ChunkIndex(3), ChunkState::Data, false);
+            st.record(ChunkIndex(5), ChunkState::Zero, true);
+            let e = st.take_pending();
+            st.append(&e).unwrap();
+            // Recorded but never persisted: must not survive.
+            st.record(ChunkIndex(7), ChunkState::Data, false);
+        }
+        let (_st, h, map) = StateDir::open(dir.path()).unwrap();
+        assert_eq!(h, header());
+        assert_eq!(map.state(ChunkIndex(3)), ChunkState::Data);
+        assert_eq!(map.state(ChunkIndex(5)), ChunkState::Zero);
+        assert!(map.is_written(ChunkIndex(5)));
+        assert_eq!(map.state(ChunkIndex(7)), ChunkState::Absent);
+    }
+
+    #[test]
+    fn second_open_of_a_locked_state_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_st, _) = StateDir::create(dir.path(), &header()).unwrap();
+        let e = StateDir::open(dir.path()).unwrap_err();
+        assert!(matches!(e, Error::Locked { .. }), "{e}");
+    }
+
+    #[test]
+    fn torn_journal_tail_is_cut_and_earlier_batches_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (st, _) = StateDir::create(dir.path(), &header()).unwrap();
+            st.append(&[entry(ChunkIndex(1), ChunkState::Data, false)])
+                .unwrap();
+            st.append(&[entry(ChunkIndex(2), ChunkState::Data, false)])
+                .unwrap();
+        }
+        let j = dir.path().join("journal");
+        let len = fs::metadata(&j).unwrap().len();
+        OpenOptions::new()
+            .write(true)
+            .open(&j)
+            .unwrap()
+            .set_len(len - 5)
+            .unwrap();
+        let (st, _, map) = StateDir::open(dir.path()).unwrap();
+        assert!(map.is_present(ChunkIndex(1)));
+        assert!(!map.is_present(ChunkIndex(2)));
+        // Appending after the cut continues the sequence.
+        st.append(&[entry(ChunkIndex(4), ChunkState::Data, false)])
+            .unwrap();
+        drop(st);
+        let (_, _, map) = StateDir::open(dir.path()).unwrap();
+        assert!(map.is_present(ChunkIndex(4)));
+    }
+
+    #[test]
+    fn damage_in_the_middle_of_the_journal_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (st, _) = StateDir::create(dir.path(), &header()).unwrap();
+            for i in 0..3 {
+                st.append(&[entry(ChunkIndex(i), ChunkState::Data, false)])
+                    .unwrap();
+            }
+        }
+        let j = dir.path().join("journal");
+        let mut bytes = fs::read(&j).unwrap();
+        bytes[16 + 20] ^= 0xff; // inside the first batch's entry
+        fs::write(&j, bytes).unwrap();
+        let e = StateDir::open(dir.path()).unwrap_err();
+        assert!(matches!(e, Error::StateCorrupt { .. }), "{e}");
+    }
+
+    #[test]
+    fn damaged_header_or_map_is_refused_not_trusted() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(StateDir::create(dir.path(), &header()).unwrap());
+        let p = dir.path().join("state.json");
+        let text = fs::read_to_string(&p).unwrap().replace("65536", "65537");
+        fs::write(&p, text).unwrap();
+        assert!(matches!(
+            StateDir::open(dir.path()).unwrap_err(),
+            Error::StateCorrupt { .. }
+        ));
+
+        let dir = tempfile::tempdir().unwrap();
+        drop(StateDir::create(dir.path(), &header()).unwrap());
+        let m = dir.path().join("map");
+        let mut bytes = fs::read(&m).unwrap();
+        bytes[30] ^= 1;
+        fs::write(&m, bytes).unwrap();
+        assert!(matches!(
+            StateDir::open(dir.path()).unwrap_err(),
+            Error::StateCorrupt { .. }
+        ));
+    }
+
+    #[test]
+    fn checkpoint_supersedes_the_old_journal() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (st, map) = StateDir::create(dir.path(), &header()).unwrap();
+            map.set(ChunkIndex(2), ChunkState::Zero, false);
+            st.append(&[entry(ChunkIndex(2), ChunkState::Zero, false)])
+                .unwrap();
+            st.checkpoint(&map_bytes(&map)).unwrap();
+            st.append(&[entry(ChunkIndex(9), ChunkState::Data, true)])
+                .unwrap();
+        }
+        let (_, _, map) = StateDir::open(dir.path()).unwrap();
+        assert_eq!(map.state(ChunkIndex(2)), ChunkState::Zero);
+        assert_eq!(map.state(ChunkIndex(9)), ChunkState::Data);
+        assert_eq!(map.present_count(), 2);
+    }
+}

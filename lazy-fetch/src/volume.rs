@@ -1,0 +1,932 @@
+//! The volume: the virtual disk a client sees, backed by a source that is
+//! fetched lazily into a target.
+//!
+//! Chunk states (see `presence`) and who moves each edge, always while
+//! holding the chunk's single-flight lock (`inflight`):
+//!
+//! ```text
+//!            client read / hydrator / readahead: fetch
+//!   absent ────────────────────────────────────────────▶ data
+//!     │  │   (fetched bytes all zero, or a source hole)     │ ▲
+//!     │  └───────────────────────────────────────▶ zero ◀───┘ │ trim / write-zeroes
+//!     │                                            │          │ of a whole chunk
+//!     │        client write (whole chunk: no fetch)└──────────┘ client write
+//!     └─────────────────────────────────────────────▶ data+written
+//! ```
+//!
+//! Invariants of the design and where they are enforced:
+//!
+//! 1. *Durable map implies durable data*: bits are set only after the
+//!    target write they describe completed, and [`Volume::flush`] syncs the
+//!    target before journaling (order documented in `state`).
+//! 2. *Single flight; acknowledged writes are never overwritten by source
+//!    data*: every change takes the chunk lock and re-checks the state
+//!    under it; a fetch only ever fills an *absent* chunk, and a write to an
+//!    absent chunk fetches, overlays and writes in one step under the lock
+//!    (`write_chunk`).
+//! 3. *FLUSH and FUA*: [`Volume::flush`] makes the target and the map
+//!    durable; FUA writes call it before answering.
+//! 4. *No fetch needed*: whole-chunk writes, trims and write-zeroes never
+//!    read the source (`write_chunk`, `zero_chunks`).
+//! 5. *Holes stay holes*: source holes and all-zero chunks become `zero`
+//!    without a data write (`store_zero`).
+//! 6. *State names source, target, chunk size*: checked in [`Volume::open`].
+//! 7. *Foreground first*: foreground fetches use [`Class::Foreground`] and
+//!    are counted in `fg_active`, which the hydrator yields to.
+//! 8. *Bounded memory*: three bits per chunk, the single-flight table (only
+//!    chunks in flight), and the pending journal entries (flushed by the
+//!    persister when they grow).
+//!
+//! Crash recovery: after an unclean stop the journal may lag the target
+//! (writes that were never flushed). For a target we created sparse,
+//! every absent or zero chunk must read as zeros there, so ranges of the
+//! target that hold data for such chunks are punched again; on other
+//! targets zero chunks are demoted to data (the target is then the truth).
+//! Either outcome is what NBD allows for unflushed writes, and the target
+//! always equals what clients read.
+
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use futures_util::future::{BoxFuture, try_join_all};
+use nbd_server::{Extent, Piece};
+
+use crate::error::{Error, Result};
+use crate::inflight::{ChunkGuard, ChunkLocks};
+use crate::presence::{ChunkState, PresenceMap};
+use crate::source::{Class, Source};
+use crate::state::{self, Header, Phase, StateDir};
+use crate::stats::Stats;
+use crate::target::Target;
+use crate::units::{ChunkIndex, DEFAULT_CHUNK, Geometry};
+
+/// Longest run of chunks one background fetch reads.
+pub const MAX_RUN: usize = 16;
+/// Largest readahead window, in chunks.
+const MAX_READAHEAD: u64 = 32;
+
+/// How to open a volume.
+#[derive(Clone, Debug)]
+pub struct OpenOptions {
+    pub target: PathBuf,
+    pub state_dir: PathBuf,
+    /// Required to match an existing state; the default for a new one.
+    pub chunk_size: Option<u64>,
+}
+
+pub struct Volume<S> {
+    geometry: Geometry,
+    source: S,
+    target: Target,
+    map: PresenceMap,
+    locks: Arc<ChunkLocks>,
+    state: Arc<StateDir>,
+    header: Mutex<Header>,
+    /// Absent and zero chunks read as zeros in the target (we created it
+    /// sparse), so zero chunks need no target write.
+    sparse_target: bool,
+    persist: tokio::sync::Mutex<()>,
+    pub stats: Stats,
+    /// Foreground fetches in flight; the hydrator yields while nonzero.
+    fg_active: AtomicUsize,
+    readahead: Mutex<Readahead>,
+    readahead_running: AtomicBool,
+    opened: Instant,
+}
+
+#[derive(Debug, Default)]
+struct Readahead {
+    next: u64,
+    window: u64,
+}
+
+/// What a fetch brought in.
+pub enum Fetched {
+    Zero,
+    Data(Vec<u8>),
+}
+
+fn is_zero(buf: &[u8]) -> bool {
+    let (head, words, tail) = unsafe { buf.align_to::<u64>() };
+    head.iter().all(|&b| b == 0) && words.iter().all(|&w| w == 0) && tail.iter().all(|&b| b == 0)
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+struct ForegroundGuard<'a>(&'a AtomicUsize);
+impl Drop for ForegroundGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl<S: Source> Volume<S> {
+    /// Create or resume the migration in `opts.state_dir`.
+    pub async fn open(source: S, opts: &OpenOptions) -> Result<Arc<Volume<S>>> {
+        let sid = source.id();
+        let (state, header, map) = if StateDir::exists(&opts.state_dir) {
+            let (state, header, map) = StateDir::open(&opts.state_dir)?;
+            if header.phase == Phase::Finalized {
+                return Err(Error::Finalized {
+                    dir: opts.state_dir.clone(),
+                });
+            }
+            if let Some(cs) = opts.chunk_size.filter(|&cs| cs != header.chunk_size) {
+                return Err(Error::Mismatch {
+                    what: "chunk size",
+                    recorded: header.chunk_size.to_string(),
+                    given: cs.to_string(),
+                });
+            }
+            if (sid.kind.as_str(), sid.location.as_str())
+                != (header.source.kind.as_str(), header.source.location.as_str())
+            {
+                return Err(Error::Mismatch {
+                    what: "source",
+                    recorded: header.source.location.clone(),
+                    given: sid.location.clone(),
+                });
+            }
+            if sid.size != header.source.size {
+                return Err(Error::Mismatch {
+                    what: "source size",
+                    recorded: header.source.size.to_string(),
+                    given: sid.size.to_string(),
+                });
+            }
+            (state, header, map)
+        } else {
+            let geometry = Geometry::new(sid.size, opts.chunk_size.unwrap_or(DEFAULT_CHUNK))
+                .map_err(Error::Invalid)?;
+            if geometry.size() == 0 {
+                return Err(Error::Invalid("the source is empty (0 bytes)".into()));
+            }
+            let (target, created) = Target::open(&opts.target, sid.size, true)?;
+            let header = Header {
+                format: state::FORMAT.into(),
+                version: state::VERSION,
+                source: sid.clone(),
+                target: target.id(created),
+                size: sid.size,
+                chunk_size: geometry.chunk_size(),
+                phase: Phase::Streaming,
+                created_at: now_secs(),
+                finalized_at: None,
+            };
+            let (state, map) = StateDir::create(&opts.state_dir, &header)?;
+            (state, header, map)
+        };
+        let (target, _) = Target::open(&opts.target, header.size, false)?;
+        let tid = target.id(header.target.created_sparse);
+        let same_target = tid.path == header.target.path
+            && tid.kind == header.target.kind
+            && (tid.dev, tid.ino) == (header.target.dev, header.target.ino);
+        if !same_target {
+            return Err(Error::Mismatch {
+                what: "target",
+                recorded: format!(
+                    "{} ({} dev {} inode {})",
+                    header.target.path, header.target.kind, header.target.dev, header.target.ino
+                ),
+                given: format!(
+                    "{} ({} dev {} inode {})",
+                    tid.path, tid.kind, tid.dev, tid.ino
+                ),
+            });
+        }
+        let unclean = state.mark_running()?;
+        let volume = Arc::new(Volume {
+            geometry: header.geometry(),
+            source,
+            target,
+            map,
+            locks: Arc::new(ChunkLocks::default()),
+            state: Arc::new(state),
+            sparse_target: header.target.created_sparse,
+            header: Mutex::new(header),
+            persist: tokio::sync::Mutex::new(()),
+            stats: Stats::default(),
+            fg_active: AtomicUsize::new(0),
+            readahead: Mutex::new(Readahead::default()),
+            readahead_running: AtomicBool::new(false),
+            opened: Instant::now(),
+        });
+        if unclean {
+            volume.recover().await?;
+        }
+        Ok(volume)
+    }
+
+    pub fn geometry(&self) -> Geometry {
+        self.geometry
+    }
+
+    pub fn map(&self) -> &PresenceMap {
+        &self.map
+    }
+
+    pub fn source(&self) -> &S {
+        &self.source
+    }
+
+    pub fn target(&self) -> &Target {
+        &self.target
+    }
+
+    pub fn state_dir(&self) -> &Path {
+        self.state.path()
+    }
+
+    pub fn header(&self) -> Header {
+        self.header.lock().expect("poisoned").clone()
+    }
+
+    pub fn uptime(&self) -> std::time::Duration {
+        self.opened.elapsed()
+    }
+
+    /// Foreground fetches in flight right now.
+    pub fn foreground_active(&self) -> usize {
+        self.fg_active.load(Ordering::Relaxed)
+    }
+
+    /// Change the phase recorded in the header.
+    pub fn set_phase(&self, phase: Phase) -> Result<()> {
+        let mut h = self.header.lock().expect("poisoned");
+        h.phase = phase;
+        if phase == Phase::Finalized {
+            h.finalized_at = Some(now_secs());
+        }
+        self.state.write_header(&h)
+    }
+
+    /// Make the map consistent with the target after an unclean stop (see
+    /// the module docs), and persist the result.
+    async fn recover(&self) -> Result<()> {
+        let target = self.target.clone();
+        let size = self.geometry.size();
+        let extents = tokio::task::spawn_blocking(move || target.data_extents(0, size))
+            .await
+            .map_err(|e| Error::ReadTarget {
+                offset: 0,
+                source: std::io::Error::other(e),
+            })?
+            .map_err(|source| Error::ReadTarget { offset: 0, source })?;
+        let (mut punched, mut demoted) = (0u64, 0u64);
+        for (s, e) in extents {
+            for i in self.geometry.chunks_of(s, e - s) {
+                let c = ChunkIndex(i);
+                let r = self.geometry.bytes(c);
+                match (self.map.state(c), self.sparse_target) {
+                    (ChunkState::Data, _) | (ChunkState::Absent, false) => {}
+                    (ChunkState::Absent | ChunkState::Zero, true) => {
+                        self.target
+                            .zero(r.start, r.end - r.start, false)
+                            .await
+                            .map_err(|source| Error::WriteTarget { index: c, source })?;
+                        punched += 1;
+                    }
+                    (ChunkState::Zero, false) => {
+                        let written = self.map.is_written(c);
+                        self.map.set(c, ChunkState::Data, false);
+                        self.state.record(c, ChunkState::Data, written);
+                        demoted += 1;
+                    }
+                }
+            }
+        }
+        tracing::warn!(
+            "{}: the last run did not stop cleanly; unflushed writes were dropped \
+             ({punched} chunks of the target cleared to match the map, {demoted} zero chunks now read from the target)",
+            self.state.path().display()
+        );
+        self.flush().await
+    }
+
+    /// Read `[offset, offset + len)` as pieces.
+    pub async fn read(self: &Arc<Self>, offset: u64, len: u64) -> Result<Vec<Piece>> {
+        self.note_sequential(offset, len);
+        let mut parts: Vec<BoxFuture<'_, Result<Piece>>> = Vec::new();
+        let end = offset + len;
+        let mut at = offset;
+        let chunks = self.geometry.chunks_of(offset, len);
+        let mut i = chunks.start;
+        while i < chunks.end {
+            let c = ChunkIndex(i);
+            let state = self.map.state(c);
+            // Extend a run of chunks in the same present state.
+            let mut j = i + 1;
+            if state != ChunkState::Absent {
+                while j < chunks.end && self.map.state(ChunkIndex(j)) == state {
+                    j += 1;
+                }
+            }
+            let run_end = self.geometry.bytes(ChunkIndex(j - 1)).end.min(end);
+            let (s, e) = (at, run_end);
+            parts.push(match state {
+                ChunkState::Zero => Box::pin(async move { Ok(Piece::Zero(e - s)) }),
+                ChunkState::Data => Box::pin(async move {
+                    self.target
+                        .read_at(s, (e - s) as usize)
+                        .await
+                        .map(Piece::Data)
+                        .map_err(|source| Error::ReadTarget { offset: s, source })
+                }),
+                ChunkState::Absent => Box::pin(self.read_absent(c, s, e)),
+            });
+            at = run_end;
+            i = j;
+        }
+        let mut pieces = try_join_all(parts).await?;
+        // Neighbouring zero pieces become one hole.
+        pieces.dedup_by(|b, a| match (a, b) {
+            (Piece::Zero(x), Piece::Zero(y)) => {
+                *x += *y;
+                true
+            }
+            _ => false,
+        });
+        Ok(pieces)
+    }
+
+    /// Serve `[s, e)` of chunk `c`, which was absent when looked at.
+    async fn read_absent(&self, c: ChunkIndex, s: u64, e: u64) -> Result<Piece> {
+        let r = self.geometry.bytes(c);
+        let g = self.locks.lock(c).await;
+        match self.map.state(c) {
+            ChunkState::Zero => return Ok(Piece::Zero(e - s)),
+            ChunkState::Data => {
+                drop(g);
+                return self
+                    .target
+                    .read_at(s, (e - s) as usize)
+                    .await
+                    .map(Piece::Data)
+                    .map_err(|source| Error::ReadTarget { offset: s, source });
+            }
+            ChunkState::Absent => {}
+        }
+        let started = Instant::now();
+        let fetched = self.fetch_locked(&[g], Class::Foreground).await?;
+        self.stats.foreground_fetch.record(started.elapsed());
+        Stats::add(&self.stats.chunks_fetched_on_demand, 1);
+        Ok(match fetched {
+            Fetched::Zero => Piece::Zero(e - s),
+            Fetched::Data(buf) if s == r.start && e == r.end => Piece::Data(buf),
+            Fetched::Data(buf) => {
+                Piece::Data(buf[(s - r.start) as usize..(e - r.start) as usize].to_vec())
+            }
+        })
+    }
+
+    /// Fetch the contiguous absent chunks whose locks are `guards` (in
+    /// order) with one source read, and store them. The returned buffer
+    /// covers all of them (all zero and `Fetched::Zero` if every chunk was).
+    pub async fn fetch_locked(&self, guards: &[ChunkGuard], class: Class) -> Result<Fetched> {
+        let first = guards.first().expect("at least one chunk").index();
+        let last = guards.last().expect("at least one chunk").index();
+        let range = self.geometry.bytes(first).start..self.geometry.bytes(last).end;
+        let len = (range.end - range.start) as usize;
+        let _fg = (class == Class::Foreground).then(|| {
+            self.fg_active.fetch_add(1, Ordering::Relaxed);
+            ForegroundGuard(&self.fg_active)
+        });
+        let data = self
+            .source
+            .read(range.start, len, class)
+            .await
+            .map_err(|source| {
+                Stats::add(&self.stats.source_errors, 1);
+                Error::FetchChunk {
+                    index: first,
+                    source,
+                }
+            })?;
+        if data.len() != len {
+            return Err(Error::FetchChunk {
+                index: first,
+                source: std::io::Error::other("source returned a short read"),
+            });
+        }
+        Stats::add(&self.stats.bytes_fetched, len as u64);
+        let zero: Vec<bool> = guards
+            .iter()
+            .map(|g| {
+                let r = self.geometry.bytes(g.index());
+                is_zero(&data[(r.start - range.start) as usize..(r.end - range.start) as usize])
+            })
+            .collect();
+        if zero.iter().all(|&z| z) {
+            self.store_zero(first.0..last.0 + 1, false, false).await?;
+            Stats::add(&self.stats.chunks_found_zero, guards.len() as u64);
+            return Ok(Fetched::Zero);
+        }
+        let data = if zero.iter().any(|&z| z) {
+            // Write only the data chunks; zero ones stay holes.
+            for (g, z) in guards.iter().zip(&zero) {
+                let c = g.index();
+                let r = self.geometry.bytes(c);
+                if *z {
+                    self.store_zero(c.0..c.0 + 1, false, false).await?;
+                    Stats::add(&self.stats.chunks_found_zero, 1);
+                } else {
+                    let piece = data
+                        [(r.start - range.start) as usize..(r.end - range.start) as usize]
+                        .to_vec();
+                    self.target
+                        .write_at(r.start, piece)
+                        .await
+                        .map_err(|source| self.target_error(c, source))?;
+                    self.mark(c, ChunkState::Data, false);
+                }
+            }
+            data
+        } else {
+            let data = self
+                .target
+                .write_at(range.start, data)
+                .await
+                .map_err(|source| self.target_error(first, source))?;
+            for g in guards {
+                self.mark(g.index(), ChunkState::Data, false);
+            }
+            data
+        };
+        Ok(Fetched::Data(data))
+    }
+
+    fn target_error(&self, index: ChunkIndex, source: std::io::Error) -> Error {
+        Stats::add(&self.stats.target_errors, 1);
+        Error::WriteTarget { index, source }
+    }
+
+    /// Set the state of `c` and record it for the journal (under its lock,
+    /// after the target write).
+    fn mark(&self, c: ChunkIndex, state: ChunkState, written: bool) {
+        self.map.set(c, state, written);
+        self.state
+            .record(c, state, written || self.map.is_written(c));
+    }
+
+    /// Make the chunks `run` (all locked by the caller) zero chunks. The
+    /// target is only touched where it may hold something else: a target we
+    /// did not create sparse, a chunk that held data, or `allocate`.
+    async fn store_zero(&self, run: Range<u64>, written: bool, allocate: bool) -> Result<()> {
+        let needs_target = !self.sparse_target
+            || allocate
+            || run
+                .clone()
+                .any(|i| self.map.state(ChunkIndex(i)) != ChunkState::Absent);
+        if needs_target {
+            let s = self.geometry.bytes(ChunkIndex(run.start)).start;
+            let e = self.geometry.bytes(ChunkIndex(run.end - 1)).end;
+            self.target
+                .zero(s, e - s, allocate)
+                .await
+                .map_err(|source| self.target_error(ChunkIndex(run.start), source))?;
+        }
+        for i in run {
+            self.mark(ChunkIndex(i), ChunkState::Zero, written);
+        }
+        Ok(())
+    }
+
+    /// Write `data` at `offset`; with `fua`, durable before returning.
+    pub async fn write(&self, offset: u64, data: Vec<u8>, fua: bool) -> Result<()> {
+        let chunks = self.geometry.chunks_of(offset, data.len() as u64);
+        if chunks.end - chunks.start == 1 {
+            self.write_chunk(ChunkIndex(chunks.start), offset, data)
+                .await?;
+        } else {
+            let mut parts = Vec::new();
+            let mut at = offset;
+            for i in chunks {
+                let c = ChunkIndex(i);
+                let e = self.geometry.bytes(c).end.min(offset + data.len() as u64);
+                let piece = data[(at - offset) as usize..(e - offset) as usize].to_vec();
+                parts.push(self.write_chunk(c, at, piece));
+                at = e;
+            }
+            try_join_all(parts).await?;
+        }
+        if fua {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// Write within one chunk (invariants 2 and 4).
+    async fn write_chunk(&self, c: ChunkIndex, offset: u64, data: Vec<u8>) -> Result<()> {
+        let _g = self.locks.lock(c).await;
+        let r = self.geometry.bytes(c);
+        let whole = offset == r.start && offset + data.len() as u64 == r.end;
+        match self.map.state(c) {
+            // The target holds the chunk (data, or zeros for a zero chunk):
+            // write in place.
+            ChunkState::Data | ChunkState::Zero => {
+                self.target
+                    .write_at(offset, data)
+                    .await
+                    .map_err(|source| self.target_error(c, source))?;
+                if self.map.state(c) == ChunkState::Zero || !self.map.is_written(c) {
+                    self.mark(c, ChunkState::Data, true);
+                }
+            }
+            ChunkState::Absent if whole => {
+                self.target
+                    .write_at(offset, data)
+                    .await
+                    .map_err(|source| self.target_error(c, source))?;
+                self.mark(c, ChunkState::Data, true);
+            }
+            ChunkState::Absent => {
+                // Fetch, overlay, write the whole chunk once.
+                let started = Instant::now();
+                self.fg_active.fetch_add(1, Ordering::Relaxed);
+                let _fg = ForegroundGuard(&self.fg_active);
+                let mut buf = self
+                    .source
+                    .read(r.start, (r.end - r.start) as usize, Class::Foreground)
+                    .await
+                    .map_err(|source| {
+                        Stats::add(&self.stats.source_errors, 1);
+                        Error::FetchChunk { index: c, source }
+                    })?;
+                Stats::add(&self.stats.bytes_fetched, r.end - r.start);
+                Stats::add(&self.stats.chunks_fetched_on_demand, 1);
+                self.stats.foreground_fetch.record(started.elapsed());
+                let at = (offset - r.start) as usize;
+                buf[at..at + data.len()].copy_from_slice(&data);
+                self.target
+                    .write_at(r.start, buf)
+                    .await
+                    .map_err(|source| self.target_error(c, source))?;
+                self.mark(c, ChunkState::Data, true);
+            }
+        }
+        Ok(())
+    }
+
+    /// Trim: whole chunks become zero chunks (punched); partial chunks are
+    /// left as they are, which the spec allows for a hint.
+    pub async fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<()> {
+        self.zero_range(offset, len, false, false, true).await?;
+        if fua {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// Write zeroes. `allocate` is NBD's NO_HOLE; with `fast`, fail with
+    /// `ENOTSUP` (before changing anything) if a partial chunk would need a
+    /// fetch.
+    pub async fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        allocate: bool,
+        fast: bool,
+        fua: bool,
+    ) -> Result<std::result::Result<(), FastZeroUnsupported>> {
+        if fast {
+            let chunks = self.geometry.chunks_of(offset, len);
+            let needs_fetch = [chunks.start, chunks.end - 1].into_iter().any(|i| {
+                let c = ChunkIndex(i);
+                !self.geometry.covers(c, offset, len) && self.map.state(c) == ChunkState::Absent
+            });
+            if needs_fetch {
+                return Ok(Err(FastZeroUnsupported));
+            }
+        }
+        self.zero_range(offset, len, allocate, true, false).await?;
+        if fua {
+            self.flush().await?;
+        }
+        Ok(Ok(()))
+    }
+
+    async fn zero_range(
+        &self,
+        offset: u64,
+        len: u64,
+        allocate: bool,
+        partial: bool,
+        trim: bool,
+    ) -> Result<()> {
+        let end = offset + len;
+        let chunks = self.geometry.chunks_of(offset, len);
+        let mut whole_run: Vec<ChunkGuard> = Vec::new();
+        for i in chunks {
+            let c = ChunkIndex(i);
+            if self.geometry.covers(c, offset, len) {
+                let g = self.locks.lock(c).await;
+                let already = self.map.state(c) == ChunkState::Zero && self.map.is_written(c);
+                if already && !allocate {
+                    continue;
+                }
+                // Keep runs short so locks are not held across huge ranges.
+                if whole_run.len() == 1024 {
+                    self.zero_locked_run(&mut whole_run, allocate).await?;
+                }
+                whole_run.push(g);
+                continue;
+            }
+            self.zero_locked_run(&mut whole_run, allocate).await?;
+            if !partial {
+                continue;
+            }
+            let r = self.geometry.bytes(c);
+            let (s, e) = (offset.max(r.start), end.min(r.end));
+            let mut zeros = vec![0u8; (e - s) as usize];
+            if trim {
+                zeros.clear();
+            }
+            let g = self.locks.lock(c).await;
+            match self.map.state(c) {
+                ChunkState::Zero => self.mark(c, ChunkState::Zero, true),
+                ChunkState::Data => {
+                    self.target
+                        .zero(s, e - s, true)
+                        .await
+                        .map_err(|source| self.target_error(c, source))?;
+                    self.mark(c, ChunkState::Data, true);
+                }
+                ChunkState::Absent => {
+                    drop(g);
+                    zeros.resize((e - s) as usize, 0);
+                    self.write_chunk(c, s, zeros).await?;
+                }
+            }
+        }
+        self.zero_locked_run(&mut whole_run, allocate).await
+    }
+
+    /// Zero the locked whole chunks in `run` (contiguous stretches share one
+    /// target call) and release them.
+    async fn zero_locked_run(&self, run: &mut Vec<ChunkGuard>, allocate: bool) -> Result<()> {
+        let mut start = 0;
+        while start < run.len() {
+            let mut end = start + 1;
+            while end < run.len() && run[end].index().0 == run[end - 1].index().0 + 1 {
+                end += 1;
+            }
+            let first = run[start].index().0;
+            let last = run[end - 1].index().0;
+            self.store_zero(first..last + 1, true, allocate).await?;
+            start = end;
+        }
+        run.clear();
+        Ok(())
+    }
+
+    /// Make every write that completed before this call durable, with the
+    /// map entries that describe it (invariant 3; order in `state`).
+    pub async fn flush(&self) -> Result<()> {
+        let _one_at_a_time = self.persist.lock().await;
+        let entries = self.state.take_pending();
+        let snapshot = (self.state.journal_len() > state::CHECKPOINT_AFTER)
+            .then(|| state::map_bytes(&self.map));
+        if let Err(e) = self.target.sync().await {
+            self.state.restore_pending(entries);
+            Stats::add(&self.stats.target_errors, 1);
+            return Err(Error::SyncTarget(e));
+        }
+        let st = self.state.clone();
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = st.append(&entries) {
+                st.restore_pending(entries);
+                return Err(e);
+            }
+            match snapshot {
+                Some(s) => st.checkpoint(&s),
+                None => Ok(()),
+            }
+        })
+        .await
+        .map_err(|e| Error::PersistMap {
+            dir: self.state.path().to_path_buf(),
+            source: std::io::Error::other(e),
+        })?
+    }
+
+    /// Entries waiting for the next flush.
+    pub fn pending_entries(&self) -> usize {
+        self.state.pending()
+    }
+
+    /// Final persist and checkpoint of a clean stop.
+    pub async fn close(&self) -> Result<()> {
+        self.flush().await?;
+        let _g = self.persist.lock().await;
+        let st = self.state.clone();
+        let snapshot = state::map_bytes(&self.map);
+        tokio::task::spawn_blocking(move || {
+            st.checkpoint(&snapshot)?;
+            st.mark_clean()
+        })
+        .await
+        .map_err(|e| Error::PersistMap {
+            dir: self.state.path().to_path_buf(),
+            source: std::io::Error::other(e),
+        })?
+    }
+
+    /// Learn the source's holes in `[offset, offset + len)`: whole absent
+    /// chunks inside an extent the source says reads as zeros become zero
+    /// chunks without a fetch. Chunks someone else holds are skipped.
+    /// Returns how many chunks were learnt.
+    pub async fn learn_holes(&self, offset: u64, len: u64) -> Result<u64> {
+        let extents = match self.source.block_status(offset, len).await {
+            Ok(Some(e)) => e,
+            Ok(None) => return Ok(0),
+            Err(e) => {
+                tracing::debug!("source block status failed: {e}");
+                return Ok(0);
+            }
+        };
+        let mut learnt = 0;
+        let mut at = offset;
+        for Extent { length, zero, .. } in extents {
+            let (s, e) = (at, (at + length).min(self.geometry.size()));
+            at = e;
+            if !zero || e <= s {
+                continue;
+            }
+            let first = s.div_ceil(self.geometry.chunk_size());
+            let last = self.geometry.chunks_of(s, e - s).end;
+            let mut run = Vec::new();
+            for i in first..last {
+                let c = ChunkIndex(i);
+                if !self.geometry.covers(c, s, e - s) || self.map.state(c) != ChunkState::Absent {
+                    continue;
+                }
+                let Some(g) = self.locks.try_lock(c) else {
+                    continue;
+                };
+                if self.map.state(c) != ChunkState::Absent {
+                    continue;
+                }
+                if run
+                    .last()
+                    .is_some_and(|p: &ChunkGuard| p.index().0 + 1 != i)
+                {
+                    learnt += self.zero_source_run(&mut run).await?;
+                }
+                run.push(g);
+                if run.len() >= 4096 {
+                    learnt += self.zero_source_run(&mut run).await?;
+                }
+            }
+            learnt += self.zero_source_run(&mut run).await?;
+            if at >= offset + len {
+                break;
+            }
+        }
+        Ok(learnt)
+    }
+
+    async fn zero_source_run(&self, run: &mut Vec<ChunkGuard>) -> Result<u64> {
+        let Some(first) = run.first().map(|g| g.index().0) else {
+            return Ok(0);
+        };
+        let n = run.len() as u64;
+        self.store_zero(first..first + n, false, false).await?;
+        Stats::add(&self.stats.chunks_source_holes, n);
+        run.clear();
+        Ok(n)
+    }
+
+    /// Allocation of the volume from `offset`. Zero is reported only where
+    /// it is known: zero chunks (source holes, trimmed or zeroed chunks,
+    /// chunks found all zero). Absent chunks are reported as data, after
+    /// asking the source about its holes.
+    pub async fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        let end = (offset + len).min(self.geometry.size());
+        let chunks = self.geometry.chunks_of(offset, end - offset);
+        if chunks
+            .clone()
+            .any(|i| self.map.state(ChunkIndex(i)) == ChunkState::Absent)
+        {
+            self.learn_holes(offset, end - offset).await?;
+        }
+        let mut out: Vec<Extent> = Vec::new();
+        for i in chunks {
+            let c = ChunkIndex(i);
+            let r = self.geometry.bytes(c);
+            let n = r.end.min(end) - r.start.max(offset);
+            let ext = match self.map.state(c) {
+                ChunkState::Zero => Extent {
+                    length: n,
+                    hole: self.sparse_target,
+                    zero: true,
+                },
+                ChunkState::Data | ChunkState::Absent => Extent::data(n),
+            };
+            match out.last_mut() {
+                Some(l) if (l.hole, l.zero) == (ext.hole, ext.zero) => l.length += n,
+                _ => out.push(ext),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Prefetch `[offset, offset + len)` (NBD CACHE).
+    pub async fn cache(self: &Arc<Self>, offset: u64, len: u64) -> Result<()> {
+        let chunks = self.geometry.chunks_of(offset, len);
+        let mut parts = Vec::new();
+        for i in chunks {
+            let c = ChunkIndex(i);
+            if self.map.state(c) == ChunkState::Absent {
+                let r = self.geometry.bytes(c);
+                parts.push(self.read_absent(c, r.start, r.end));
+            }
+        }
+        try_join_all(parts).await.map(|_| ())
+    }
+
+    /// Sequential reads of absent data (a booting OS) start readahead of the
+    /// chunks that follow, in a window that doubles up to [`MAX_READAHEAD`].
+    fn note_sequential(self: &Arc<Self>, offset: u64, len: u64) {
+        let end = offset + len;
+        let window = {
+            let mut ra = self.readahead.lock().expect("poisoned");
+            let sequential =
+                offset == ra.next && offset != 0 || (offset < ra.next && end > ra.next);
+            ra.next = end;
+            if !sequential {
+                ra.window = 0;
+                return;
+            }
+            ra.window = (ra.window * 2).clamp(4, MAX_READAHEAD);
+            ra.window
+        };
+        let next = self.geometry.chunk_of(end.min(self.geometry.size() - 1)).0;
+        let last = (next + window).min(self.geometry.chunks());
+        if (next..last).all(|i| self.map.state(ChunkIndex(i)) != ChunkState::Absent) {
+            return;
+        }
+        if self.readahead_running.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let volume = self.clone();
+        tokio::spawn(async move {
+            let mut i = next;
+            while i < last {
+                match volume
+                    .fetch_run_from(ChunkIndex(i), (last - i) as usize, Class::Foreground)
+                    .await
+                {
+                    Ok(0) | Err(_) => i += 1,
+                    Ok(n) => i += n as u64,
+                }
+            }
+            volume.readahead_running.store(false, Ordering::Release);
+        });
+    }
+
+    /// Lock up to `max` contiguous absent chunks from `start` (skipping none:
+    /// the run stops at the first present or busy chunk), fetch them with
+    /// one source read and store them. Returns how many chunks it covered
+    /// (0 if `start` was present or busy).
+    pub async fn fetch_run_from(
+        &self,
+        start: ChunkIndex,
+        max: usize,
+        class: Class,
+    ) -> Result<usize> {
+        let mut guards = Vec::new();
+        let mut i = start.0;
+        while guards.len() < max && i < self.geometry.chunks() {
+            let c = ChunkIndex(i);
+            if self.map.state(c) != ChunkState::Absent {
+                break;
+            }
+            let Some(g) = self.locks.try_lock(c) else {
+                break;
+            };
+            if self.map.state(c) != ChunkState::Absent {
+                break;
+            }
+            guards.push(g);
+            i += 1;
+        }
+        if guards.is_empty() {
+            return Ok(0);
+        }
+        self.fetch_locked(&guards, class).await?;
+        Stats::add(&self.stats.chunks_hydrated, guards.len() as u64);
+        Ok(guards.len())
+    }
+}
+
+/// A fast write-zeroes could not be fast (NBD answers `ENOTSUP`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FastZeroUnsupported;
