@@ -6,8 +6,14 @@
 //! Argument parsing and wiring only; no engine logic lives here.
 //! - `export`: `stream export`, a read-only NBD export of a local disk (runs
 //!   on the legacy host), built on `nbd_server`.
+//! - `start`: `stream start`, a `lazy_fetch::Volume` served by the NBD server,
+//!   hydrated in the background, with a control socket (`control`).
+//! - `status`: `stream status`, asks that control socket.
 
+mod control;
 mod export;
+mod start;
+mod status;
 
 use std::process::ExitCode;
 
@@ -39,6 +45,16 @@ enum Command {
     /// socket and prints nothing. SIGINT/SIGTERM stop it after in-flight
     /// requests are answered.
     Export(export::ExportArgs),
+    /// Create or resume a migration: serve the volume over NBD at once and
+    /// copy the source into the target in the background.
+    ///
+    /// Every chunk a client touches first is fetched from the source, written
+    /// to the target and served; every other chunk is hydrated in the
+    /// background. Running the same command again resumes where it stopped.
+    /// Prints the NBD URI of the export on stdout when ready.
+    Start(start::StartArgs),
+    /// Show the progress of a running migration.
+    Status(status::StatusArgs),
 }
 
 fn main() -> ExitCode {
@@ -60,6 +76,8 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async move {
         match cli.command {
             Command::Export(args) => export::run(args, activation).await,
+            Command::Start(args) => start::run(args).await,
+            Command::Status(args) => status::run(args).await,
         }
     });
     match result {

@@ -179,6 +179,39 @@ impl Header {
     }
 }
 
+/// Where a migration's state lives when `--state` is not given: beside a
+/// target file (`DIR/.NAME.stream`), or under `/var/lib/stream/` for a block
+/// device (whose directory, such as /dev/VG, is no place for it).
+pub fn default_dir(target: &Path) -> PathBuf {
+    use std::os::unix::fs::FileTypeExt;
+    let is_block = fs::metadata(target)
+        .map(|m| m.file_type().is_block_device())
+        .unwrap_or(false);
+    if is_block || target.starts_with("/dev") {
+        let flat: String = target
+            .to_string_lossy()
+            .trim_start_matches('/')
+            .chars()
+            .map(|c| if c == '/' { '_' } else { c })
+            .collect();
+        return PathBuf::from("/var/lib/stream").join(flat);
+    }
+    let name = target
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "target".into());
+    let parent = target
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    parent.join(format!(".{name}.stream"))
+}
+
+/// The control socket of the `stream start` serving this state directory.
+pub fn control_socket(dir: &Path) -> PathBuf {
+    dir.join("control.sock")
+}
+
 /// An open, locked state directory.
 #[derive(Debug)]
 pub struct StateDir {

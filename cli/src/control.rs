@@ -1,0 +1,165 @@
+//! The control socket of a running `stream start` (`STATE/control.sock`):
+//! one JSON request line in, one JSON reply line out.
+//!
+//! Requests: `{"cmd":"status"}`. Replies carry `"schema": 1`; see
+//! docs/status.md for the fields.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use lazy_fetch::Volume;
+use lazy_fetch::source::Source;
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+
+pub const SCHEMA: u32 = 1;
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case")]
+pub enum Request {
+    Status,
+}
+
+/// The `status` reply.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct StatusReply {
+    pub schema: u32,
+    pub pid: u32,
+    pub export_uri: String,
+    pub connected_clients: usize,
+    /// Bytes per second made present over the last few seconds.
+    pub hydration_rate: f64,
+    /// Seconds until every chunk is present at that rate.
+    pub eta_secs: Option<f64>,
+    pub volume: serde_json::Value,
+}
+
+/// Samples of (time, bytes present) for the rate.
+#[derive(Default)]
+pub struct RateMeter {
+    samples: Mutex<Vec<(Instant, u64)>>,
+}
+
+impl RateMeter {
+    pub fn sample(&self, bytes: u64) -> f64 {
+        let now = Instant::now();
+        let mut s = self.samples.lock().expect("poisoned");
+        s.push((now, bytes));
+        s.retain(|(t, _)| now.duration_since(*t) <= Duration::from_secs(10));
+        let (t0, b0) = s[0];
+        let dt = now.duration_since(t0).as_secs_f64();
+        if dt < 0.5 {
+            return 0.0;
+        }
+        (bytes.saturating_sub(b0)) as f64 / dt
+    }
+}
+
+/// Everything the control server reports on.
+pub struct Context_<S> {
+    pub volume: Arc<Volume<S>>,
+    pub export_uri: String,
+    pub clients: Arc<dyn Fn() -> usize + Send + Sync>,
+    pub rate: RateMeter,
+}
+
+pub fn status_reply<S: Source>(ctx: &Context_<S>) -> StatusReply {
+    let st = ctx.volume.status();
+    let rate = ctx.rate.sample(st.bytes_present);
+    let remaining = st.size.saturating_sub(st.bytes_present);
+    StatusReply {
+        schema: SCHEMA,
+        pid: std::process::id(),
+        export_uri: ctx.export_uri.clone(),
+        connected_clients: (ctx.clients)(),
+        hydration_rate: rate,
+        eta_secs: if remaining == 0 {
+            Some(0.0)
+        } else if rate > 0.0 {
+            Some(remaining as f64 / rate)
+        } else {
+            None
+        },
+        volume: serde_json::to_value(&st).unwrap_or_default(),
+    }
+}
+
+/// Serve the control socket until the task is dropped.
+pub async fn serve<S: Source>(listener: UnixListener, ctx: Arc<Context_<S>>) {
+    // Keep the rate meter fed even when nobody asks.
+    let sampler = ctx.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            sampler.rate.sample(sampler.volume.status().bytes_present);
+        }
+    });
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let ctx = ctx.clone();
+        tokio::spawn(async move {
+            if let Err(e) = handle(stream, &ctx).await {
+                tracing::debug!("control request failed: {e:#}");
+            }
+        });
+    }
+}
+
+async fn handle<S: Source>(stream: UnixStream, ctx: &Context_<S>) -> anyhow::Result<()> {
+    let (rd, mut wr) = stream.into_split();
+    let mut line = String::new();
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        BufReader::new(rd).read_line(&mut line),
+    )
+    .await
+    .context("no request")??;
+    let reply = match serde_json::from_str::<Request>(line.trim()) {
+        Ok(Request::Status) => serde_json::to_string(&status_reply(ctx))?,
+        Err(e) => serde_json::json!({ "schema": SCHEMA, "error": e.to_string() }).to_string(),
+    };
+    wr.write_all(reply.as_bytes()).await?;
+    wr.write_all(b"\n").await?;
+    Ok(())
+}
+
+/// Bind the control socket of `state_dir` (a stale one from a crashed run
+/// is replaced; the state lock already proved nobody else serves it).
+pub fn bind(path: &Path) -> anyhow::Result<UnixListener> {
+    if path.as_os_str().len() > 100 {
+        anyhow::bail!(
+            "the control socket path {} is too long for a unix socket; use a shorter --state directory",
+            path.display()
+        );
+    }
+    let _ = std::fs::remove_file(path);
+    UnixListener::bind(path)
+        .with_context(|| format!("cannot create control socket {}", path.display()))
+}
+
+/// Ask the `stream start` behind `path`.
+pub async fn request(path: &Path, req: &Request) -> anyhow::Result<String> {
+    let stream = UnixStream::connect(path).await.with_context(|| {
+        format!(
+            "no running `stream start` answers on {} (is it running for this state directory?)",
+            path.display()
+        )
+    })?;
+    let (rd, mut wr) = stream.into_split();
+    wr.write_all(serde_json::to_string(req)?.as_bytes()).await?;
+    wr.write_all(b"\n").await?;
+    let mut line = String::new();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        BufReader::new(rd).read_line(&mut line),
+    )
+    .await
+    .context("the running `stream start` did not answer within 10 s")??;
+    Ok(line)
+}

@@ -1,0 +1,185 @@
+//! `stream start`: create or resume a migration, serve it, hydrate it.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use lazy_fetch::frontend::VolumeDevice;
+use lazy_fetch::source::{AnySource, file::FileSource};
+use lazy_fetch::state::{self, StateDir};
+use lazy_fetch::units::parse_size;
+use lazy_fetch::{OpenOptions, Volume, hydrate};
+use nbd_server::{Export, Listener, Server, Shutdown};
+
+use crate::control;
+
+#[derive(clap::Args)]
+pub struct StartArgs {
+    /// The legacy disk: an NBD URI (nbd://HOST[:PORT]/EXPORT,
+    /// nbd+unix:///EXPORT?socket=PATH) or a local file or block device.
+    #[arg(long, value_name = "URI|PATH")]
+    source: String,
+    /// Native storage to fill: a file (created sparse with the source's size
+    /// when missing) or a block device at least as large as the source.
+    #[arg(long, value_name = "PATH")]
+    target: PathBuf,
+    /// State directory of this migration [default: beside a target file as
+    /// .NAME.stream, or /var/lib/stream/... for a block device].
+    #[arg(long, value_name = "DIR")]
+    state: Option<PathBuf>,
+    /// Chunk size, the unit of fetching and of the presence map (power of
+    /// two, 4K to 16M) [default: 64K; a resumed migration keeps its own].
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    chunk_size: Option<u64>,
+    /// TCP address of the NBD export; port 0 picks a free port.
+    #[arg(
+        long,
+        value_name = "ADDR",
+        default_value = "127.0.0.1:10809",
+        conflicts_with = "socket"
+    )]
+    listen: String,
+    /// Serve the NBD export on this unix socket instead of TCP.
+    #[arg(long, value_name = "PATH")]
+    socket: Option<PathBuf>,
+    /// Export name clients select (the empty name selects it too).
+    #[arg(long, default_value = "")]
+    name: String,
+    /// Limit background hydration to this many bytes per second (e.g. 50M);
+    /// fetches for clients are never limited.
+    #[arg(long, value_name = "BYTES/s", value_parser = parse_size)]
+    rate_limit: Option<u64>,
+    /// Serve only: fetch chunks when clients touch them, hydrate nothing else.
+    #[arg(long)]
+    no_hydrate: bool,
+}
+
+pub async fn run(args: StartArgs) -> anyhow::Result<()> {
+    let t0 = Instant::now();
+    let state_dir = args
+        .state
+        .clone()
+        .unwrap_or_else(|| state::default_dir(&args.target));
+    let source = open_source(&args.source).await?;
+    let volume = Volume::open(
+        source,
+        &OpenOptions {
+            target: args.target.clone(),
+            state_dir: state_dir.clone(),
+            chunk_size: args.chunk_size,
+        },
+    )
+    .await
+    .with_context(|| format!("cannot start the migration in {}", state_dir.display()))?;
+
+    let listener = match &args.socket {
+        Some(path) => Listener::bind_unix(path)?,
+        None => Listener::bind_tcp(&args.listen).await?,
+    };
+    let uri = listener.uri(&args.name)?;
+    let server = Server::new(vec![Export {
+        name: args.name.clone(),
+        description: Some(format!("stream of {}", volume.header().source.location)),
+        device: VolumeDevice(volume.clone()),
+    }]);
+    let shutdown = Shutdown::new();
+    crate::shutdown_on_signals(shutdown.clone())?;
+
+    let control_listener = control::bind(&state::control_socket(&state_dir))?;
+    let counted = server.clone();
+    let ctx = Arc::new(control::Context_ {
+        volume: volume.clone(),
+        export_uri: uri.clone(),
+        clients: Arc::new(move || counted.connected_clients()),
+        rate: control::RateMeter::default(),
+    });
+    let control_task = tokio::spawn(control::serve(control_listener, ctx));
+    let persister = tokio::spawn(persist_periodically(volume.clone()));
+    let hydrator = (!args.no_hydrate).then(|| {
+        let stop = shutdown.clone();
+        tokio::spawn(hydrate::run(
+            volume.clone(),
+            hydrate::Options {
+                rate_limit: args.rate_limit,
+                ..Default::default()
+            },
+            async move { stop.wait().await },
+        ))
+    });
+
+    let st = volume.status();
+    tracing::info!(
+        "serving {} at {uri} ({} of {} chunks present, state {}), ready in {:?}",
+        args.target.display(),
+        st.chunks_present,
+        st.chunks_total,
+        state_dir.display(),
+        t0.elapsed()
+    );
+    {
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "{uri}")?;
+        out.flush()?;
+    }
+
+    server.serve(listener, shutdown.clone()).await?;
+    if let Some(h) = hydrator {
+        let _ = h.await;
+    }
+    persister.abort();
+    control_task.abort();
+    let _ = std::fs::remove_file(state::control_socket(&state_dir));
+    volume
+        .close()
+        .await
+        .with_context(|| format!("final save of the state in {}", state_dir.display()))?;
+    let st = volume.status();
+    tracing::info!(
+        "stopped cleanly: {} of {} chunks present; run the same command to resume",
+        st.chunks_present,
+        st.chunks_total
+    );
+    Ok(())
+}
+
+async fn open_source(spec: &str) -> anyhow::Result<AnySource> {
+    if spec.contains("://") {
+        anyhow::bail!("NBD sources are not wired in yet: {spec}");
+    }
+    let path = PathBuf::from(spec);
+    Ok(AnySource::File(FileSource::open(&path).with_context(
+        || format!("cannot open the source {}", path.display()),
+    )?))
+}
+
+/// Journal what hydration made present, so a restart resumes close to where
+/// it stopped, and keep the pending list short (invariant 8).
+async fn persist_periodically<S: lazy_fetch::source::Source>(volume: Arc<Volume<S>>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    let mut last = Instant::now();
+    loop {
+        tick.tick().await;
+        let pending = volume.pending_entries();
+        if pending > 65536 || (pending > 0 && last.elapsed() >= Duration::from_secs(1)) {
+            if let Err(e) = volume.flush().await {
+                tracing::warn!("saving progress failed (will retry): {e}");
+            }
+            last = Instant::now();
+        }
+    }
+}
+
+/// The state directory a command should use.
+pub fn resolve_state(state: Option<PathBuf>, target: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    match (state, target) {
+        (Some(s), _) => Ok(s),
+        (None, Some(t)) => Ok(state::default_dir(&t)),
+        (None, None) => anyhow::bail!("say which migration: --state DIR or --target PATH"),
+    }
+}
+
+pub fn exists(dir: &std::path::Path) -> bool {
+    StateDir::exists(dir)
+}
