@@ -93,7 +93,10 @@ pub struct Volume<S> {
     /// Foreground fetches in flight; the hydrator yields while nonzero.
     fg_active: AtomicUsize,
     readahead: Mutex<Readahead>,
-    readahead_running: AtomicBool,
+    /// Whether a readahead task runs, and its end. Shared apart from the
+    /// volume so the task can drop its handle on the volume *before*
+    /// announcing that it is done (then `idle` means nobody holds it).
+    readahead_task: Arc<(AtomicBool, tokio::sync::Notify)>,
     opened: Instant,
 }
 
@@ -216,7 +219,7 @@ impl<S: Source> Volume<S> {
             stats: Stats::default(),
             fg_active: AtomicUsize::new(0),
             readahead: Mutex::new(Readahead::default()),
-            readahead_running: AtomicBool::new(false),
+            readahead_task: Arc::new((AtomicBool::new(false), tokio::sync::Notify::new())),
             opened: Instant::now(),
         });
         if unclean {
@@ -722,8 +725,22 @@ impl<S: Source> Volume<S> {
         self.state.pending()
     }
 
+    /// Wait until no readahead task is running (they hold the volume).
+    pub async fn idle(&self) {
+        loop {
+            let done = self.readahead_task.1.notified();
+            tokio::pin!(done);
+            done.as_mut().enable();
+            if !self.readahead_task.0.load(Ordering::Acquire) {
+                return;
+            }
+            done.await;
+        }
+    }
+
     /// Final persist and checkpoint of a clean stop.
     pub async fn close(&self) -> Result<()> {
+        self.idle().await;
         self.flush().await?;
         let _g = self.persist.lock().await;
         let st = self.state.clone();
@@ -873,10 +890,11 @@ impl<S: Source> Volume<S> {
         if (next..last).all(|i| self.map.state(ChunkIndex(i)) != ChunkState::Absent) {
             return;
         }
-        if self.readahead_running.swap(true, Ordering::AcqRel) {
+        if self.readahead_task.0.swap(true, Ordering::AcqRel) {
             return;
         }
         let volume = self.clone();
+        let task = self.readahead_task.clone();
         tokio::spawn(async move {
             let mut i = next;
             while i < last {
@@ -888,7 +906,9 @@ impl<S: Source> Volume<S> {
                     Ok(n) => i += n as u64,
                 }
             }
-            volume.readahead_running.store(false, Ordering::Release);
+            drop(volume);
+            task.0.store(false, Ordering::Release);
+            task.1.notify_waiters();
         });
     }
 
