@@ -9,8 +9,10 @@
 //! - `start`: `stream start`, a `lazy_fetch::Volume` served by the NBD server,
 //!   hydrated in the background, with a control socket (`control`).
 //! - `status`: `stream status`, asks that control socket.
+//! - `demo`: `stream demo`, the whole job on a generated disk.
 
 mod control;
+mod demo;
 mod export;
 mod start;
 mod status;
@@ -55,6 +57,9 @@ enum Command {
     Start(start::StartArgs),
     /// Show the progress of a running migration.
     Status(status::StatusArgs),
+    /// Run the whole job on a small generated disk on this machine: export,
+    /// stream, read and write at once, hydrate, check the copy.
+    Demo(demo::DemoArgs),
 }
 
 fn main() -> ExitCode {
@@ -78,6 +83,7 @@ fn main() -> ExitCode {
             Command::Export(args) => export::run(args, activation).await,
             Command::Start(args) => start::run(args).await,
             Command::Status(args) => status::run(args).await,
+            Command::Demo(args) => demo::run(args).await,
         }
     });
     match result {
