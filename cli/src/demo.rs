@@ -141,7 +141,11 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let state = dir.join("state");
     let _ = std::fs::remove_file(&target);
     let _ = std::fs::remove_dir_all(&state);
-    println!("1. generating a {} MiB legacy disk at {}", args.size_mib, legacy.display());
+    println!(
+        "1. generating a {} MiB legacy disk at {}",
+        args.size_mib,
+        legacy.display()
+    );
     generate(&legacy, size)?;
 
     let legacy_sock = dir.join("legacy.sock");
@@ -190,13 +194,23 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let at = size / 3 + 12345;
     client.write(at, note, false).await?;
     client.flush().await?;
-    println!("5. it writes too: {} bytes at offset {at}, flushed", note.len());
+    println!(
+        "5. it writes too: {} bytes at offset {at}, flushed",
+        note.len()
+    );
 
-    let status_args = ["status", "--state", state.to_str().context("path is not UTF-8")?];
+    let status_args = [
+        "status",
+        "--state",
+        state.to_str().context("path is not UTF-8")?,
+    ];
     let exe = std::env::current_exe()?;
     let deadline = Instant::now() + Duration::from_secs(600);
     loop {
-        let out = Command::new(&exe).args(status_args).arg("--json").output()?;
+        let out = Command::new(&exe)
+            .args(status_args)
+            .arg("--json")
+            .output()?;
         let reply: serde_json::Value = serde_json::from_slice(&out.stdout)
             .with_context(|| String::from_utf8_lossy(&out.stderr).into_owned())?;
         let v = &reply["volume"];
@@ -216,7 +230,10 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     let status = Command::new(&exe).args(status_args).output()?;
-    println!("6. hydration complete:\n{}", String::from_utf8_lossy(&status.stdout));
+    println!(
+        "6. hydration complete:\n{}",
+        String::from_utf8_lossy(&status.stdout)
+    );
     client.disconnect().await?;
     migration.stop().context("stream start")?;
     exporter.stop().context("stream export")?;

@@ -39,6 +39,9 @@ impl Default for Options {
     }
 }
 
+/// Pending journal entries after which hydration saves progress itself.
+const PENDING_LIMIT: usize = 65536;
+
 /// How far ahead of the cursor source holes are learnt, in bytes.
 const HOLE_WINDOW: u64 = 256 << 20;
 
@@ -114,6 +117,12 @@ async fn hydrate<S: Source>(volume: Arc<Volume<S>>, opts: Options) {
             if volume.map().state(c) != crate::presence::ChunkState::Absent {
                 cursor = c.0 + 1;
                 continue;
+            }
+        }
+        // Bound the journal entries waiting in memory (invariant 8).
+        if volume.pending_entries() > PENDING_LIMIT {
+            if let Err(e) = volume.flush().await {
+                tracing::warn!("hydration: saving progress failed: {e}");
             }
         }
         // Foreground first: one run at a time while clients wait on the

@@ -230,26 +230,47 @@ struct Journal {
     next_seq: u64,
 }
 
-fn entry(c: ChunkIndex, state: ChunkState, written: bool) -> u64 {
+/// A journal entry: a run of `count` chunks from `c` that became `state`.
+/// Bits: chunk index (42) | count - 1 (20) | written (1) | zero (1).
+/// Hydration and hole learning make long runs, so one entry often stands
+/// for thousands of chunks.
+const COUNT_BITS: u32 = 20;
+const MAX_COUNT: u64 = 1 << COUNT_BITS;
+
+fn entry(c: ChunkIndex, count: u64, state: ChunkState, written: bool) -> u64 {
+    debug_assert!((1..=MAX_COUNT).contains(&count) && c.0 < 1 << 42);
     let zero = match state {
         ChunkState::Zero => 1,
         ChunkState::Data => 0,
         ChunkState::Absent => panic!("absent is never journaled"),
     };
-    (c.0 << 2) | (u64::from(written) << 1) | zero
+    (c.0 << (COUNT_BITS + 2)) | ((count - 1) << 2) | (u64::from(written) << 1) | zero
+}
+
+fn entry_parts(e: u64) -> (u64, u64, u64) {
+    (
+        e >> (COUNT_BITS + 2),
+        ((e >> 2) & (MAX_COUNT - 1)) + 1,
+        e & 3,
+    )
 }
 
 fn apply(map: &PresenceMap, e: u64) -> bool {
-    let c = ChunkIndex(e >> 2);
-    if c.0 >= map.chunks() {
+    let (first, count, flags) = entry_parts(e);
+    if first
+        .checked_add(count)
+        .is_none_or(|end| end > map.chunks())
+    {
         return false;
     }
-    let state = if e & 1 != 0 {
+    let state = if flags & 1 != 0 {
         ChunkState::Zero
     } else {
         ChunkState::Data
     };
-    map.set(c, state, e & 2 != 0);
+    for i in first..first + count {
+        map.set(ChunkIndex(i), state, flags & 2 != 0);
+    }
     true
 }
 
@@ -323,7 +344,9 @@ impl StateDir {
             )));
         }
         let map = PresenceMap::new(header.geometry().chunks());
-        write_checkpoint(dir, &map_bytes(&map), 1).map_err(io)?;
+        // An empty payload stands for "every bit clear": a new 1 TiB
+        // migration need not write (and sync) megabytes of zeros.
+        write_checkpoint(dir, &[], 1).map_err(io)?;
         let journal = Journal::create(dir, 1).map_err(io)?;
         // The header last: a directory without it is not a migration yet.
         write_atomic(dir, "state.json", &header.seal()).map_err(io)?;
@@ -365,10 +388,17 @@ impl StateDir {
     /// Record that chunk `c` became `state`. Call under the chunk's lock,
     /// after the target write and the bitmap update.
     pub fn record(&self, c: ChunkIndex, state: ChunkState, written: bool) {
-        self.dirty
-            .lock()
-            .expect("poisoned")
-            .push(entry(c, state, written));
+        let mut d = self.dirty.lock().expect("poisoned");
+        // Extend the last run when this chunk continues it in the same state.
+        if let Some(last) = d.last_mut() {
+            let (first, count, flags) = entry_parts(*last);
+            if first + count == c.0 && count < MAX_COUNT && flags == entry(c, 1, state, written) & 3
+            {
+                *last = entry(ChunkIndex(first), count + 1, state, written);
+                return;
+            }
+        }
+        d.push(entry(c, 1, state, written));
     }
 
     /// Entries waiting for a persist cycle.
@@ -486,6 +516,9 @@ fn read_checkpoint(dir: &Path, chunks: u64) -> Result<(PresenceMap, u64)> {
     let generation = u64::from_le_bytes(body[8..16].try_into().expect("8"));
     let len = u64::from_le_bytes(body[16..24].try_into().expect("8")) as usize;
     let bitmaps = &body[24..];
+    if len == 0 && bitmaps.is_empty() {
+        return Ok((PresenceMap::new(chunks), generation));
+    }
     let one = chunks.div_ceil(64) as usize * 8;
     if len != bitmaps.len() || bitmaps.len() != 3 * one {
         return Err(corrupt("size does not match the header's geometry"));
@@ -680,6 +713,27 @@ mod tests {
     }
 
     #[test]
+    fn consecutive_records_coalesce_into_one_run_and_replay_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (st, _) = StateDir::create(dir.path(), &header()).unwrap();
+            for i in 0..10 {
+                st.record(ChunkIndex(i), ChunkState::Zero, false);
+            }
+            st.record(ChunkIndex(10), ChunkState::Data, false);
+            st.record(ChunkIndex(12), ChunkState::Data, false);
+            assert_eq!(st.pending(), 3);
+            let e = st.take_pending();
+            st.append(&e).unwrap();
+        }
+        let (_, _, map) = StateDir::open(dir.path()).unwrap();
+        assert_eq!(map.state(ChunkIndex(9)), ChunkState::Zero);
+        assert_eq!(map.state(ChunkIndex(10)), ChunkState::Data);
+        assert_eq!(map.state(ChunkIndex(11)), ChunkState::Absent);
+        assert_eq!(map.present_count(), 12);
+    }
+
+    #[test]
     fn second_open_of_a_locked_state_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let (_st, _) = StateDir::create(dir.path(), &header()).unwrap();
@@ -692,9 +746,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let (st, _) = StateDir::create(dir.path(), &header()).unwrap();
-            st.append(&[entry(ChunkIndex(1), ChunkState::Data, false)])
+            st.append(&[entry(ChunkIndex(1), 1, ChunkState::Data, false)])
                 .unwrap();
-            st.append(&[entry(ChunkIndex(2), ChunkState::Data, false)])
+            st.append(&[entry(ChunkIndex(2), 1, ChunkState::Data, false)])
                 .unwrap();
         }
         let j = dir.path().join("journal");
@@ -709,7 +763,7 @@ mod tests {
         assert!(map.is_present(ChunkIndex(1)));
         assert!(!map.is_present(ChunkIndex(2)));
         // Appending after the cut continues the sequence.
-        st.append(&[entry(ChunkIndex(4), ChunkState::Data, false)])
+        st.append(&[entry(ChunkIndex(4), 1, ChunkState::Data, false)])
             .unwrap();
         drop(st);
         let (_, _, map) = StateDir::open(dir.path()).unwrap();
@@ -722,13 +776,13 @@ mod tests {
         {
             let (st, _) = StateDir::create(dir.path(), &header()).unwrap();
             for i in 0..3 {
-                st.append(&[entry(ChunkIndex(i), ChunkState::Data, false)])
+                st.append(&[entry(ChunkIndex(i), 1, ChunkState::Data, false)])
                     .unwrap();
             }
         }
         let j = dir.path().join("journal");
         let mut bytes = fs::read(&j).unwrap();
-        bytes[16 + 20] ^= 0xff; // inside the first batch's entry
+        bytes[16 + 17] ^= 0xff; // inside the first batch's entry
         fs::write(&j, bytes).unwrap();
         let e = StateDir::open(dir.path()).unwrap_err();
         assert!(matches!(e, Error::StateCorrupt { .. }), "{e}");
@@ -764,10 +818,10 @@ mod tests {
         {
             let (st, map) = StateDir::create(dir.path(), &header()).unwrap();
             map.set(ChunkIndex(2), ChunkState::Zero, false);
-            st.append(&[entry(ChunkIndex(2), ChunkState::Zero, false)])
+            st.append(&[entry(ChunkIndex(2), 1, ChunkState::Zero, false)])
                 .unwrap();
             st.checkpoint(&map_bytes(&map)).unwrap();
-            st.append(&[entry(ChunkIndex(9), ChunkState::Data, true)])
+            st.append(&[entry(ChunkIndex(9), 1, ChunkState::Data, true)])
                 .unwrap();
         }
         let (_, _, map) = StateDir::open(dir.path()).unwrap();
