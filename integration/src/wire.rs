@@ -578,7 +578,7 @@ impl Conn {
     /// READ of `len` at `offset`, put back together from whatever replies
     /// the server sent (simple, or data/hole/error chunks).
     pub fn read(&mut self, flags: u16, offset: u64, len: u32) -> io::Result<ReadResult> {
-        let cookie = 0x5eed_0000_0000 + offset;
+        let cookie = 0x5eed_0000_0000u64.wrapping_add(offset);
         self.request(flags, CMD_READ, cookie, offset, len)?;
         let mut res = ReadResult {
             data: vec![0; len as usize],

@@ -1,0 +1,103 @@
+//! The process around the protocol: systemd socket activation (as
+//! libnbd's `[ CMD ]` syntax does it) and shutdown on signals.
+
+use std::process::Command;
+use std::time::Duration;
+
+use integration::binary::stream_bin;
+use integration::image::file_hash;
+use integration::{Export, SparseImage, require_tool, run_ok};
+
+const T: Duration = Duration::from_secs(60);
+
+#[test]
+fn socket_activation_serves_nbdinfo() {
+    let nbdinfo = require_tool("nbdinfo", "libnbd-bin");
+    let dir = tempfile::tempdir().unwrap();
+    let img = SparseImage::standard(dir.path());
+    let out = run_ok(
+        Command::new(&nbdinfo)
+            .args(["--json", "--", "["])
+            .arg(stream_bin())
+            .arg("export")
+            .arg(&img.path)
+            .arg("]"),
+        T,
+    );
+    let info: serde_json::Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}\n{}", out.describe()));
+    assert_eq!(info["exports"][0]["export-size"], img.size, "{info:#}");
+    assert_eq!(info["exports"][0]["is_read_only"], true, "{info:#}");
+}
+
+#[test]
+fn socket_activation_serves_nbdcopy() {
+    let nbdcopy = require_tool("nbdcopy", "libnbd-bin");
+    let dir = tempfile::tempdir().unwrap();
+    let img = SparseImage::standard(dir.path());
+    let out = dir.path().join("copy.img");
+    run_ok(
+        Command::new(&nbdcopy)
+            .args(["--", "["])
+            .arg(stream_bin())
+            .arg("export")
+            .arg(&img.path)
+            .arg("]")
+            .arg(&out),
+        T,
+    );
+    assert_eq!(file_hash(&out), file_hash(&img.path));
+}
+
+#[test]
+fn sigterm_with_no_clients_exits_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = SparseImage::standard(dir.path());
+    let mut server = Export::new(&img.path).spawn();
+    let status = server
+        .signal_and_wait(libc::SIGTERM, Duration::from_secs(10))
+        .expect("still running 10 s after SIGTERM");
+    assert!(status.success(), "exit after SIGTERM: {status}");
+}
+
+#[test]
+fn sigint_with_an_idle_client_exits_zero_and_closes_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = SparseImage::standard(dir.path());
+    let mut server = Export::new(&img.path).unix().spawn();
+    let mut c = server.connect();
+    c.negotiate("", true);
+    assert_eq!(c.read_ok(0, 4096), img.expected(0, 4096));
+    let status = server
+        .signal_and_wait(libc::SIGINT, Duration::from_secs(10))
+        .expect("still running 10 s after SIGINT with an idle client");
+    assert!(status.success(), "exit after SIGINT: {status}");
+    assert!(c.closed_within(Duration::from_secs(5)));
+}
+
+#[test]
+fn sigterm_finishes_the_request_in_flight() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = SparseImage::standard(dir.path());
+    let mut server = Export::new(&img.path).spawn();
+    let mut c = server.connect();
+    c.negotiate("", false);
+    // A 4 MiB read sent just before the signal still gets its whole reply.
+    c.request(0, integration::wire::CMD_READ, 9, 0, 4 << 20)
+        .unwrap();
+    let status = server
+        .signal_and_wait(libc::SIGTERM, Duration::from_secs(10))
+        .expect("still running 10 s after SIGTERM");
+    assert!(status.success(), "exit after SIGTERM: {status}");
+    let r = c.read_reply(4 << 20).expect("reply to the in-flight READ");
+    match r {
+        integration::wire::Reply::Simple {
+            error: 0,
+            cookie: 9,
+            data,
+        } => {
+            assert_eq!(data, img.expected(0, 4 << 20))
+        }
+        other => panic!("in-flight READ got {other:?}"),
+    }
+}
