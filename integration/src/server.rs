@@ -243,16 +243,26 @@ impl Server {
             .expect("try_wait")
     }
 
-    /// Sends `signal` and waits up to `timeout` for the exit; `None` when the
-    /// server was still running (it is then killed).
-    pub fn signal_and_wait(&mut self, signal: i32, timeout: Duration) -> Option<ExitStatus> {
+    /// Sends `signal` to the server.
+    pub fn signal(&self, signal: i32) {
         let pid = self.pid() as libc::pid_t;
         // SAFETY: kill(2) with the PID of our own unreaped child, which
         // cannot have been recycled because we have not waited on it.
         let rc = unsafe { libc::kill(pid, signal) };
         assert_eq!(rc, 0, "kill({pid}, {signal}) failed");
+    }
+
+    /// Waits up to `timeout` for the server to exit; `None` when it was
+    /// still running (it is then killed and reaped).
+    pub fn wait(&mut self, timeout: Duration) -> Option<ExitStatus> {
         let mut child = self.child.take().expect("server running");
         tool::wait_deadline(&mut child, timeout)
+    }
+
+    /// [`Server::signal`] then [`Server::wait`].
+    pub fn signal_and_wait(&mut self, signal: i32, timeout: Duration) -> Option<ExitStatus> {
+        self.signal(signal);
+        self.wait(timeout)
     }
 
     /// Asserts the server process is still running (it did not crash).

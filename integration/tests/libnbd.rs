@@ -24,7 +24,7 @@ def expect_errno(what, want, fn):
     try:
         fn()
     except nbd.Error as e:
-        assert e.errno == want, f"{what}: errno {e.errno} ({e.string}), expected {want}"
+        assert e.errnum == want, f"{what}: errno {e.errnum} ({e.string}), expected {want}"
         return
     raise AssertionError(f"{what} succeeded")
 
@@ -39,7 +39,7 @@ assert h.pread(100, 1048570) == expected[1048570:1048670]
 try:
     h.zero(65536, 0, nbd.CMD_FLAG_FAST_ZERO)
 except nbd.Error as e:
-    assert e.errno == errno.ENOTSUP, f"fast zero: {e.errno} {e.string}"
+    assert e.errnum == errno.ENOTSUP, f"fast zero: {e.errnum} {e.string}"
 
 h.pwrite(b"\x42" * 5000, 3 * 1048576 + 17, nbd.CMD_FLAG_FUA)
 assert h.pread(5000, 3 * 1048576 + 17) == b"\x42" * 5000
