@@ -110,51 +110,132 @@ fn errno(e: i32) -> io::Error {
     io::Error::from_raw_os_error(e)
 }
 
+/// `lseek(SEEK_DATA/SEEK_HOLE)`; `None` for ENXIO (no data past `off`).
+fn seek(file: &File, off: u64, whence: i32) -> io::Result<Option<u64>> {
+    // SAFETY: lseek on an fd we own; it does not touch memory.
+    let r = unsafe { libc::lseek64(file.as_raw_fd(), off as i64, whence) };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::ENXIO) {
+            return Ok(None);
+        }
+        return Err(e);
+    }
+    Ok(Some(r as u64))
+}
+
+/// The allocation of `[off, end)` of a regular file as `(start, end,
+/// is_data)` runs, at most `max` of them, from `SEEK_DATA`/`SEEK_HOLE`.
+pub fn extents(file: &File, off: u64, end: u64, max: usize) -> io::Result<Vec<(u64, u64, bool)>> {
+    let mut out = Vec::new();
+    let mut at = off;
+    while at < end && out.len() < max {
+        let data = seek(file, at, libc::SEEK_DATA)?.unwrap_or(end).min(end);
+        if data > at {
+            out.push((at, data, false));
+            at = data;
+            continue;
+        }
+        let hole = seek(file, at, libc::SEEK_HOLE)?.unwrap_or(end).min(end);
+        if hole <= at {
+            // Raced with a concurrent change; report the rest as data.
+            out.push((at, end, true));
+            break;
+        }
+        out.push((at, hole, true));
+        at = hole;
+    }
+    Ok(out)
+}
+
+fn fallocate(file: &File, mode: i32, off: u64, len: u64) -> io::Result<()> {
+    // SAFETY: fallocate on an fd we own; no memory is passed.
+    let r = unsafe { libc::fallocate64(file.as_raw_fd(), mode, off as i64, len as i64) };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// Deallocate `[off, off + len)`; it reads as zeros afterwards. On a block
+/// device the kernel zeroes without falling back to writes, or fails.
+pub fn punch_hole(file: &File, off: u64, len: u64) -> io::Result<()> {
+    fallocate(
+        file,
+        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+        off,
+        len,
+    )
+}
+
+/// Make `[off, off + len)` read as zeros, by the fastest means allowed:
+/// a punched hole when `may_trim` (or on a block device, where punching is
+/// the no-fallback zeroing), `FALLOC_FL_ZERO_RANGE`, and only then writing
+/// zeros from one shared 1 MiB buffer. With `fast`, `EOPNOTSUPP` instead
+/// of writing.
+pub fn zero_range(
+    file: &File,
+    block_device: bool,
+    off: u64,
+    len: u64,
+    may_trim: bool,
+    fast: bool,
+) -> io::Result<()> {
+    let unsupported = |e: &io::Error| {
+        matches!(
+            e.raw_os_error(),
+            Some(libc::EOPNOTSUPP | libc::ENOSYS | libc::EINVAL)
+        )
+    };
+    if may_trim || block_device {
+        match punch_hole(file, off, len) {
+            Ok(()) => return Ok(()),
+            Err(e) if !unsupported(&e) => return Err(e),
+            Err(_) if fast && block_device => return Err(errno(libc::EOPNOTSUPP)),
+            Err(_) => {}
+        }
+    }
+    // ZERO_RANGE may fall back to writes inside the kernel on a block
+    // device; on a file system it allocates unwritten extents (fast).
+    match fallocate(
+        file,
+        libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
+        off,
+        len,
+    ) {
+        Ok(()) => return Ok(()),
+        Err(e) if !unsupported(&e) => return Err(e),
+        Err(_) => {}
+    }
+    if fast {
+        return Err(errno(libc::EOPNOTSUPP));
+    }
+    let mut at = off;
+    let end = off + len;
+    while at < end {
+        let n = (end - at).min(ZERO_BUF as u64) as usize;
+        file.write_all_at(&ZEROS[..n], at)?;
+        at += n as u64;
+    }
+    Ok(())
+}
+
 impl Inner {
     fn fd(&self) -> i32 {
         self.file.as_raw_fd()
     }
 
-    /// `lseek(SEEK_DATA/SEEK_HOLE)`; `None` for ENXIO (no data past `off`).
-    fn seek(&self, off: u64, whence: i32) -> io::Result<Option<u64>> {
-        // SAFETY: lseek on an fd we own; it does not touch memory.
-        let r = unsafe { libc::lseek64(self.fd(), off as i64, whence) };
-        if r < 0 {
-            let e = io::Error::last_os_error();
-            if e.raw_os_error() == Some(libc::ENXIO) {
-                return Ok(None);
-            }
-            return Err(e);
-        }
-        Ok(Some(r as u64))
-    }
-
-    /// The extents of `[off, end)`: `(start, end, is_data)` runs, at most
-    /// `max` of them.
+    /// The extents of `[off, end)`, remembering the last data extent.
     fn map(&self, off: u64, end: u64, max: usize) -> io::Result<Vec<(u64, u64, bool)>> {
         if self.block_device {
             return Ok(vec![(off, end, true)]);
         }
-        let mut out = Vec::new();
-        let mut at = off;
-        while at < end && out.len() < max {
-            let data = self.seek(at, libc::SEEK_DATA)?.unwrap_or(end).min(end);
-            if data > at {
-                out.push((at, data, false));
-                at = data;
-                continue;
-            }
-            let hole = self.seek(at, libc::SEEK_HOLE)?.unwrap_or(end).min(end);
-            if hole <= at {
-                // Raced with a concurrent change; report the rest as data.
-                out.push((at, end, true));
-                break;
-            }
-            *self.known_data.lock().expect("poisoned") = (at, hole);
-            out.push((at, hole, true));
-            at = hole;
+        let runs = extents(&self.file, off, end, max)?;
+        if let Some(&(s, e, true)) = runs.iter().rev().find(|r| r.2) {
+            *self.known_data.lock().expect("poisoned") = (s, e);
         }
-        Ok(out)
+        Ok(runs)
     }
 
     fn read(&self, off: u64, len: u64) -> io::Result<Vec<Piece>> {
