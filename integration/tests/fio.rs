@@ -27,8 +27,9 @@ fn fio_random_writes_verify_through_the_export() {
     let server = Export::new(&img.path).writable().spawn();
     let uri = format!("--uri={}", server.uri);
     let out = run_ok(
-        Command::new(&fio).args([
+        Command::new(&fio).current_dir(dir.path()).args([
             "--name=randwrite-verify",
+            "--verify_state_save=0",
             "--ioengine=nbd",
             &uri,
             "--rw=randwrite",
@@ -57,7 +58,7 @@ fn fio_random_reads_of_a_readonly_export() {
     let server = Export::new(&img.path).unix().spawn();
     let uri = format!("--uri={}", server.uri);
     let out = run_ok(
-        Command::new(&fio).args([
+        Command::new(&fio).current_dir(dir.path()).args([
             "--name=randread",
             "--ioengine=nbd",
             &uri,
