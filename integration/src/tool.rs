@@ -154,3 +154,24 @@ pub fn wait_deadline(child: &mut Child, timeout: Duration) -> Option<ExitStatus>
         thread::sleep(Duration::from_millis(5));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    #[should_panic(expected = "install the Debian package `no-such-package`")]
+    fn a_missing_tool_names_its_debian_package() {
+        require_tool("no-such-tool-for-stream-tests", "no-such-package");
+    }
+
+    #[test]
+    fn a_tool_past_its_deadline_is_killed() {
+        let started = std::time::Instant::now();
+        let result = std::panic::catch_unwind(|| {
+            run(Command::new("sleep").arg("30"), Duration::from_millis(200))
+        });
+        assert!(result.is_err(), "a 30 s sleep finished within 200 ms");
+        assert!(started.elapsed() < Duration::from_secs(10));
+    }
+}
