@@ -101,10 +101,7 @@ pub async fn run(args: StartArgs) -> anyhow::Result<()> {
         let stop = shutdown.clone();
         tokio::spawn(hydrate::run(
             volume.clone(),
-            hydrate::Options {
-                rate_limit: args.rate_limit,
-                ..Default::default()
-            },
+            hydrate::Options::limited(args.rate_limit),
             async move { stop.wait().await },
         ))
     });

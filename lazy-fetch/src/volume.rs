@@ -142,6 +142,13 @@ impl<S: Source> Volume<S> {
                     dir: opts.state_dir.clone(),
                 });
             }
+            if let Some(c) = header.finalize.as_ref().and_then(|f| f.cinder.as_ref()) {
+                return Err(Error::Invalid(format!(
+                    "finalize already handed the target to Cinder ({}); run `stream finalize` \
+                     again to complete it instead of serving the volume",
+                    c.volume_id.as_deref().unwrap_or("manage call in progress")
+                )));
+            }
             if let Some(cs) = opts.chunk_size.filter(|&cs| cs != header.chunk_size) {
                 return Err(Error::Mismatch {
                     what: "chunk size",
@@ -183,6 +190,7 @@ impl<S: Source> Volume<S> {
                 phase: Phase::Streaming,
                 created_at: now_secs(),
                 finalized_at: None,
+                finalize: None,
             };
             let (state, map) = StateDir::create(&opts.state_dir, &header)?;
             (state, header, map)
@@ -261,14 +269,17 @@ impl<S: Source> Volume<S> {
         self.fg_active.load(Ordering::Relaxed)
     }
 
-    /// Change the phase recorded in the header.
-    pub fn set_phase(&self, phase: Phase) -> Result<()> {
+    /// Change the header (phase, finalize progress) and save it.
+    pub fn update_header(&self, f: impl FnOnce(&mut Header)) -> Result<Header> {
         let mut h = self.header.lock().expect("poisoned");
-        h.phase = phase;
-        if phase == Phase::Finalized {
-            h.finalized_at = Some(now_secs());
+        let mut new = h.clone();
+        f(&mut new);
+        if new.phase == Phase::Finalized && new.finalized_at.is_none() {
+            new.finalized_at = Some(now_secs());
         }
-        self.state.write_header(&h)
+        self.state.write_header(&new)?;
+        *h = new.clone();
+        Ok(new)
     }
 
     /// Make the map consistent with the target after an unclean stop (see

@@ -220,10 +220,7 @@ async fn client_writes_racing_the_hydrator_are_never_overwritten() {
         let v = f.open().await;
         let hydrator = tokio::spawn(hydrate::run(
             v.clone(),
-            hydrate::Options {
-                rate_limit: Some(2 << 20),
-                workers: 4,
-            },
+            hydrate::Options::limited(Some(2 << 20)),
             std::future::pending(),
         ));
         for _ in 0..300 {
