@@ -14,7 +14,7 @@
 //! source pauses hydration without stopping the server.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::task::JoinSet;
@@ -30,6 +30,9 @@ pub struct Options {
     pub rate_limit: Arc<AtomicU64>,
     /// Runs in flight when there is no foreground load.
     pub workers: usize,
+    /// Hydrate at all (`--no-hydrate` starts with this off; finalize turns
+    /// it on).
+    pub enabled: Arc<AtomicBool>,
 }
 
 impl Options {
@@ -46,6 +49,7 @@ impl Default for Options {
         Options {
             rate_limit: Arc::new(AtomicU64::new(0)),
             workers: 4,
+            enabled: Arc::new(AtomicBool::new(true)),
         }
     }
 }
@@ -110,6 +114,10 @@ async fn hydrate<S: Source>(volume: Arc<Volume<S>>, opts: Options) {
     loop {
         if volume.map().is_complete() {
             break;
+        }
+        if !opts.enabled.load(Ordering::Relaxed) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
         }
         let Some(c) = volume
             .map()

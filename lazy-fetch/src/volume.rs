@@ -69,12 +69,16 @@ pub const MAX_RUN: usize = 16;
 const MAX_READAHEAD: u64 = 32;
 
 /// How to open a volume.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct OpenOptions {
     pub target: PathBuf,
     pub state_dir: PathBuf,
     /// Required to match an existing state; the default for a new one.
     pub chunk_size: Option<u64>,
+    /// Open a finalized migration too (for `stream verify`; never to serve).
+    pub allow_finalized: bool,
+    /// Opened to serve clients (`stream start`), not to finish or check it.
+    pub serving: bool,
 }
 
 pub struct Volume<S> {
@@ -137,12 +141,15 @@ impl<S: Source> Volume<S> {
         let sid = source.id();
         let (state, header, map) = if StateDir::exists(&opts.state_dir) {
             let (state, header, map) = StateDir::open(&opts.state_dir)?;
-            if header.phase == Phase::Finalized {
+            if header.phase == Phase::Finalized && !opts.allow_finalized {
                 return Err(Error::Finalized {
                     dir: opts.state_dir.clone(),
                 });
             }
-            if let Some(c) = header.finalize.as_ref().and_then(|f| f.cinder.as_ref()) {
+            let cinder = header.finalize.as_ref().and_then(|f| f.cinder.as_ref());
+            if let Some(c) = cinder
+                && opts.serving
+            {
                 return Err(Error::Invalid(format!(
                     "finalize already handed the target to Cinder ({}); run `stream finalize` \
                      again to complete it instead of serving the volume",

@@ -37,6 +37,7 @@ async fn migrated(dir: &Path) -> Arc<Volume<FileSource>> {
             target: dir.join("tgt"),
             state_dir: dir.join("state"),
             chunk_size: Some(CHUNK),
+            ..Default::default()
         },
     )
     .await
