@@ -420,6 +420,7 @@ async fn a_connection_cut_mid_stream_is_survived() {
                 .unwrap(),
         );
 
+        let sent = proxy.to_server.load(Ordering::Relaxed);
         let mut tasks = JoinSet::new();
         for i in 0..32u64 {
             let (class, len) = if i % 4 == 0 {
@@ -430,12 +431,20 @@ async fn a_connection_cut_mid_stream_is_survived() {
             let offset = i * MIB as u64 + 4096 * i;
             let (src, data) = (src.clone(), data.clone());
             tasks.spawn(async move {
-                let got = src.read(offset, len, class).await.unwrap();
+                let t = Instant::now();
+                let got = match src.read(offset, len, class).await {
+                    Ok(got) => got,
+                    Err(e) => panic!(
+                        "{class:?} read at {offset} failed after {:?} (health {:?}, {} reconnects): {e}",
+                        t.elapsed(),
+                        src.health(),
+                        src.reconnects()
+                    ),
+                };
                 assert!(got == slice(&data, offset, len), "read at {offset} differs");
             });
         }
-        // Cut once requests are on the wire (the handshakes alone are small).
-        let sent = proxy.to_server.load(Ordering::Relaxed);
+        // Cut once most requests are on the wire.
         wait_until("requests in flight", Duration::from_secs(10), || {
             proxy.to_server.load(Ordering::Relaxed) > sent + 28 * 20
         })
@@ -751,6 +760,39 @@ async fn server_request_errors_are_returned_at_once() {
         let got = src.read(0, 64 * KIB, Class::Foreground).await.unwrap();
         assert!(got == slice(&data, 0, 64 * KIB));
         assert_eq!(src.health(), Health::Up);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_connection_is_abandoned_and_the_read_sent_again() {
+    bounded(async {
+        let data = pattern(4 * MIB, 41);
+        let server = nbdkit(&[], &[], &data);
+        let proxy = Proxy::start(&server.sock).await;
+        let opts = NbdOptions {
+            stall_timeout: Duration::from_millis(300),
+            ..short_windows(Duration::from_secs(20))
+        };
+        let src = Arc::new(NbdSource::connect(&proxy.uri(), opts).await.unwrap());
+        src.read(0, 64 * KIB, Class::Foreground).await.unwrap();
+
+        proxy.set_mode(Mode::Stall);
+        let reader = tokio::spawn({
+            let src = src.clone();
+            async move { src.read(3 * MIB as u64, 64 * KIB, Class::Foreground).await }
+        });
+        wait_until(
+            "the stall is noticed",
+            Duration::from_secs(10),
+            || matches!(src.health(), Health::Reconnecting(ref why) if why.contains("no reply")),
+        )
+        .await;
+        assert!(!reader.is_finished());
+        proxy.set_mode(Mode::Forward);
+        let got = reader.await.unwrap().unwrap();
+        assert!(got == slice(&data, 3 * MIB as u64, 64 * KIB));
+        assert!(src.reconnects() > 0);
     })
     .await;
 }
