@@ -35,10 +35,20 @@ pub enum Request {
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum Event {
-    Hydrating { bytes_present: u64, size: u64, rate: f64 },
-    WaitingForClients { connected: usize },
-    Stopping { pid: u32 },
-    Error { message: String },
+    Hydrating {
+        bytes_present: u64,
+        size: u64,
+        rate: f64,
+    },
+    WaitingForClients {
+        connected: usize,
+    },
+    Stopping {
+        pid: u32,
+    },
+    Error {
+        message: String,
+    },
 }
 
 /// The `status` reply.
@@ -184,7 +194,15 @@ async fn handover<S: Source, W: tokio::io::AsyncWrite + Unpin>(
             last = (Instant::now(), st.bytes_present);
         }
         let rate = ctx.rate.sample(st.bytes_present);
-        send(wr, &Event::Hydrating { bytes_present: st.bytes_present, size: st.size, rate }).await?;
+        send(
+            wr,
+            &Event::Hydrating {
+                bytes_present: st.bytes_present,
+                size: st.size,
+                rate,
+            },
+        )
+        .await?;
         if last.0.elapsed() > STALL || expired() {
             let message = format!(
                 "hydration cannot finish: {} of {} chunks are still missing ({} bytes) and \
@@ -193,7 +211,11 @@ async fn handover<S: Source, W: tokio::io::AsyncWrite + Unpin>(
                 st.chunks_total - st.chunks_present,
                 st.chunks_total,
                 st.size - st.bytes_present,
-                if expired() { "the --timeout expired".to_string() } else { format!("nothing arrived for {STALL:?}") },
+                if expired() {
+                    "the --timeout expired".to_string()
+                } else {
+                    format!("nothing arrived for {STALL:?}")
+                },
                 st.source,
                 st.source_health,
             );
@@ -220,7 +242,13 @@ async fn handover<S: Source, W: tokio::io::AsyncWrite + Unpin>(
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
     tracing::info!("finalize: stopping to hand the volume over");
-    send(wr, &Event::Stopping { pid: std::process::id() }).await?;
+    send(
+        wr,
+        &Event::Stopping {
+            pid: std::process::id(),
+        },
+    )
+    .await?;
     ctx.shutdown.trigger();
     Ok(())
 }

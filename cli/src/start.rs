@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use lazy_fetch::frontend::VolumeDevice;
+use lazy_fetch::source::nbd::{NbdOptions, NbdSource};
 use lazy_fetch::source::{AnySource, file::FileSource};
 use lazy_fetch::state::{self, StateDir};
 use lazy_fetch::units::parse_size;
@@ -167,9 +168,13 @@ pub async fn run(args: StartArgs) -> anyhow::Result<()> {
 /// an NBD URI or a local path. `expected_size` is the size a resumed
 /// migration recorded; an NBD source is then connected in the background.
 pub async fn open_source(spec: &str, expected_size: Option<u64>) -> anyhow::Result<AnySource> {
-    let _ = expected_size;
     if spec.contains("://") {
-        anyhow::bail!("NBD sources are not wired in yet: {spec}");
+        let opts = NbdOptions::default();
+        let source = match expected_size {
+            Some(size) => NbdSource::lazy(spec, size, opts)?,
+            None => NbdSource::connect(spec, opts).await?,
+        };
+        return Ok(AnySource::Nbd(source));
     }
     let path = PathBuf::from(spec);
     Ok(AnySource::File(FileSource::open(&path).with_context(
