@@ -14,7 +14,7 @@
 //!   reaped when dropped, so no server outlives the harness.
 //! - [`fio`]: one fio run and the parsing of its JSON report.
 //! - [`cpu`]: user + system CPU time of a process from `/proc/PID/stat`.
-//! - [`stats`]: medians.
+//! - [`stats`], medians and ranges of repeated runs.
 //!
 //! The `export-bench` binary ties them together and prints the table.
 
