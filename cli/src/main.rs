@@ -1,1 +1,104 @@
-fn main() {}
+//! `stream`: move a legacy server's disk into native storage while the new
+//! instance already runs from it.
+//!
+//! # Layout
+//!
+//! Argument parsing and wiring only; no engine logic lives here.
+//! - `export`: `stream export`, a read-only NBD export of a local disk (runs
+//!   on the legacy host), built on `nbd_server`.
+
+mod export;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "stream",
+    version,
+    about = "Live streaming migration of legacy disks into OpenStack",
+    long_about = "Live streaming migration of legacy disks into OpenStack.\n\n\
+        The new instance boots at once from an NBD export whose blocks are fetched \
+        lazily from the legacy disk, while the rest is copied in the background; \
+        `stream finalize` then hands the volume over to native storage."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve a local disk (file or block device) over NBD, read-only by default.
+    ///
+    /// Run it on the legacy host. When it is ready it prints the NBD URI of the
+    /// export on stdout (one line); logs go to stderr (filter with RUST_LOG).
+    /// Started with systemd socket activation (LISTEN_FDS), as
+    /// `nbdinfo -- [ stream export DISK ]` does, it serves the inherited
+    /// socket and prints nothing. SIGINT/SIGTERM stop it after in-flight
+    /// requests are answered.
+    Export(export::ExportArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // Taken before any thread exists: it edits the environment.
+    // SAFETY: single-threaded here, and called once.
+    let activation = unsafe { nbd_server::server::take_activation_fd() };
+    init_logging();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("stream: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Export(args) => export::run(args, activation).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("stream: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}
+
+/// Trigger `shutdown` on SIGINT or SIGTERM; a second signal exits at once.
+pub(crate) fn shutdown_on_signals(shutdown: nbd_server::Shutdown) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut term = signal(SignalKind::terminate())?;
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("signal received: finishing in-flight requests (signal again to quit now)");
+        shutdown.trigger();
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
+        std::process::exit(130);
+    });
+    Ok(())
+}

@@ -217,7 +217,12 @@ impl<D: BlockDevice> BlockDevice for std::sync::Arc<D> {
     fn flush(&self) -> impl Future<Output = io::Result<()>> + Send {
         (**self).flush()
     }
-    fn trim(&self, offset: u64, len: u64, fua: bool) -> impl Future<Output = io::Result<()>> + Send {
+    fn trim(
+        &self,
+        offset: u64,
+        len: u64,
+        fua: bool,
+    ) -> impl Future<Output = io::Result<()>> + Send {
         (**self).trim(offset, len, fua)
     }
     fn write_zeroes(

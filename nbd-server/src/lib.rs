@@ -36,3 +36,5 @@ pub mod server;
 pub mod uri;
 
 pub use device::{BlockDevice, Capabilities, Extent, Piece, ZeroFlags};
+pub use file::FileDevice;
+pub use server::{Export, Listener, Server, Shutdown};

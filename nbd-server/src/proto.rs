@@ -199,9 +199,7 @@ impl Errno {
                 std::io::ErrorKind::InvalidInput => Errno::Inval,
                 std::io::ErrorKind::OutOfMemory => Errno::NoMem,
                 std::io::ErrorKind::Unsupported => Errno::NotSup,
-                std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded => {
-                    Errno::NoSpc
-                }
+                std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded => Errno::NoSpc,
                 _ => Errno::Io,
             },
         }

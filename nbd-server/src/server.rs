@@ -1,1 +1,401 @@
-//! (being written)
+//! Listeners, the export table, and shutdown.
+//!
+//! A [`Server`] owns its exports; [`Server::serve`] accepts on a
+//! [`Listener`] until [`Shutdown`] is triggered, then stops accepting and
+//! waits for every connection to answer what it accepted. Each connection
+//! is [`Server::serve_stream`]: the handshake (bounded by a timeout, so a
+//! silent client cannot hold a task forever), then the transmission phase
+//! in [`crate::connection`]. `serve_stream` works on any byte stream, which
+//! is also how the fuzz target drives a whole session.
+
+use std::io;
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use crate::device::BlockDevice;
+use crate::handshake::{self, ExportInfo, Outcome};
+
+/// How long a client may take to finish the handshake.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A broadcast "stop now" shared by the accept loop and every connection.
+#[derive(Clone, Debug)]
+pub struct Shutdown {
+    tx: Arc<watch::Sender<bool>>,
+    rx: watch::Receiver<bool>,
+}
+
+impl Default for Shutdown {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Shutdown {
+    pub fn new() -> Self {
+        let (tx, rx) = watch::channel(false);
+        Shutdown {
+            tx: Arc::new(tx),
+            rx,
+        }
+    }
+
+    pub fn trigger(&self) {
+        self.tx.send_replace(true);
+    }
+
+    pub fn is_triggered(&self) -> bool {
+        *self.rx.borrow()
+    }
+
+    /// Resolves once [`Shutdown::trigger`] has been called (at once if it was).
+    pub async fn wait(&self) {
+        let mut rx = self.rx.clone();
+        // The sender lives as long as any clone of `self`, so this only
+        // returns Err if it was dropped, which cannot happen while we hold one.
+        let _ = rx.wait_for(|stop| *stop).await;
+    }
+}
+
+/// One export: a name clients select and the device behind it.
+pub struct Export<D> {
+    pub name: String,
+    pub description: Option<String>,
+    pub device: D,
+}
+
+/// An NBD server over a fixed set of exports of one device type. The first
+/// export is the default (the empty name selects it).
+pub struct Server<D> {
+    devices: Vec<Arc<D>>,
+    infos: Vec<ExportInfo>,
+    clients: AtomicUsize,
+}
+
+impl<D: BlockDevice> Server<D> {
+    pub fn new(exports: Vec<Export<D>>) -> Arc<Self> {
+        let infos = exports
+            .iter()
+            .map(|e| ExportInfo {
+                name: e.name.clone(),
+                description: e.description.clone(),
+                size: e.device.size(),
+                capabilities: e.device.capabilities(),
+                block_sizes: e.device.block_sizes(),
+            })
+            .collect();
+        Arc::new(Server {
+            devices: exports.into_iter().map(|e| Arc::new(e.device)).collect(),
+            infos,
+            clients: AtomicUsize::new(0),
+        })
+    }
+
+    /// Clients currently in the transmission phase.
+    pub fn connected_clients(&self) -> usize {
+        self.clients.load(Ordering::Relaxed)
+    }
+
+    /// Accept connections until `shutdown`, then wait for all of them.
+    pub async fn serve(self: &Arc<Self>, listener: Listener, shutdown: Shutdown) -> io::Result<()> {
+        let mut tasks = JoinSet::new();
+        loop {
+            tokio::select! {
+                _ = shutdown.wait() => break,
+                Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, peer)) => {
+                        let server = self.clone();
+                        let shutdown = shutdown.clone();
+                        tasks.spawn(async move { server.serve_stream(stream, peer, shutdown).await });
+                    }
+                    Err(e) => {
+                        // EMFILE and friends: log and breathe instead of spinning.
+                        tracing::warn!("accept failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+            }
+        }
+        drop(listener);
+        while tasks.join_next().await.is_some() {}
+        Ok(())
+    }
+
+    /// Run one whole client session on `stream`.
+    pub async fn serve_stream<S>(self: &Arc<Self>, mut stream: S, peer: String, shutdown: Shutdown)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let stopping = shutdown.clone();
+        let is_stopping = move || stopping.is_triggered();
+        let negotiated = tokio::select! {
+            _ = shutdown.wait() => return,
+            r = tokio::time::timeout(
+                HANDSHAKE_TIMEOUT,
+                handshake::negotiate(&mut stream, &self.infos, &is_stopping),
+            ) => r,
+        };
+        let (export, n) = match negotiated {
+            Ok(Ok(Outcome::Transmission { export, negotiated })) => (export, negotiated),
+            Ok(Ok(Outcome::Aborted)) => {
+                tracing::debug!(%peer, "client aborted the handshake");
+                return;
+            }
+            Ok(Err(e)) => {
+                tracing::info!(%peer, "handshake ended: {e}");
+                return;
+            }
+            Err(_) => {
+                tracing::info!(%peer, "handshake timed out after {HANDSHAKE_TIMEOUT:?}");
+                return;
+            }
+        };
+        tracing::info!(%peer, export = %self.infos[export].name, structured = n.structured,
+            flags = format_args!("{:#06x}", n.transmission_flags), "client connected");
+        self.clients.fetch_add(1, Ordering::Relaxed);
+        let (rd, wr) = tokio::io::split(stream);
+        let r =
+            crate::connection::transmit(rd, wr, self.devices[export].clone(), n, shutdown, &peer)
+                .await;
+        self.clients.fetch_sub(1, Ordering::Relaxed);
+        match r {
+            Ok(()) => tracing::info!(%peer, "client disconnected"),
+            Err(e) => tracing::info!(%peer, "connection ended: {e}"),
+        }
+    }
+}
+
+/// Where the server accepts connections.
+pub enum Listener {
+    Tcp(TcpListener),
+    /// The path is removed when the listener is dropped, if we created it.
+    Unix(UnixListener, Option<PathBuf>),
+}
+
+impl Listener {
+    pub async fn bind_tcp(addr: &str) -> io::Result<Listener> {
+        let l = TcpListener::bind(addr)
+            .await
+            .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))?;
+        Ok(Listener::Tcp(l))
+    }
+
+    /// Bind a unix socket at `path`. A stale socket file left by a crashed
+    /// run (nobody accepting) is replaced; a live one is an error.
+    pub fn bind_unix(path: &Path) -> io::Result<Listener> {
+        use std::os::unix::fs::FileTypeExt;
+        if let Ok(meta) = std::fs::symlink_metadata(path) {
+            if !meta.file_type().is_socket() {
+                return Err(io::Error::new(
+                    io::ErrorKind::AlreadyExists,
+                    format!("{} exists and is not a socket", path.display()),
+                ));
+            }
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(io::Error::new(
+                    io::ErrorKind::AddrInUse,
+                    format!("{} is in use by a running server", path.display()),
+                ));
+            }
+            std::fs::remove_file(path)?;
+        }
+        let l = UnixListener::bind(path).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("cannot listen on {}: {e}", path.display()),
+            )
+        })?;
+        Ok(Listener::Unix(l, Some(path.to_path_buf())))
+    }
+
+    /// Wrap a listening socket inherited through systemd socket activation
+    /// (see [`take_activation_fd`]). Must be called inside a tokio runtime.
+    pub fn from_activation_fd(fd: OwnedFd) -> io::Result<Listener> {
+        let mut addr: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+        let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+        // SAFETY: addr and len are valid for writes of the given size.
+        let rc = unsafe {
+            libc::getsockname(
+                std::os::fd::AsRawFd::as_raw_fd(&fd),
+                (&raw mut addr).cast(),
+                &mut len,
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if addr.ss_family as i32 == libc::AF_UNIX {
+            let l = std::os::unix::net::UnixListener::from(fd);
+            l.set_nonblocking(true)?;
+            Ok(Listener::Unix(UnixListener::from_std(l)?, None))
+        } else {
+            let l = std::net::TcpListener::from(fd);
+            l.set_nonblocking(true)?;
+            Ok(Listener::Tcp(TcpListener::from_std(l)?))
+        }
+    }
+
+    pub async fn accept(&self) -> io::Result<(Conn, String)> {
+        match self {
+            Listener::Tcp(l) => {
+                let (s, peer) = l.accept().await?;
+                s.set_nodelay(true)?;
+                Ok((Conn::Tcp(s), peer.to_string()))
+            }
+            Listener::Unix(l, _) => {
+                let (s, _) = l.accept().await?;
+                Ok((Conn::Unix(s), "unix".to_string()))
+            }
+        }
+    }
+
+    /// The NBD URI a client would use to reach `export` here.
+    pub fn uri(&self, export: &str) -> io::Result<String> {
+        let name = percent_encode(export);
+        match self {
+            Listener::Tcp(l) => Ok(format!("nbd://{}/{name}", l.local_addr()?)),
+            Listener::Unix(l, _) => {
+                let addr = l.local_addr()?;
+                let path = addr
+                    .as_pathname()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default();
+                Ok(format!(
+                    "nbd+unix:///{name}?socket={}",
+                    percent_encode(&path)
+                ))
+            }
+        }
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        if let Listener::Unix(_, Some(path)) = self {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// Take the listening socket passed by systemd-style socket activation
+/// (`LISTEN_PID` equal to our pid, `LISTEN_FDS` >= 1, the socket at fd 3),
+/// as nbdkit and qemu-nbd accept it; `nbdinfo -- [ CMD ]` and
+/// `nbdcopy -- [ CMD ]` start servers this way. The variables are removed
+/// so children do not inherit them.
+///
+/// # Safety
+///
+/// Call before any other thread exists (it edits the environment), and at
+/// most once (it takes ownership of fd 3).
+pub unsafe fn take_activation_fd() -> Option<OwnedFd> {
+    const SD_LISTEN_FDS_START: RawFd = 3;
+    let pid = std::env::var("LISTEN_PID").ok()?;
+    let fds = std::env::var("LISTEN_FDS").ok()?;
+    if pid.parse::<u32>().ok()? != std::process::id() {
+        return None;
+    }
+    let n: i32 = fds.parse().ok()?;
+    // SAFETY: the caller guarantees no other thread reads the environment.
+    unsafe {
+        std::env::remove_var("LISTEN_PID");
+        std::env::remove_var("LISTEN_FDS");
+        std::env::remove_var("LISTEN_FDNAMES");
+    }
+    if n < 1 {
+        return None;
+    }
+    // SAFETY: systemd's protocol hands us fd 3 open and owned by no one
+    // else in this process; the caller takes it only once.
+    let fd = unsafe { OwnedFd::from_raw_fd(SD_LISTEN_FDS_START) };
+    // SAFETY: plain fcntl on an fd we own.
+    unsafe {
+        let flags = libc::fcntl(SD_LISTEN_FDS_START, libc::F_GETFD);
+        libc::fcntl(SD_LISTEN_FDS_START, libc::F_SETFD, flags | libc::FD_CLOEXEC);
+    }
+    Some(fd)
+}
+
+/// Percent-encode everything but RFC 3986 unreserved characters and `/`.
+fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~/".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// An accepted connection of either kind.
+pub enum Conn {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            Conn::Unix(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Conn::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            Conn::Unix(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Conn::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Conn::Unix(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Tcp(s) => Pin::new(s).poll_flush(cx),
+            Conn::Unix(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            Conn::Unix(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}

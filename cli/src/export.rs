@@ -1,0 +1,73 @@
+//! `stream export`: a local disk as a read-only NBD export.
+
+use std::io::Write;
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use nbd_server::{BlockDevice, Export, FileDevice, Listener, Server, Shutdown};
+
+#[derive(clap::Args)]
+pub struct ExportArgs {
+    /// The disk to serve: a regular file or a block device.
+    path: PathBuf,
+    /// TCP address to listen on; port 0 picks a free port.
+    #[arg(
+        long,
+        value_name = "ADDR",
+        default_value = "127.0.0.1:10809",
+        conflicts_with = "socket"
+    )]
+    listen: String,
+    /// Listen on this unix socket instead of TCP.
+    #[arg(long, value_name = "PATH")]
+    socket: Option<PathBuf>,
+    /// Export name clients select (the empty name selects it too).
+    #[arg(long, default_value = "")]
+    name: String,
+    /// Description shown to clients (e.g. by `nbdinfo --list`).
+    #[arg(long)]
+    description: Option<String>,
+    /// Accept writes. A legacy disk is served read-only; this is for tests.
+    #[arg(long)]
+    writable: bool,
+}
+
+pub async fn run(args: ExportArgs, activation: Option<OwnedFd>) -> anyhow::Result<()> {
+    let device = FileDevice::open(&args.path, args.writable)
+        .with_context(|| format!("cannot serve {}", args.path.display()))?;
+    let size = device.size();
+    let activated = activation.is_some();
+    let listener = match (activation, &args.socket) {
+        (Some(fd), _) => Listener::from_activation_fd(fd).context("socket activation")?,
+        (None, Some(path)) => Listener::bind_unix(path)?,
+        (None, None) => Listener::bind_tcp(&args.listen).await?,
+    };
+    let uri = listener.uri(&args.name)?;
+    let server = Server::new(vec![Export {
+        name: args.name.clone(),
+        description: args.description.clone(),
+        device,
+    }]);
+    let shutdown = Shutdown::new();
+    crate::shutdown_on_signals(shutdown.clone())?;
+    tracing::info!(
+        "serving {} ({size} bytes, {}) at {uri}",
+        args.path.display(),
+        if args.writable {
+            "writable"
+        } else {
+            "read-only"
+        }
+    );
+    if !activated {
+        // The one line on stdout: scripts and tests read the URI from it.
+        // Under socket activation stdout belongs to the client program.
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "{uri}")?;
+        out.flush()?;
+    }
+    server.serve(listener, shutdown).await?;
+    tracing::info!("stopped");
+    Ok(())
+}
