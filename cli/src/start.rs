@@ -187,8 +187,15 @@ pub async fn open_source(spec: &str, expected_size: Option<u64>) -> anyhow::Resu
 async fn persist_periodically<S: lazy_fetch::source::Source>(volume: Arc<Volume<S>>) {
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     let mut last = Instant::now();
+    let mut totals_saved = Instant::now();
     loop {
         tick.tick().await;
+        if totals_saved.elapsed() >= Duration::from_secs(10) {
+            if let Err(e) = volume.save_totals().await {
+                tracing::debug!("saving counters failed: {e}");
+            }
+            totals_saved = Instant::now();
+        }
         let pending = volume.pending_entries();
         if pending > 65536 || (pending > 0 && last.elapsed() >= Duration::from_secs(1)) {
             if let Err(e) = volume.flush().await {

@@ -465,6 +465,20 @@ impl StateDir {
         Ok(unclean)
     }
 
+    /// Counters of earlier runs (`stats.json`), or zeros.
+    pub fn load_totals(&self) -> crate::stats::Totals {
+        fs::read(self.dir.join("stats.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default()
+    }
+
+    /// Save the counters (blocking; atomic replace).
+    pub fn save_totals(&self, t: &crate::stats::Totals) -> Result<()> {
+        let bytes = serde_json::to_vec_pretty(t).expect("totals serialise");
+        write_atomic(&self.dir, "stats.json", &bytes).map_err(|e| self.io(e))
+    }
+
     /// Record a clean shutdown (after the final checkpoint).
     pub fn mark_clean(&self) -> Result<()> {
         match fs::remove_file(self.dir.join("running")) {

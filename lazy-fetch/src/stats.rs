@@ -70,7 +70,39 @@ pub struct Stats {
     pub target_errors: AtomicU64,
 }
 
+/// The cumulative counters, saved in the state directory (`stats.json`)
+/// at every checkpoint and clean stop, so that the manifest's counts span
+/// every run of a migration. Statistics only: a crash loses the increments
+/// since the last save.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Totals {
+    pub bytes_fetched: u64,
+    pub chunks_fetched_on_demand: u64,
+    pub chunks_hydrated: u64,
+    pub chunks_source_holes: u64,
+    pub chunks_found_zero: u64,
+}
+
 impl Stats {
+    pub fn totals(&self) -> Totals {
+        Totals {
+            bytes_fetched: Self::get(&self.bytes_fetched),
+            chunks_fetched_on_demand: Self::get(&self.chunks_fetched_on_demand),
+            chunks_hydrated: Self::get(&self.chunks_hydrated),
+            chunks_source_holes: Self::get(&self.chunks_source_holes),
+            chunks_found_zero: Self::get(&self.chunks_found_zero),
+        }
+    }
+
+    /// Start from the totals of earlier runs.
+    pub fn resume(&self, t: &Totals) {
+        Self::add(&self.bytes_fetched, t.bytes_fetched);
+        Self::add(&self.chunks_fetched_on_demand, t.chunks_fetched_on_demand);
+        Self::add(&self.chunks_hydrated, t.chunks_hydrated);
+        Self::add(&self.chunks_source_holes, t.chunks_source_holes);
+        Self::add(&self.chunks_found_zero, t.chunks_found_zero);
+    }
+
     pub fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Ordering::Relaxed);
     }

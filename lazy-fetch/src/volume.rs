@@ -237,6 +237,7 @@ impl<S: Source> Volume<S> {
             readahead_task: Arc::new((AtomicBool::new(false), tokio::sync::Notify::new())),
             opened: Instant::now(),
         });
+        volume.stats.resume(&volume.state.load_totals());
         if unclean {
             volume.recover().await?;
         }
@@ -715,6 +716,7 @@ impl<S: Source> Volume<S> {
         let entries = self.state.take_pending();
         let snapshot = (self.state.journal_len() > state::CHECKPOINT_AFTER)
             .then(|| state::map_bytes(&self.map));
+        let checkpointed = snapshot.is_some();
         if let Err(e) = self.target.sync().await {
             self.state.restore_pending(entries);
             Stats::add(&self.stats.target_errors, 1);
@@ -735,7 +737,23 @@ impl<S: Source> Volume<S> {
         .map_err(|e| Error::PersistMap {
             dir: self.state.path().to_path_buf(),
             source: std::io::Error::other(e),
-        })?
+        })??;
+        if checkpointed {
+            self.save_totals().await?;
+        }
+        Ok(())
+    }
+
+    /// Save the cumulative counters beside the state.
+    pub async fn save_totals(&self) -> Result<()> {
+        let st = self.state.clone();
+        let totals = self.stats.totals();
+        tokio::task::spawn_blocking(move || st.save_totals(&totals))
+            .await
+            .map_err(|e| Error::PersistMap {
+                dir: self.state.path().to_path_buf(),
+                source: std::io::Error::other(e),
+            })?
     }
 
     /// Entries waiting for the next flush.
@@ -763,8 +781,10 @@ impl<S: Source> Volume<S> {
         let _g = self.persist.lock().await;
         let st = self.state.clone();
         let snapshot = state::map_bytes(&self.map);
+        let totals = self.stats.totals();
         tokio::task::spawn_blocking(move || {
             st.checkpoint(&snapshot)?;
+            st.save_totals(&totals)?;
             st.mark_clean()
         })
         .await
