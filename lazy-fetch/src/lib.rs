@@ -12,6 +12,8 @@
 //!   chunk state machine and where each engine invariant is enforced.
 //! - [`presence`]: the atomic bitmaps (present, zero, written) of each chunk.
 //! - [`inflight`]: single-flight locks of the chunks being changed.
+//! - [`wal`]: the write-ahead log that keeps in-place writes to present
+//!   chunks whole across a crash.
 //! - [`hydrate`]: the background pass that fetches every absent chunk,
 //!   rate-limited and yielding to foreground fetches.
 //! - [`manifest`]: blake3 of every chunk and of the disk at finalize, and
@@ -34,6 +36,7 @@ pub mod stats;
 pub mod target;
 pub mod units;
 pub mod volume;
+pub mod wal;
 
 pub use error::{Error, Result};
 pub use volume::{OpenOptions, Volume};

@@ -62,6 +62,7 @@ use crate::state::{self, Header, Phase, StateDir};
 use crate::stats::Stats;
 use crate::target::Target;
 use crate::units::{ChunkIndex, DEFAULT_CHUNK, Geometry};
+use crate::wal::{self, Change, Wal};
 
 /// Longest run of chunks one background fetch reads.
 pub const MAX_RUN: usize = 16;
@@ -93,6 +94,8 @@ pub struct Volume<S> {
     /// sparse), so zero chunks need no target write.
     sparse_target: bool,
     persist: tokio::sync::Mutex<()>,
+    /// Log of in-place changes to present chunks (see `wal`).
+    wal: Wal,
     pub stats: Stats,
     /// Foreground fetches in flight; the hydrator yields while nonzero.
     fg_active: AtomicUsize,
@@ -221,6 +224,25 @@ impl<S: Source> Volume<S> {
             });
         }
         let unclean = state.mark_running()?;
+        let state_io = |source| Error::StateIo {
+            dir: opts.state_dir.clone(),
+            source,
+        };
+        if unclean {
+            // Make every logged in-place change whole before anything else
+            // looks at the target.
+            let n = wal::replay(&opts.state_dir, &target)
+                .await
+                .map_err(state_io)?;
+            if n > 0 {
+                tracing::warn!(
+                    "replayed {n} logged in-place changes cut short by the unclean stop"
+                );
+            }
+        } else {
+            wal::remove_all(&opts.state_dir).map_err(state_io)?;
+        }
+        let wal = Wal::open(&opts.state_dir).map_err(state_io)?;
         let volume = Arc::new(Volume {
             geometry: header.geometry(),
             source,
@@ -231,6 +253,7 @@ impl<S: Source> Volume<S> {
             sparse_target: header.target.created_sparse,
             header: Mutex::new(header),
             persist: tokio::sync::Mutex::new(()),
+            wal,
             stats: Stats::default(),
             fg_active: AtomicUsize::new(0),
             readahead: Mutex::new(Readahead::default()),
@@ -485,6 +508,18 @@ impl<S: Source> Volume<S> {
         Ok(Fetched::Data(data))
     }
 
+    fn wal_error(&self, source: std::io::Error) -> Error {
+        Error::PersistMap {
+            dir: self.state.path().to_path_buf(),
+            source,
+        }
+    }
+
+    /// Bytes in the current generation of the write-ahead log.
+    pub fn wal_len(&self) -> u64 {
+        self.wal.len()
+    }
+
     fn target_error(&self, index: ChunkIndex, source: std::io::Error) -> Error {
         Stats::add(&self.stats.target_errors, 1);
         Error::WriteTarget { index, source }
@@ -502,14 +537,27 @@ impl<S: Source> Volume<S> {
     /// target is only touched where it may hold something else: a target we
     /// did not create sparse, a chunk that held data, or `allocate`.
     async fn store_zero(&self, run: Range<u64>, written: bool, allocate: bool) -> Result<()> {
-        let needs_target = !self.sparse_target
-            || allocate
-            || run
-                .clone()
-                .any(|i| self.map.state(ChunkIndex(i)) != ChunkState::Absent);
-        if needs_target {
+        let any_present = run
+            .clone()
+            .any(|i| self.map.state(ChunkIndex(i)) != ChunkState::Absent);
+        if !self.sparse_target || allocate || any_present {
             let s = self.geometry.bytes(ChunkIndex(run.start)).start;
             let e = self.geometry.bytes(ChunkIndex(run.end - 1)).end;
+            // Zeroing a present chunk changes it in place: log it first.
+            let _logged = match any_present {
+                true => Some(self.wal.hold().await),
+                false => None,
+            };
+            if any_present {
+                let change = Change::Zero {
+                    len: e - s,
+                    allocate,
+                };
+                self.wal
+                    .log(s, change)
+                    .await
+                    .map_err(|source| self.wal_error(source))?;
+            }
             self.target
                 .zero(s, e - s, allocate)
                 .await
@@ -554,6 +602,11 @@ impl<S: Source> Volume<S> {
             // The target holds the chunk (data, or zeros for a zero chunk):
             // write in place.
             ChunkState::Data | ChunkState::Zero => {
+                let _logged = self.wal.hold().await;
+                self.wal
+                    .log(offset, Change::Write(&data))
+                    .await
+                    .map_err(|source| self.wal_error(source))?;
                 self.target
                     .write_at(offset, data)
                     .await
@@ -675,6 +728,15 @@ impl<S: Source> Volume<S> {
             match self.map.state(c) {
                 ChunkState::Zero => self.mark(c, ChunkState::Zero, true),
                 ChunkState::Data => {
+                    let _logged = self.wal.hold().await;
+                    let change = Change::Zero {
+                        len: e - s,
+                        allocate: true,
+                    };
+                    self.wal
+                        .log(s, change)
+                        .await
+                        .map_err(|source| self.wal_error(source))?;
                     self.target
                         .zero(s, e - s, true)
                         .await
@@ -713,6 +775,13 @@ impl<S: Source> Volume<S> {
     /// map entries that describe it (invariant 3; order in `state`).
     pub async fn flush(&self) -> Result<()> {
         let _one_at_a_time = self.persist.lock().await;
+        // Every in-place change logged so far reaches the target before the
+        // sync below; the log that covers them can go once it is done.
+        let retired = self
+            .wal
+            .rotate()
+            .await
+            .map_err(|source| self.wal_error(source))?;
         let entries = self.state.take_pending();
         let snapshot = (self.state.journal_len() > state::CHECKPOINT_AFTER)
             .then(|| state::map_bytes(&self.map));
@@ -738,6 +807,9 @@ impl<S: Source> Volume<S> {
             dir: self.state.path().to_path_buf(),
             source: std::io::Error::other(e),
         })??;
+        self.wal
+            .remove(retired)
+            .map_err(|source| self.wal_error(source))?;
         if checkpointed {
             self.save_totals().await?;
         }

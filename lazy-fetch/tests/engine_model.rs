@@ -354,3 +354,52 @@ async fn a_different_target_or_chunk_size_is_refused() {
     let e = Volume::open(source, &opts).await.err().expect("refused");
     assert!(e.to_string().contains("source"), "{e}");
 }
+
+#[tokio::test]
+async fn an_in_place_write_torn_by_a_crash_is_made_whole_by_the_log() {
+    use std::os::unix::fs::FileExt;
+    let mut rng = Rng(4242);
+    let f = Fixture::new(&mut rng, 16);
+    let v = f.open().await;
+    // A chunk with data, present and durable; then an unflushed in-place
+    // write to it.
+    let c = (0..16u64)
+        .find(|&c| {
+            f.model[(c * CHUNK) as usize..((c + 1) * CHUNK) as usize]
+                .iter()
+                .any(|&b| b != 0)
+        })
+        .expect("the fixture has data chunks");
+    v.fetch_run_from(ChunkIndex(c), 1, Class::Background)
+        .await
+        .unwrap();
+    assert_eq!(v.map().state(ChunkIndex(c)), ChunkState::Data);
+    v.flush().await.unwrap();
+    let at = c * CHUNK + 100;
+    let new = rng.bytes(3000);
+    v.write(at, new.clone(), false).await.unwrap();
+    // The process dies mid-pwrite: the second half never reached the target.
+    let old = f.model[(at + 1500) as usize..(at + 3000) as usize].to_vec();
+    let t = std::fs::OpenOptions::new()
+        .write(true)
+        .open(f.path("tgt"))
+        .unwrap();
+    t.write_all_at(&old, at + 1500).unwrap();
+    v.idle().await;
+    drop(v);
+    let v = f.open().await;
+    assert!(
+        read_all(&v, at, 3000).await == new,
+        "the logged write must be whole"
+    );
+    let mut expect = f.model.clone();
+    expect[at as usize..(at + 3000) as usize].copy_from_slice(&new);
+    let size = expect.len() as u64;
+    hydrate::run(
+        v.clone(),
+        hydrate::Options::default(),
+        std::future::pending(),
+    )
+    .await;
+    assert!(read_all(&v, 0, size).await == expect);
+}

@@ -1,0 +1,295 @@
+//! The write-ahead log of in-place changes to present chunks.
+//!
+//! Why: a client write to a chunk the target already holds goes in place.
+//! If the process dies in the middle of that `pwrite` (SIGKILL is checked
+//! between pages of a buffered write), the chunk would hold part old, part
+//! new bytes, which invariant 3 forbids even for unflushed writes. Writes
+//! to absent or zero chunks need no log: recovery (see `volume`) returns
+//! them to "old" as a whole.
+//!
+//! How: every change to a present chunk (a write, zeroing part of it,
+//! trimming it) first appends a checksummed record (the bytes, or "zeros")
+//! to `wal.<generation>` in the state directory, then changes the target.
+//! Appends are serialized, so only the last record can be torn, and its
+//! in-place change never started. After an unclean stop every complete
+//! record of every generation left is replayed in order, which makes each
+//! logged change whole (all new); a torn one stays all old. Because every
+//! in-place change is logged, replaying an older generation followed by the
+//! newer ones is always safe: any later change to the same bytes is
+//! replayed after it.
+//!
+//! Lifetime: [`Wal::rotate`] (at the start of a flush) waits until no change
+//! is between its log record and its target write, then starts a new
+//! generation; once the flush has synced the target, the old file is
+//! removed (usually before the kernel ever wrote it back). The log needs no
+//! fsync: it guards against the process dying, and after a power loss the
+//! unflushed writes it covers may be lost anyway (NBD semantics).
+//!
+//! Ownership: writers hold a read guard from before their append until
+//! their target change is done; `rotate` takes the write guard.
+
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::{RwLock, RwLockReadGuard};
+
+use crate::target::Target;
+
+const RECORD_MAGIC: u32 = 0x5752_4543; // "WREC"
+const HEADER_LEN: usize = 4 + 1 + 8 + 4;
+const HASH_LEN: usize = 16;
+
+/// What a record does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Change<'a> {
+    Write(&'a [u8]),
+    Zero { len: u64, allocate: bool },
+}
+
+#[derive(Debug)]
+struct Current {
+    file: Arc<File>,
+    generation: u64,
+}
+
+/// A change is between its log record and its target write.
+pub struct Held<'a>(#[allow(dead_code)] RwLockReadGuard<'a, Current>);
+
+#[derive(Debug)]
+pub struct Wal {
+    dir: PathBuf,
+    current: RwLock<Current>,
+    /// Append position of the current file; serializes appends.
+    end: Arc<Mutex<u64>>,
+}
+
+fn name(generation: u64) -> String {
+    format!("wal.{generation}")
+}
+
+/// The generations present in `dir`, oldest first.
+fn generations(dir: &Path) -> io::Result<Vec<u64>> {
+    let mut g: Vec<u64> = fs::read_dir(dir)?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            e.file_name()
+                .to_str()
+                .and_then(|n| n.strip_prefix("wal."))
+                .and_then(|n| n.parse().ok())
+        })
+        .collect();
+    g.sort_unstable();
+    Ok(g)
+}
+
+fn hash16(parts: &[&[u8]]) -> [u8; HASH_LEN] {
+    let mut h = blake3::Hasher::new();
+    for p in parts {
+        h.update(p);
+    }
+    let mut out = [0u8; HASH_LEN];
+    out.copy_from_slice(&h.finalize().as_bytes()[..HASH_LEN]);
+    out
+}
+
+fn encode(offset: u64, change: Change<'_>) -> Vec<u8> {
+    let (kind, len, data): (u8, u64, &[u8]) = match change {
+        Change::Write(d) => (0, d.len() as u64, d),
+        Change::Zero { len, allocate } => (1 + u8::from(allocate), len, &[]),
+    };
+    let mut v = Vec::with_capacity(HEADER_LEN + data.len() + HASH_LEN);
+    v.extend_from_slice(&RECORD_MAGIC.to_le_bytes());
+    v.push(kind);
+    v.extend_from_slice(&offset.to_le_bytes());
+    v.extend_from_slice(&(len as u32).to_le_bytes());
+    v.extend_from_slice(data);
+    let h = hash16(&[&v]);
+    v.extend_from_slice(&h);
+    v
+}
+
+impl Wal {
+    /// Start a new log in `dir` after any generation already there (which
+    /// the caller has replayed or chosen to ignore, then [`Wal::clear`]s).
+    pub fn open(dir: &Path) -> io::Result<Wal> {
+        let generation = generations(dir)?.last().map_or(1, |g| g + 1);
+        let file = Self::create(dir, generation)?;
+        Ok(Wal {
+            dir: dir.to_path_buf(),
+            current: RwLock::new(Current {
+                file: Arc::new(file),
+                generation,
+            }),
+            end: Arc::new(Mutex::new(0)),
+        })
+    }
+
+    fn create(dir: &Path, generation: u64) -> io::Result<File> {
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(dir.join(name(generation)))
+    }
+
+    /// Hold this from before [`Wal::log`] until the target change is done.
+    pub async fn hold(&self) -> Held<'_> {
+        Held(self.current.read().await)
+    }
+
+    /// Append a record for `change` at `offset` (blocking I/O on the pool).
+    pub async fn log(&self, offset: u64, change: Change<'_>) -> io::Result<()> {
+        let record = encode(offset, change);
+        let file = self.current.read().await.file.clone();
+        let end = self.end.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut at = end.lock().expect("poisoned");
+            file.write_all_at(&record, *at)?;
+            *at += record.len() as u64;
+            Ok(())
+        })
+        .await
+        .map_err(io::Error::other)?
+    }
+
+    /// Bytes in the current generation.
+    pub fn len(&self) -> u64 {
+        *self.end.lock().expect("poisoned")
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Wait for every logged change to reach the target, then start a new
+    /// generation. Returns the old one, to [`Wal::remove`] once the target
+    /// is synced.
+    pub async fn rotate(&self) -> io::Result<u64> {
+        let mut cur = self.current.write().await;
+        let old = cur.generation;
+        let file = Self::create(&self.dir, old + 1)?;
+        *cur = Current {
+            file: Arc::new(file),
+            generation: old + 1,
+        };
+        *self.end.lock().expect("poisoned") = 0;
+        Ok(old)
+    }
+
+    /// Remove generations up to `upto` (their changes are durable).
+    pub fn remove(&self, upto: u64) -> io::Result<()> {
+        for g in generations(&self.dir)? {
+            if g <= upto {
+                match fs::remove_file(self.dir.join(name(g))) {
+                    Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                    _ => {}
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Replay every complete record of every generation in `dir`, oldest first,
+/// onto `target`, then remove the files. Returns the number of records.
+pub async fn replay(dir: &Path, target: &Target) -> io::Result<u64> {
+    let mut n = 0;
+    for g in generations(dir)? {
+        let path = dir.join(name(g));
+        let bytes = fs::read(&path)?;
+        let mut at = 0usize;
+        while let Some((offset, change, next)) = parse(&bytes, at) {
+            match change {
+                Change::Write(data) => {
+                    target.write_at(offset, data.to_vec()).await?;
+                }
+                Change::Zero { len, allocate } => target.zero(offset, len, allocate).await?,
+            }
+            n += 1;
+            at = next;
+        }
+        if at < bytes.len() {
+            tracing::info!(
+                "{}: the last change ({} bytes) was torn before it reached the target; it is dropped",
+                path.display(),
+                bytes.len() - at
+            );
+        }
+    }
+    if n > 0 {
+        target.sync().await?;
+    }
+    remove_all(dir)?;
+    Ok(n)
+}
+
+/// Remove every generation in `dir` (after a clean stop they hold nothing
+/// the target lacks).
+pub fn remove_all(dir: &Path) -> io::Result<()> {
+    for g in generations(dir)? {
+        fs::remove_file(dir.join(name(g)))?;
+    }
+    Ok(())
+}
+
+fn parse(bytes: &[u8], at: usize) -> Option<(u64, Change<'_>, usize)> {
+    let h = bytes.get(at..at + HEADER_LEN)?;
+    if u32::from_le_bytes(h[0..4].try_into().ok()?) != RECORD_MAGIC {
+        return None;
+    }
+    let kind = h[4];
+    let offset = u64::from_le_bytes(h[5..13].try_into().ok()?);
+    let len = u64::from(u32::from_le_bytes(h[13..17].try_into().ok()?));
+    let data_len = if kind == 0 { len as usize } else { 0 };
+    let body_end = at + HEADER_LEN + data_len;
+    let hash = bytes.get(body_end..body_end + HASH_LEN)?;
+    if hash16(&[&bytes[at..body_end]]) != hash {
+        return None;
+    }
+    let change = match kind {
+        0 => Change::Write(&bytes[at + HEADER_LEN..body_end]),
+        1 | 2 => Change::Zero {
+            len,
+            allocate: kind == 2,
+        },
+        _ => return None,
+    };
+    Some((offset, change, body_end + HASH_LEN))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_round_trip_and_a_torn_one_is_not_parsed() {
+        let mut bytes = encode(100, Change::Write(b"hello"));
+        bytes.extend(encode(
+            7,
+            Change::Zero {
+                len: 4096,
+                allocate: true,
+            },
+        ));
+        let (off, c, next) = parse(&bytes, 0).unwrap();
+        assert_eq!((off, c), (100, Change::Write(b"hello")));
+        let (off, c, end) = parse(&bytes, next).unwrap();
+        assert_eq!(
+            (off, c),
+            (
+                7,
+                Change::Zero {
+                    len: 4096,
+                    allocate: true
+                }
+            )
+        );
+        assert_eq!(end, bytes.len());
+        bytes.truncate(bytes.len() - 1);
+        assert!(parse(&bytes, next).is_none());
+    }
+}
