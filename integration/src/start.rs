@@ -419,13 +419,11 @@ impl LoopDevice {
             Command::new(losetup).args(["--find", "--show"]).arg(file),
             Duration::from_secs(30),
         );
-        let path = PathBuf::from(out.stdout_lossy().trim());
-        assert!(
-            path.starts_with("/dev/loop"),
-            "losetup printed {:?}",
-            out.stdout_lossy()
-        );
-        LoopDevice { path }
+        let name = out.stdout_lossy().trim().to_owned();
+        assert!(name.starts_with("/dev/loop"), "losetup printed {name:?}");
+        LoopDevice {
+            path: PathBuf::from(name),
+        }
     }
 }
 
