@@ -105,7 +105,7 @@ fn zero_extents_are_really_zero() {
     let dir = tempfile::tempdir().unwrap();
     let img = mixed_image(dir.path());
     let start = Start::new(&img.path, dir.path().join("target.img"), dir.path()).no_hydrate(true);
-    let mut running = start.spawn();
+    let running = start.spawn();
     let mut model = img.expected_all();
 
     // Fresh: the source's holes must show, and read as zeros.
