@@ -21,6 +21,34 @@ pub const SCHEMA: u32 = 1;
 #[serde(tag = "cmd", rename_all = "snake_case")]
 pub enum Request {
     Status,
+    /// For `stream finalize`: hydrate the rest at full speed, wait for the
+    /// clients to go (or drop them with `force`), then stop serving and
+    /// exit, leaving the state saved and unlocked. Answered with event
+    /// lines ([`Event`]) ending in `stopping` or `error`.
+    Handover {
+        force: bool,
+        timeout_secs: Option<u64>,
+    },
+}
+
+/// Progress lines of a handover.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Event {
+    Hydrating {
+        bytes_present: u64,
+        size: u64,
+        rate: f64,
+    },
+    WaitingForClients {
+        connected: usize,
+    },
+    Stopping {
+        pid: u32,
+    },
+    Error {
+        message: String,
+    },
 }
 
 /// The `status` reply.
@@ -58,13 +86,18 @@ impl RateMeter {
     }
 }
 
-/// Everything the control server reports on.
+/// Everything the control server reports on and acts on.
 pub struct Context_<S> {
     pub volume: Arc<Volume<S>>,
     pub export_uri: String,
     pub clients: Arc<dyn Fn() -> usize + Send + Sync>,
     pub rate: RateMeter,
+    pub hydration: lazy_fetch::hydrate::Options,
+    pub shutdown: nbd_server::Shutdown,
 }
+
+/// Hydration that makes no progress this long cannot finish.
+const STALL: Duration = Duration::from_secs(60);
 
 pub fn status_reply<S: Source>(ctx: &Context_<S>) -> StatusReply {
     let st = ctx.volume.status();
@@ -122,10 +155,101 @@ async fn handle<S: Source>(stream: UnixStream, ctx: &Context_<S>) -> anyhow::Res
     .context("no request")??;
     let reply = match serde_json::from_str::<Request>(line.trim()) {
         Ok(Request::Status) => serde_json::to_string(&status_reply(ctx))?,
+        Ok(Request::Handover {
+            force,
+            timeout_secs,
+        }) => return handover(ctx, force, timeout_secs.map(Duration::from_secs), &mut wr).await,
         Err(e) => serde_json::json!({ "schema": SCHEMA, "error": e.to_string() }).to_string(),
     };
     wr.write_all(reply.as_bytes()).await?;
     wr.write_all(b"\n").await?;
+    Ok(())
+}
+
+async fn send<W: tokio::io::AsyncWrite + Unpin>(wr: &mut W, e: &Event) -> anyhow::Result<()> {
+    wr.write_all(serde_json::to_string(e)?.as_bytes()).await?;
+    wr.write_all(b"\n").await?;
+    Ok(())
+}
+
+async fn handover<S: Source, W: tokio::io::AsyncWrite + Unpin>(
+    ctx: &Context_<S>,
+    force: bool,
+    timeout: Option<Duration>,
+    wr: &mut W,
+) -> anyhow::Result<()> {
+    use std::sync::atomic::Ordering;
+    let deadline = timeout.map(|t| Instant::now() + t);
+    let expired = || deadline.is_some_and(|d| Instant::now() > d);
+    ctx.hydration.rate_limit.store(0, Ordering::Relaxed);
+    ctx.hydration.enabled.store(true, Ordering::Relaxed);
+    tracing::info!("finalize: hydrating the rest at full speed");
+    let mut last = (Instant::now(), 0u64);
+    loop {
+        let st = ctx.volume.status();
+        if st.hydration_complete {
+            break;
+        }
+        if st.bytes_present > last.1 {
+            last = (Instant::now(), st.bytes_present);
+        }
+        let rate = ctx.rate.sample(st.bytes_present);
+        send(
+            wr,
+            &Event::Hydrating {
+                bytes_present: st.bytes_present,
+                size: st.size,
+                rate,
+            },
+        )
+        .await?;
+        if last.0.elapsed() > STALL || expired() {
+            let message = format!(
+                "hydration cannot finish: {} of {} chunks are still missing ({} bytes) and \
+                 {}; source {} is {:?}. The migration keeps serving; run finalize again once \
+                 the source is reachable",
+                st.chunks_total - st.chunks_present,
+                st.chunks_total,
+                st.size - st.bytes_present,
+                if expired() {
+                    "the --timeout expired".to_string()
+                } else {
+                    format!("nothing arrived for {STALL:?}")
+                },
+                st.source,
+                st.source_health,
+            );
+            send(wr, &Event::Error { message }).await?;
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    loop {
+        let connected = (ctx.clients)();
+        if connected == 0 || force {
+            break;
+        }
+        send(wr, &Event::WaitingForClients { connected }).await?;
+        if expired() {
+            let message = format!(
+                "{connected} NBD client(s) still connected to {}: shut the instance down \
+                 (or use --force to disconnect them); the migration keeps serving",
+                ctx.export_uri
+            );
+            send(wr, &Event::Error { message }).await?;
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    tracing::info!("finalize: stopping to hand the volume over");
+    send(
+        wr,
+        &Event::Stopping {
+            pid: std::process::id(),
+        },
+    )
+    .await?;
+    ctx.shutdown.trigger();
     Ok(())
 }
 

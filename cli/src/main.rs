@@ -9,11 +9,13 @@
 //! - `start`: `stream start`, a `lazy_fetch::Volume` served by the NBD server,
 //!   hydrated in the background, with a control socket (`control`).
 //! - `status`: `stream status`, asks that control socket.
+//! - `finalize`: `stream finalize` and `stream verify`, the end of a migration.
 //! - `demo`: `stream demo`, the whole job on a generated disk.
 
 mod control;
 mod demo;
 mod export;
+mod finalize;
 mod start;
 mod status;
 
@@ -57,6 +59,17 @@ enum Command {
     Start(start::StartArgs),
     /// Show the progress of a running migration.
     Status(status::StatusArgs),
+    /// Finish a migration: hydrate the rest, write the manifest, optionally
+    /// verify, and hand the target over as native storage.
+    ///
+    /// Talks to the running `stream start` of the state directory (it hands
+    /// the volume over once hydrated and once its clients are gone), or does
+    /// the work itself when none runs. Re-runnable: an interrupted finalize
+    /// resumes where it stopped. Prints the native path to boot from.
+    Finalize(finalize::FinalizeArgs),
+    /// Re-read source and target and compare every chunk no client wrote,
+    /// and check the chunks clients wrote against the manifest.
+    Verify(finalize::VerifyArgs),
     /// Run the whole job on a small generated disk on this machine: export,
     /// stream, read and write at once, hydrate, check the copy.
     Demo(demo::DemoArgs),
@@ -84,6 +97,8 @@ fn main() -> ExitCode {
             Command::Start(args) => start::run(args).await,
             Command::Status(args) => status::run(args).await,
             Command::Demo(args) => demo::run(args).await,
+            Command::Finalize(args) => finalize::run(args).await,
+            Command::Verify(args) => finalize::verify(args).await,
         }
     });
     match result {

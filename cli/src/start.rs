@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use lazy_fetch::frontend::VolumeDevice;
+use lazy_fetch::source::nbd::{NbdOptions, NbdSource};
 use lazy_fetch::source::{AnySource, file::FileSource};
 use lazy_fetch::state::{self, StateDir};
 use lazy_fetch::units::parse_size;
@@ -62,17 +63,37 @@ pub async fn run(args: StartArgs) -> anyhow::Result<()> {
         .state
         .clone()
         .unwrap_or_else(|| state::default_dir(&args.target));
-    let source = open_source(&args.source).await?;
+    let expected = StateDir::exists(&state_dir)
+        .then(|| StateDir::read_header(&state_dir).ok())
+        .flatten()
+        .map(|h| h.source.size);
+    let source = open_source(&args.source, expected).await?;
     let volume = Volume::open(
         source,
         &OpenOptions {
             target: args.target.clone(),
             state_dir: state_dir.clone(),
             chunk_size: args.chunk_size,
+            allow_finalized: false,
+            serving: true,
         },
     )
     .await
     .with_context(|| format!("cannot start the migration in {}", state_dir.display()))?;
+
+    if volume.header().phase == state::Phase::Finalizing {
+        volume.update_header(|h| {
+            h.phase = state::Phase::Streaming;
+            if let Some(f) = h.finalize.as_mut() {
+                f.manifest_written = false;
+                f.verified = false;
+            }
+        })?;
+        tracing::warn!(
+            "an interrupted `stream finalize` is undone: the volume is served again and \
+             clients may write, so run finalize again when the instance is ready to switch"
+        );
+    }
 
     let listener = match &args.socket {
         Some(path) => Listener::bind_unix(path)?,
@@ -87,6 +108,10 @@ pub async fn run(args: StartArgs) -> anyhow::Result<()> {
     let shutdown = Shutdown::new();
     crate::shutdown_on_signals(shutdown.clone())?;
 
+    let hydration = hydrate::Options::limited(args.rate_limit);
+    hydration
+        .enabled
+        .store(!args.no_hydrate, std::sync::atomic::Ordering::Relaxed);
     let control_listener = control::bind(&state::control_socket(&state_dir))?;
     let counted = server.clone();
     let ctx = Arc::new(control::Context_ {
@@ -94,20 +119,17 @@ pub async fn run(args: StartArgs) -> anyhow::Result<()> {
         export_uri: uri.clone(),
         clients: Arc::new(move || counted.connected_clients()),
         rate: control::RateMeter::default(),
+        hydration: hydration.clone(),
+        shutdown: shutdown.clone(),
     });
     let control_task = tokio::spawn(control::serve(control_listener, ctx));
     let persister = tokio::spawn(persist_periodically(volume.clone()));
-    let hydrator = (!args.no_hydrate).then(|| {
+    let hydrator = {
         let stop = shutdown.clone();
-        tokio::spawn(hydrate::run(
-            volume.clone(),
-            hydrate::Options {
-                rate_limit: args.rate_limit,
-                ..Default::default()
-            },
-            async move { stop.wait().await },
-        ))
-    });
+        tokio::spawn(hydrate::run(volume.clone(), hydration, async move {
+            stop.wait().await
+        }))
+    };
 
     let st = volume.status();
     tracing::info!(
@@ -125,9 +147,7 @@ pub async fn run(args: StartArgs) -> anyhow::Result<()> {
     }
 
     server.serve(listener, shutdown.clone()).await?;
-    if let Some(h) = hydrator {
-        let _ = h.await;
-    }
+    let _ = hydrator.await;
     persister.abort();
     control_task.abort();
     let _ = std::fs::remove_file(state::control_socket(&state_dir));
@@ -144,9 +164,17 @@ pub async fn run(args: StartArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn open_source(spec: &str) -> anyhow::Result<AnySource> {
+/// The source named on the command line (or recorded in a state header):
+/// an NBD URI or a local path. `expected_size` is the size a resumed
+/// migration recorded; an NBD source is then connected in the background.
+pub async fn open_source(spec: &str, expected_size: Option<u64>) -> anyhow::Result<AnySource> {
     if spec.contains("://") {
-        anyhow::bail!("NBD sources are not wired in yet: {spec}");
+        let opts = NbdOptions::default();
+        let source = match expected_size {
+            Some(size) => NbdSource::lazy(spec, size, opts)?,
+            None => NbdSource::connect(spec, opts).await?,
+        };
+        return Ok(AnySource::Nbd(source));
     }
     let path = PathBuf::from(spec);
     Ok(AnySource::File(FileSource::open(&path).with_context(

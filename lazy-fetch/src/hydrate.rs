@@ -14,6 +14,7 @@
 //! source pauses hydration without stopping the server.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::task::JoinSet;
@@ -24,17 +25,31 @@ use crate::volume::{MAX_RUN, Volume};
 
 #[derive(Clone, Debug)]
 pub struct Options {
-    /// Bytes per second, `None` for unlimited.
-    pub rate_limit: Option<u64>,
+    /// Bytes per second, 0 for unlimited. Shared so it can change while
+    /// hydration runs (`stream finalize` lifts it).
+    pub rate_limit: Arc<AtomicU64>,
     /// Runs in flight when there is no foreground load.
     pub workers: usize,
+    /// Hydrate at all (`--no-hydrate` starts with this off; finalize turns
+    /// it on).
+    pub enabled: Arc<AtomicBool>,
+}
+
+impl Options {
+    pub fn limited(bytes_per_sec: Option<u64>) -> Options {
+        Options {
+            rate_limit: Arc::new(AtomicU64::new(bytes_per_sec.unwrap_or(0))),
+            ..Default::default()
+        }
+    }
 }
 
 impl Default for Options {
     fn default() -> Self {
         Options {
-            rate_limit: None,
+            rate_limit: Arc::new(AtomicU64::new(0)),
             workers: 4,
+            enabled: Arc::new(AtomicBool::new(true)),
         }
     }
 }
@@ -90,7 +105,7 @@ pub async fn run<S: Source>(
 
 async fn hydrate<S: Source>(volume: Arc<Volume<S>>, opts: Options) {
     let g = volume.geometry();
-    let mut bucket = opts.rate_limit.map(Bucket::new);
+    let mut bucket: Option<Bucket> = None;
     let mut cursor = 0u64;
     let mut holes_known_until = 0u64;
     let mut backoff = Duration::from_secs(1);
@@ -99,6 +114,10 @@ async fn hydrate<S: Source>(volume: Arc<Volume<S>>, opts: Options) {
     loop {
         if volume.map().is_complete() {
             break;
+        }
+        if !opts.enabled.load(Ordering::Relaxed) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
         }
         let Some(c) = volume
             .map()
@@ -139,6 +158,10 @@ async fn hydrate<S: Source>(volume: Arc<Volume<S>>, opts: Options) {
             if let Some(r) = tasks.join_next().await {
                 backoff = settle(r, backoff).await;
             }
+        }
+        let rate = opts.rate_limit.load(Ordering::Relaxed);
+        if bucket.as_ref().map(|b| b.rate as u64) != Some(rate).filter(|&r| r > 0) {
+            bucket = (rate > 0).then(|| Bucket::new(rate));
         }
         if let Some(b) = bucket.as_mut() {
             let wait = b.take(run_bytes.min(g.size() - offset));

@@ -14,6 +14,8 @@
 //! - [`inflight`]: single-flight locks of the chunks being changed.
 //! - [`hydrate`]: the background pass that fetches every absent chunk,
 //!   rate-limited and yielding to foreground fetches.
+//! - [`manifest`]: blake3 of every chunk and of the disk at finalize, and
+//!   the verifier that compares the target with source and manifest.
 //! - [`state`]: the state directory: header, checkpoint, journal, lock; the
 //!   order that makes the map durable only after the data.
 //! - [`source`]: where chunks come from (`source/file.rs`, `source/nbd.rs`).
@@ -24,6 +26,7 @@ pub mod error;
 pub mod frontend;
 pub mod hydrate;
 pub mod inflight;
+pub mod manifest;
 pub mod presence;
 pub mod source;
 pub mod state;

@@ -106,6 +106,38 @@ pub struct Header {
     pub created_at: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub finalized_at: Option<u64>,
+    /// Progress of `stream finalize`, so an interrupted run resumes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finalize: Option<FinalizeRecord>,
+}
+
+/// What `stream finalize` has done so far. Steps are recorded after they
+/// complete; a step with an outside effect (the Cinder manage call) records
+/// its intent first, so a rerun looks before it calls again.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FinalizeRecord {
+    pub started_at: u64,
+    /// The manifest describes the target as it is now (cleared if the
+    /// volume is served again, since clients may write).
+    #[serde(default)]
+    pub manifest_written: bool,
+    #[serde(default)]
+    pub verified: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cinder: Option<CinderRecord>,
+}
+
+/// The Cinder manage-existing step.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CinderRecord {
+    /// `host@backend#pool` given to finalize.
+    pub host: String,
+    /// The LV name Cinder was asked to adopt.
+    pub source_name: String,
+    /// Name asked for the new volume.
+    pub volume_name: Option<String>,
+    /// Set once Cinder answered with the new volume.
+    pub volume_id: Option<String>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -688,6 +720,7 @@ mod tests {
             phase: Phase::Streaming,
             created_at: 0,
             finalized_at: None,
+            finalize: None,
         }
     }
 

@@ -69,12 +69,16 @@ pub const MAX_RUN: usize = 16;
 const MAX_READAHEAD: u64 = 32;
 
 /// How to open a volume.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct OpenOptions {
     pub target: PathBuf,
     pub state_dir: PathBuf,
     /// Required to match an existing state; the default for a new one.
     pub chunk_size: Option<u64>,
+    /// Open a finalized migration too (for `stream verify`; never to serve).
+    pub allow_finalized: bool,
+    /// Opened to serve clients (`stream start`), not to finish or check it.
+    pub serving: bool,
 }
 
 pub struct Volume<S> {
@@ -137,10 +141,20 @@ impl<S: Source> Volume<S> {
         let sid = source.id();
         let (state, header, map) = if StateDir::exists(&opts.state_dir) {
             let (state, header, map) = StateDir::open(&opts.state_dir)?;
-            if header.phase == Phase::Finalized {
+            if header.phase == Phase::Finalized && !opts.allow_finalized {
                 return Err(Error::Finalized {
                     dir: opts.state_dir.clone(),
                 });
+            }
+            let cinder = header.finalize.as_ref().and_then(|f| f.cinder.as_ref());
+            if let Some(c) = cinder
+                && opts.serving
+            {
+                return Err(Error::Invalid(format!(
+                    "finalize already handed the target to Cinder ({}); run `stream finalize` \
+                     again to complete it instead of serving the volume",
+                    c.volume_id.as_deref().unwrap_or("manage call in progress")
+                )));
             }
             if let Some(cs) = opts.chunk_size.filter(|&cs| cs != header.chunk_size) {
                 return Err(Error::Mismatch {
@@ -183,6 +197,7 @@ impl<S: Source> Volume<S> {
                 phase: Phase::Streaming,
                 created_at: now_secs(),
                 finalized_at: None,
+                finalize: None,
             };
             let (state, map) = StateDir::create(&opts.state_dir, &header)?;
             (state, header, map)
@@ -261,14 +276,17 @@ impl<S: Source> Volume<S> {
         self.fg_active.load(Ordering::Relaxed)
     }
 
-    /// Change the phase recorded in the header.
-    pub fn set_phase(&self, phase: Phase) -> Result<()> {
+    /// Change the header (phase, finalize progress) and save it.
+    pub fn update_header(&self, f: impl FnOnce(&mut Header)) -> Result<Header> {
         let mut h = self.header.lock().expect("poisoned");
-        h.phase = phase;
-        if phase == Phase::Finalized {
-            h.finalized_at = Some(now_secs());
+        let mut new = h.clone();
+        f(&mut new);
+        if new.phase == Phase::Finalized && new.finalized_at.is_none() {
+            new.finalized_at = Some(now_secs());
         }
-        self.state.write_header(&h)
+        self.state.write_header(&new)?;
+        *h = new.clone();
+        Ok(new)
     }
 
     /// Make the map consistent with the target after an unclean stop (see

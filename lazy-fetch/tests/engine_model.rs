@@ -81,6 +81,7 @@ impl Fixture {
                 target: self.path("tgt"),
                 state_dir: self.path("state"),
                 chunk_size: Some(CHUNK),
+                ..Default::default()
             },
         )
         .await
@@ -220,10 +221,7 @@ async fn client_writes_racing_the_hydrator_are_never_overwritten() {
         let v = f.open().await;
         let hydrator = tokio::spawn(hydrate::run(
             v.clone(),
-            hydrate::Options {
-                rate_limit: Some(2 << 20),
-                workers: 4,
-            },
+            hydrate::Options::limited(Some(2 << 20)),
             std::future::pending(),
         ));
         for _ in 0..300 {
@@ -332,6 +330,7 @@ async fn a_different_target_or_chunk_size_is_refused() {
             target: target.to_path_buf(),
             state_dir: f.path("state"),
             chunk_size: Some(chunk),
+            ..Default::default()
         };
         async move { Volume::open(source, &opts).await }
     };
@@ -350,6 +349,7 @@ async fn a_different_target_or_chunk_size_is_refused() {
         target: f.path("tgt"),
         state_dir: f.path("state"),
         chunk_size: None,
+        ..Default::default()
     };
     let e = Volume::open(source, &opts).await.err().expect("refused");
     assert!(e.to_string().contains("source"), "{e}");

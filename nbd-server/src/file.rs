@@ -238,10 +238,30 @@ impl Inner {
         Ok(runs)
     }
 
+    /// Whether `[off, end)` lies in one data extent, remembering the whole
+    /// extent (not clipped to this request) so later reads inside it skip
+    /// the lookup: on a fully allocated file one lookup serves every read.
+    fn all_data(&self, off: u64, end: u64) -> io::Result<bool> {
+        if self.block_device {
+            return Ok(true);
+        }
+        let (ks, ke) = *self.known_data.lock().expect("poisoned");
+        if ks <= off && end <= ke {
+            return Ok(true);
+        }
+        if seek(&self.file, off, libc::SEEK_DATA)? != Some(off) {
+            return Ok(false);
+        }
+        let hole = seek(&self.file, off, libc::SEEK_HOLE)?.unwrap_or(self.size);
+        if hole > off {
+            *self.known_data.lock().expect("poisoned") = (off, hole);
+        }
+        Ok(end <= hole)
+    }
+
     fn read(&self, off: u64, len: u64) -> io::Result<Vec<Piece>> {
         let end = off + len;
-        let (ks, ke) = *self.known_data.lock().expect("poisoned");
-        let runs = if self.block_device || (ks <= off && end <= ke) {
+        let runs = if self.all_data(off, end)? {
             vec![(off, end, true)]
         } else {
             self.map(off, end, usize::MAX)?

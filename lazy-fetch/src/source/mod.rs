@@ -62,30 +62,35 @@ pub trait Source: Send + Sync + 'static {
 /// Any source `stream start` can be given.
 pub enum AnySource {
     File(file::FileSource),
+    Nbd(nbd::NbdSource),
 }
 
 impl Source for AnySource {
     fn id(&self) -> SourceId {
         match self {
             AnySource::File(s) => s.id(),
+            AnySource::Nbd(s) => s.id(),
         }
     }
 
     async fn read(&self, offset: u64, len: usize, class: Class) -> io::Result<Vec<u8>> {
         match self {
             AnySource::File(s) => s.read(offset, len, class).await,
+            AnySource::Nbd(s) => s.read(offset, len, class).await,
         }
     }
 
     async fn block_status(&self, offset: u64, len: u64) -> io::Result<Option<Vec<Extent>>> {
         match self {
             AnySource::File(s) => s.block_status(offset, len).await,
+            AnySource::Nbd(s) => s.block_status(offset, len).await,
         }
     }
 
     fn health(&self) -> Health {
         match self {
             AnySource::File(s) => s.health(),
+            AnySource::Nbd(s) => s.health(),
         }
     }
 }

@@ -1,0 +1,26 @@
+//! Benchmarks of `stream` against its peers (qemu-nbd, nbdkit).
+//!
+//! # Layout
+//!
+//! A measurement runs from a test file, through one NBD server under test,
+//! to fio's `nbd` engine as the client, with the server's CPU time read
+//! from `/proc` around each fio run:
+//!
+//! - [`testfile`]: the test file: pseudo-random, fully allocated, read once
+//!   so every server starts from the same hot page cache.
+//! - [`servers`]: how each server is started (unix socket or TCP), waited
+//!   for, and checked with `nbdinfo` before it is measured.
+//! - [`child`]: the guard that owns every child process: killed by PID and
+//!   reaped when dropped, so no server outlives the harness.
+//! - [`fio`]: one fio run and the parsing of its JSON report.
+//! - [`cpu`]: user + system CPU time of a process from `/proc/PID/stat`.
+//! - [`stats`], medians and ranges of repeated runs.
+//!
+//! The `export-bench` binary ties them together and prints the table.
+
+pub mod child;
+pub mod cpu;
+pub mod fio;
+pub mod servers;
+pub mod stats;
+pub mod testfile;
