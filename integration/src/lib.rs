@@ -11,6 +11,7 @@
 //! - [`binary`]: finds or builds the `stream` binary once per test process.
 //! - [`server`]: runs `stream export` on a temp unix socket or
 //!   `127.0.0.1:0`, reads the URI it prints, and kills it on drop.
+//! - [`proxy`]: a TCP proxy whose connections a test cuts at will.
 //! - [`start`]: runs `stream start` (again and again with the same
 //!   arguments, to resume), polls `stream status --json` with a deadline,
 //!   stops it with SIGTERM or SIGKILL; loop devices detached on drop.
@@ -25,6 +26,7 @@
 
 pub mod binary;
 pub mod image;
+pub mod proxy;
 pub mod server;
 pub mod start;
 pub mod tool;
