@@ -198,23 +198,26 @@ fn page_torn(base: u64, got: &[u8], new: &[u8], old: &[u8]) -> bool {
 /// neither (X), in 512-byte sectors (the absolute offset of each run).
 fn describe_mix(base: u64, got: &[u8], new: &[u8], old: &[u8]) -> String {
     let mut runs: Vec<(u64, u64, char)> = Vec::new();
-    for (i, ((g, n), o)) in got
-        .chunks(512)
-        .zip(new.chunks(512))
-        .zip(old.chunks(512))
-        .enumerate()
-    {
-        let c = match (g == n, g == o) {
+    let mut i = 0;
+    while i < got.len() {
+        // Sectors by absolute offset, so a run edge shows the real boundary.
+        let end = ((((base + i as u64) / 512 + 1) * 512 - base) as usize).min(got.len());
+        let r = i..end;
+        let c = match (
+            got[r.clone()] == new[r.clone()],
+            got[r.clone()] == old[r.clone()],
+        ) {
             (true, true) => '=',
             (true, false) => 'N',
             (false, true) => 'O',
             (false, false) => 'X',
         };
-        let at = base + (i * 512) as u64;
+        let (s, e) = (base + i as u64, base + end as u64);
         match runs.last_mut() {
-            Some(last) if last.2 == c => last.1 = at + g.len() as u64,
-            _ => runs.push((at, at + g.len() as u64, c)),
+            Some(last) if last.2 == c => last.1 = e,
+            _ => runs.push((s, e, c)),
         }
+        i = end;
     }
     runs.iter()
         .map(|(s, e, c)| format!("{c} {s}..{e}"))
