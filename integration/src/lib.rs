@@ -11,6 +11,10 @@
 //! - [`binary`]: finds or builds the `stream` binary once per test process.
 //! - [`server`]: runs `stream export` on a temp unix socket or
 //!   `127.0.0.1:0`, reads the URI it prints, and kills it on drop.
+//! - [`proxy`]: a TCP proxy whose connections a test cuts at will.
+//! - [`start`]: runs `stream start` (again and again with the same
+//!   arguments, to resume), polls `stream status --json` with a deadline,
+//!   stops it with SIGTERM or SIGKILL; loop devices detached on drop.
 //! - [`tool`]: the outside clients (nbdinfo, nbdcopy, qemu-img, qemu-io, fio,
 //!   python3 with libnbd): a clear panic naming the Debian package when one
 //!   is missing, and every run bounded by a deadline.
@@ -22,10 +26,13 @@
 
 pub mod binary;
 pub mod image;
+pub mod proxy;
 pub mod server;
+pub mod start;
 pub mod tool;
 pub mod wire;
 
 pub use image::{Region, SparseImage};
 pub use server::{Export, Server};
+pub use start::{LoopDevice, Running, Start};
 pub use tool::{require_tool, run, run_ok};
