@@ -55,6 +55,19 @@ pub struct FinalizeArgs {
     /// Print the result as JSON (schema in docs/status.md).
     #[arg(long)]
     json: bool,
+    /// Adopt the target LV into Cinder (LVM driver) on this
+    /// HOST@BACKEND#POOL with the manage-existing call; credentials from the
+    /// usual OS_* environment (OS_AUTH_URL, OS_USERNAME, OS_PASSWORD,
+    /// OS_PROJECT_NAME, domains, or OS_TOKEN).
+    #[arg(long, value_name = "HOST@BACKEND#POOL")]
+    cinder_manage: Option<String>,
+    /// Name of the Cinder volume [default: stream-LV]. A re-run finds the
+    /// volume by this name, so it never sends a second manage call.
+    #[arg(long, value_name = "NAME", requires = "cinder_manage")]
+    volume_name: Option<String>,
+    /// Mark the managed volume bootable.
+    #[arg(long, requires = "cinder_manage")]
+    bootable: bool,
 }
 
 #[derive(clap::Args)]
@@ -99,6 +112,9 @@ struct FinalizeReport {
     manifest: Manifest,
     #[serde(skip_serializing_if = "Option::is_none")]
     verify: Option<VerifyReport>,
+    /// The Cinder volume the target became, with --cinder-manage.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cinder_volume_id: Option<String>,
 }
 
 fn progress_line(json: bool, what: &str, done: u64, total: u64) {
@@ -253,9 +269,124 @@ pub async fn run(args: FinalizeArgs) -> anyhow::Result<()> {
     } else {
         None
     };
+    if let Some(host) = args.cinder_manage.clone() {
+        // Cinder refuses an LV that is open: every handle goes first.
+        volume.close().await?;
+        drop(volume);
+        let header = cinder_step(&dir, &header, host, &args).await?;
+        return report(&args, &header, manifest, verify);
+    }
     let header = volume.update_header(|h| h.phase = Phase::Finalized)?;
     volume.close().await?;
     report(&args, &header, manifest, verify)
+}
+
+/// Adopt the target LV into Cinder, in the order that makes a re-run safe
+/// (see `cinder`): look for the volume by name first (a lost answer to an
+/// earlier manage call), record the intent before calling, record the id
+/// once answered, wait until it is available, then mark the migration
+/// finalized.
+async fn cinder_step(
+    dir: &std::path::Path,
+    header: &Header,
+    host: String,
+    args: &FinalizeArgs,
+) -> anyhow::Result<Header> {
+    use crate::cinder;
+    let (state, mut h, _) = StateDir::open(dir)?;
+    let target = PathBuf::from(&header.target.path);
+    let size = header.size;
+    let recorded = h.finalize.as_ref().and_then(|f| f.cinder.clone());
+    let default_name = || {
+        format!(
+            "stream-{}",
+            target
+                .file_name()
+                .map(|n| n.to_string_lossy())
+                .unwrap_or_default()
+        )
+    };
+    let name = args
+        .volume_name
+        .clone()
+        .or_else(|| recorded.as_ref().and_then(|r| r.volume_name.clone()))
+        .unwrap_or_else(default_name);
+    let bootable = args.bootable;
+    let prior_id = recorded.as_ref().and_then(|r| r.volume_id.clone());
+    let save = |h: &Header| state.write_header(h);
+
+    let (client, found) = {
+        let name = name.clone();
+        tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+            let client = cinder::Client::from_env()?;
+            let found = match prior_id {
+                Some(id) => Some(client.volume(&id)?),
+                None => client.find_volume_by_name(&name)?,
+            };
+            Ok((Arc::new(client), found))
+        })
+        .await??
+    };
+    let volume = match found {
+        Some(v) => {
+            eprintln!(
+                "  Cinder already manages this volume as {} ({}); not calling manage again",
+                v.id,
+                v.name.as_deref().unwrap_or("unnamed")
+            );
+            v
+        }
+        None => {
+            let lv = {
+                let target = target.clone();
+                tokio::task::spawn_blocking(move || cinder::preflight_lv(&target, size)).await??
+            };
+            eprintln!(
+                "  asking Cinder at {} to manage LV {} on {host} as {name:?}",
+                client.endpoint(),
+                lv.full_name()
+            );
+            if let Some(f) = h.finalize.as_mut() {
+                f.cinder = Some(state::CinderRecord {
+                    host: host.clone(),
+                    source_name: lv.lv.clone(),
+                    volume_name: Some(name.clone()),
+                    volume_id: None,
+                });
+            }
+            save(&h)?;
+            let mut req = cinder::ManageRequest::new(host.clone(), lv.lv.clone(), name.clone());
+            req.bootable = bootable;
+            let client2 = client.clone();
+            tokio::task::spawn_blocking(move || client2.manage_existing(&req)).await??
+        }
+    };
+    if let Some(c) = h.finalize.as_mut().and_then(|f| f.cinder.as_mut()) {
+        c.volume_id = Some(volume.id.clone());
+    } else if let Some(f) = h.finalize.as_mut() {
+        f.cinder = Some(state::CinderRecord {
+            host,
+            source_name: String::new(),
+            volume_name: Some(name),
+            volume_id: Some(volume.id.clone()),
+        });
+    }
+    save(&h)?;
+    let id = volume.id.clone();
+    let ready = tokio::task::spawn_blocking(move || {
+        client.wait_available(&id, std::time::Duration::from_secs(600))
+    })
+    .await??;
+    eprintln!("  Cinder volume {} is {}", ready.id, ready.status);
+    h.phase = Phase::Finalized;
+    h.finalized_at.get_or_insert(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+    );
+    save(&h)?;
+    Ok(h)
 }
 
 /// Hydrate without a running `stream start`; fail, saying what is missing,
@@ -322,6 +453,11 @@ fn report(
     verify: Option<VerifyReport>,
 ) -> anyhow::Result<()> {
     let native = header.target.path.clone();
+    let cinder_volume_id = header
+        .finalize
+        .as_ref()
+        .and_then(|f| f.cinder.as_ref())
+        .and_then(|c| c.volume_id.clone());
     if args.json {
         let r = FinalizeReport {
             schema: crate::control::SCHEMA,
@@ -329,11 +465,17 @@ fn report(
             native_path: native,
             manifest,
             verify,
+            cinder_volume_id,
         };
         println!("{}", serde_json::to_string(&r)?);
         return Ok(());
     }
-    println!("finalized: boot the instance from {native}");
+    match &cinder_volume_id {
+        Some(id) => println!(
+            "finalized: the target is Cinder volume {id} now; boot the instance from it (its LV is renamed volume-{id})"
+        ),
+        None => println!("finalized: boot the instance from {native}"),
+    }
     println!(
         "  {} bytes, blake3 {}; {} chunks: {} fetched on demand, {} hydrated, {} written by clients, {} zero",
         manifest.size,

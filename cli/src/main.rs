@@ -12,8 +12,6 @@
 //! - `finalize`: `stream finalize` and `stream verify`, the end of a migration.
 //! - `demo`: `stream demo`, the whole job on a generated disk.
 
-// Not wired yet: `stream finalize --cinder-manage` will call it.
-#[allow(dead_code)]
 mod cinder;
 mod control;
 mod demo;

@@ -27,6 +27,7 @@ use super::{Error, Result};
 pub struct Secret(String);
 
 impl Secret {
+    #[cfg(test)]
     pub fn new(s: impl Into<String>) -> Self {
         Secret(s.into())
     }

@@ -184,6 +184,7 @@ impl Client {
     }
 
     /// How often [`Client::wait_available`] asks (default 2 s).
+    #[cfg(test)]
     pub fn with_poll_interval(mut self, interval: Duration) -> Self {
         self.poll_interval = interval;
         self

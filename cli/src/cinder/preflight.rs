@@ -46,6 +46,7 @@ impl LvRef {
         format!("{}/{}", self.vg, self.lv)
     }
 
+    #[cfg(test)]
     /// The size in GiB Cinder will record.
     pub fn size_gib(&self) -> u64 {
         self.size.div_ceil(GIB)
