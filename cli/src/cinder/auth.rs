@@ -27,10 +27,6 @@ use super::{Error, Result};
 pub struct Secret(String);
 
 impl Secret {
-    #[cfg(test)]
-    pub fn new(s: impl Into<String>) -> Self {
-        Secret(s.into())
-    }
     pub(crate) fn expose(&self) -> &str {
         &self.0
     }
