@@ -403,3 +403,35 @@ async fn an_in_place_write_torn_by_a_crash_is_made_whole_by_the_log() {
     .await;
     assert!(read_all(&v, 0, size).await == expect);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sequential_reads_trigger_readahead_and_random_ones_do_not() {
+    let mut rng = Rng(31337);
+    let f = Fixture::new(&mut rng, 64);
+    let v = f.open().await;
+    // Random reads: nothing beyond what was read becomes present.
+    for c in [40u64, 7, 23] {
+        read_all(&v, c * CHUNK, 512).await;
+    }
+    v.idle().await;
+    assert_eq!(v.map().present_count(), 3);
+    // A booting OS reads sequentially: the chunks ahead are fetched.
+    for i in 0..4u64 {
+        let got = read_all(&v, i * CHUNK, CHUNK).await;
+        assert_eq!(
+            got,
+            f.model[(i * CHUNK) as usize..((i + 1) * CHUNK) as usize]
+        );
+    }
+    v.idle().await;
+    assert!(
+        (4..8).all(|c| v.map().is_present(ChunkIndex(c))),
+        "chunks after a sequential run should have been read ahead"
+    );
+    assert!(
+        v.stats
+            .chunks_hydrated
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 4
+    );
+}
