@@ -20,7 +20,6 @@ use std::time::{Duration, Instant};
 use tokio::task::JoinSet;
 
 use crate::source::{Class, Source};
-use crate::units::ChunkIndex;
 use crate::volume::{MAX_RUN, Volume};
 
 #[derive(Clone, Debug)]
@@ -169,15 +168,23 @@ async fn hydrate<S: Source>(volume: Arc<Volume<S>>, opts: Options) {
                 tokio::time::sleep(wait).await;
             }
         }
-        let v = volume.clone();
-        tasks.spawn(async move { v.fetch_run_from(c, MAX_RUN, Class::Background).await });
-        cursor = c.0 + MAX_RUN as u64;
+        let run = volume.lock_run(c, MAX_RUN);
+        match run.last().map(|g| g.index().0) {
+            Some(last) => {
+                cursor = last + 1;
+                let v = volume.clone();
+                tasks.spawn(async move { v.fetch_run(run, Class::Background).await });
+            }
+            None => {
+                // Someone else holds this chunk (a client is fetching it):
+                // it will be present soon; go on with the next one.
+                cursor = c.0 + 1;
+                tokio::task::yield_now().await;
+            }
+        }
         if cursor >= g.chunks() {
             cursor = 0;
         }
-        // A busy first chunk makes the run empty: yield so its holder can
-        // finish instead of spinning on it.
-        tokio::task::yield_now().await;
     }
     while let Some(r) = tasks.join_next().await {
         settle(r, Duration::ZERO).await;
@@ -192,7 +199,6 @@ async fn hydrate<S: Source>(volume: Arc<Volume<S>>, opts: Options) {
             );
         }
     }
-    let _ = ChunkIndex(0);
 }
 
 /// Handle one finished run: on error log, wait (backoff) and return the

@@ -47,7 +47,7 @@
 
 use std::ops::Range;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -100,17 +100,24 @@ pub struct Volume<S> {
     /// Foreground fetches in flight; the hydrator yields while nonzero.
     fg_active: AtomicUsize,
     readahead: Mutex<Readahead>,
-    /// Whether a readahead task runs, and its end. Shared apart from the
-    /// volume so the task can drop its handle on the volume *before*
-    /// announcing that it is done (then `idle` means nobody holds it).
-    readahead_task: Arc<(AtomicBool, tokio::sync::Notify)>,
+    /// Readahead tasks still holding the volume, and their end. Shared
+    /// apart from the volume so a task drops its handle on the volume
+    /// *before* it counts itself out; `idle` then means nobody holds it.
+    readahead_alive: Arc<(AtomicUsize, tokio::sync::Notify)>,
     opened: Instant,
 }
 
+/// Readahead state. One task at a time fetches chunks `at..until`; a
+/// sequential read that wants more extends `until` while it runs, so no
+/// request for readahead is ever dropped.
 #[derive(Debug, Default)]
 struct Readahead {
+    /// Byte offset a sequential read would start at next.
     next: u64,
     window: u64,
+    at: u64,
+    until: u64,
+    running: bool,
 }
 
 /// What a fetch brought in.
@@ -257,7 +264,7 @@ impl<S: Source> Volume<S> {
             stats: Stats::default(),
             fg_active: AtomicUsize::new(0),
             readahead: Mutex::new(Readahead::default()),
-            readahead_task: Arc::new((AtomicBool::new(false), tokio::sync::Notify::new())),
+            readahead_alive: Arc::new((AtomicUsize::new(0), tokio::sync::Notify::new())),
             opened: Instant::now(),
         });
         volume.stats.resume(&volume.state.load_totals());
@@ -836,10 +843,10 @@ impl<S: Source> Volume<S> {
     /// Wait until no readahead task is running (they hold the volume).
     pub async fn idle(&self) {
         loop {
-            let done = self.readahead_task.1.notified();
+            let done = self.readahead_alive.1.notified();
             tokio::pin!(done);
             done.as_mut().enable();
-            if !self.readahead_task.0.load(Ordering::Acquire) {
+            if self.readahead_alive.0.load(Ordering::Acquire) == 0 {
                 return;
             }
             done.await;
@@ -983,7 +990,8 @@ impl<S: Source> Volume<S> {
     /// chunks that follow, in a window that doubles up to [`MAX_READAHEAD`].
     fn note_sequential(self: &Arc<Self>, offset: u64, len: u64) {
         let end = offset + len;
-        let window = {
+        let next = self.geometry.chunk_of(end.min(self.geometry.size() - 1)).0;
+        {
             let mut ra = self.readahead.lock().expect("poisoned");
             let sequential =
                 offset == ra.next && offset != 0 || (offset < ra.next && end > ra.next);
@@ -993,32 +1001,50 @@ impl<S: Source> Volume<S> {
                 return;
             }
             ra.window = (ra.window * 2).clamp(4, MAX_READAHEAD);
-            ra.window
-        };
-        let next = self.geometry.chunk_of(end.min(self.geometry.size() - 1)).0;
-        let last = (next + window).min(self.geometry.chunks());
-        if (next..last).all(|i| self.map.state(ChunkIndex(i)) != ChunkState::Absent) {
-            return;
+            let until = (next + ra.window).min(self.geometry.chunks());
+            if ra.running {
+                // Extend the window of the task that runs.
+                ra.at = ra.at.max(next);
+                ra.until = ra.until.max(until);
+            } else {
+                (ra.at, ra.until) = (next, until);
+            }
+            if ra.running || ra.at >= ra.until {
+                return;
+            }
+            ra.running = true;
         }
-        if self.readahead_task.0.swap(true, Ordering::AcqRel) {
-            return;
-        }
+        self.readahead_alive.0.fetch_add(1, Ordering::AcqRel);
         let volume = self.clone();
-        let task = self.readahead_task.clone();
+        let alive = self.readahead_alive.clone();
         tokio::spawn(async move {
-            let mut i = next;
-            while i < last {
-                match volume
-                    .fetch_run_from(ChunkIndex(i), (last - i) as usize, Class::Foreground)
+            loop {
+                let (i, until) = {
+                    let mut ra = volume.readahead.lock().expect("poisoned");
+                    if ra.at >= ra.until {
+                        ra.running = false;
+                        break;
+                    }
+                    (ra.at, ra.until)
+                };
+                let n = match volume
+                    .fetch_run_from(
+                        ChunkIndex(i),
+                        ((until - i) as usize).min(MAX_RUN),
+                        Class::Foreground,
+                    )
                     .await
                 {
-                    Ok(0) | Err(_) => i += 1,
-                    Ok(n) => i += n as u64,
-                }
+                    // Present or busy (a client is fetching it): move on.
+                    Ok(0) | Err(_) => 1,
+                    Ok(n) => n as u64,
+                };
+                let mut ra = volume.readahead.lock().expect("poisoned");
+                ra.at = ra.at.max(i + n);
             }
             drop(volume);
-            task.0.store(false, Ordering::Release);
-            task.1.notify_waiters();
+            alive.0.fetch_sub(1, Ordering::AcqRel);
+            alive.1.notify_waiters();
         });
     }
 
@@ -1032,6 +1058,13 @@ impl<S: Source> Volume<S> {
         max: usize,
         class: Class,
     ) -> Result<usize> {
+        let guards = self.lock_run(start, max);
+        self.fetch_run(guards, class).await
+    }
+
+    /// Lock up to `max` contiguous absent chunks from `start`, without
+    /// waiting: the run stops at the first present or busy chunk.
+    pub fn lock_run(&self, start: ChunkIndex, max: usize) -> Vec<ChunkGuard> {
         let mut guards = Vec::new();
         let mut i = start.0;
         while guards.len() < max && i < self.geometry.chunks() {
@@ -1048,6 +1081,11 @@ impl<S: Source> Volume<S> {
             guards.push(g);
             i += 1;
         }
+        guards
+    }
+
+    /// Fetch and store a run locked by [`Volume::lock_run`]; returns its length.
+    pub async fn fetch_run(&self, guards: Vec<ChunkGuard>, class: Class) -> Result<usize> {
         if guards.is_empty() {
             return Ok(0);
         }
