@@ -94,7 +94,11 @@ impl LoopDevice {
         }
         let out = run_ok(cmd.arg(file), TOOL_TIMEOUT);
         let path = PathBuf::from(out.stdout_lossy().trim());
-        assert!(path.starts_with("/dev/loop"), "{}", out.describe());
+        assert!(
+            path.to_string_lossy().starts_with("/dev/loop"),
+            "{}",
+            out.describe()
+        );
         LoopDevice { path }
     }
 }

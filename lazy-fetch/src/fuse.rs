@@ -92,6 +92,8 @@ const FILE: INodeNo = INodeNo(2);
 const TTL: Duration = Duration::from_secs(3600);
 /// linux/falloc.h: a punch that may leave stale data (not in the libc crate).
 const FALLOC_FL_NO_HIDE_STALE: i32 = 0x04;
+/// How long an unmount retries a busy mount before unmounting lazily.
+const BUSY_WAIT: Duration = Duration::from_secs(2);
 /// How long an unmount waits for requests in flight to be answered.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -883,14 +885,14 @@ impl Mount {
     ///
     /// Still open by someone: unmounted lazily, and [`MountError::Busy`].
     pub fn unmount(mut self) -> Result<(), MountError> {
-        self.stop(DRAIN_TIMEOUT)
+        self.stop(BUSY_WAIT, DRAIN_TIMEOUT)
     }
 
-    fn stop(&mut self, drain: Duration) -> Result<(), MountError> {
+    fn stop(&mut self, busy_wait: Duration, drain: Duration) -> Result<(), MountError> {
         let Some(session) = self.session.take() else {
             return Ok(());
         };
-        let detached = match umount(&self.dir, false) {
+        let detached = match umount_retrying(&self.dir, busy_wait) {
             Ok(()) => false,
             Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
                 umount(&self.dir, true).map_err(|source| MountError::Unmount {
@@ -937,8 +939,23 @@ impl Drop for Mount {
     fn drop(&mut self) {
         // Do not wait long here: drop may run on a runtime thread that the
         // requests in flight need.
-        if let Err(e) = self.stop(Duration::from_millis(100)) {
+        let short = Duration::from_millis(100);
+        if let Err(e) = self.stop(short, short) {
             tracing::warn!("{e}");
+        }
+    }
+}
+
+/// umount(2), retried while `EBUSY` for up to `wait`: a file closed just
+/// before (or a descriptor a forking thread briefly copied) lets go soon.
+fn umount_retrying(dir: &Path, wait: Duration) -> io::Result<()> {
+    let deadline = Instant::now() + wait;
+    loop {
+        match umount(dir, false) {
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            r => return r,
         }
     }
 }
