@@ -928,9 +928,18 @@ impl Mount {
             });
         }
         // Unmounted: the kernel ended the connection and the threads exit.
-        if let Err(e) = session.join() {
-            tracing::warn!("FUSE session of {} ended badly: {e}", self.dir.display());
+        // The session is then forgotten rather than dropped: fuser's drop
+        // would unmount the path again (it takes an ended connection for a
+        // live one), which could hit a new mount there. What leaks is one
+        // closed-connection fd.
+        let deadline = Instant::now() + drain.max(Duration::from_secs(1));
+        while !session.guard.is_finished() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
         }
+        if !session.guard.is_finished() {
+            tracing::warn!("FUSE threads of {} still running", self.dir.display());
+        }
+        std::mem::forget(session);
         Ok(())
     }
 }
