@@ -18,6 +18,8 @@
 //! - [`tool`]: the outside clients (nbdinfo, nbdcopy, qemu-img, qemu-io, fio,
 //!   python3 with libnbd): a clear panic naming the Debian package when one
 //!   is missing, and every run bounded by a deadline.
+//! - [`fuse`]: around a FUSE mount: loop devices, ext4 fixtures, kernel
+//!   mounts and stale FUSE mounts, each undone on drop, and a watchdog.
 //! - [`wire`]: a tiny blocking NBD client speaking exact bytes, for the
 //!   protocol corner cases no well-behaved client will produce.
 //!
@@ -25,6 +27,7 @@
 //! completion is a reply or an exit status, each awaited with a deadline.
 
 pub mod binary;
+pub mod fuse;
 pub mod image;
 pub mod proxy;
 pub mod server;
