@@ -9,6 +9,7 @@
 //! - `start`: `stream start`, a `lazy_fetch::Volume` served by the NBD server,
 //!   hydrated in the background, with a control socket (`control`).
 //! - `status`: `stream status`, asks that control socket.
+//! - `mount`: `--mount DIR` of `stream start`, the FUSE file `DIR/disk.raw`.
 //! - `finalize`: `stream finalize` and `stream verify`, the end of a migration.
 //! - `demo`: `stream demo`, the whole job on a generated disk.
 
@@ -17,6 +18,7 @@ mod control;
 mod demo;
 mod export;
 mod finalize;
+mod mount;
 mod start;
 mod status;
 

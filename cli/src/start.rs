@@ -55,6 +55,8 @@ pub struct StartArgs {
     /// Serve only: fetch chunks when clients touch them, hydrate nothing else.
     #[arg(long)]
     no_hydrate: bool,
+    #[command(flatten)]
+    mount: crate::mount::MountArgs,
 }
 
 pub async fn run(args: StartArgs) -> anyhow::Result<()> {
@@ -67,6 +69,10 @@ pub async fn run(args: StartArgs) -> anyhow::Result<()> {
         .then(|| StateDir::read_header(&state_dir).ok())
         .flatten()
         .map(|h| h.source.size);
+    if let Some(dir) = &args.mount.mount {
+        // A bad mount point fails before any state is created.
+        crate::mount::preflight(dir)?;
+    }
     let source = open_source(&args.source, expected).await?;
     let volume = Volume::open(
         source,
@@ -95,11 +101,22 @@ pub async fn run(args: StartArgs) -> anyhow::Result<()> {
         );
     }
 
-    let listener = match &args.socket {
-        Some(path) => Listener::bind_unix(path)?,
-        None => Listener::bind_tcp(&args.listen).await?,
+    let listener = match (&args.socket, args.mount.mount_only) {
+        (_, true) => None,
+        (Some(path), false) => Some(Listener::bind_unix(path)?),
+        (None, false) => Some(Listener::bind_tcp(&args.listen).await?),
     };
-    let uri = listener.uri(&args.name)?;
+    let file = args
+        .mount
+        .mount
+        .as_ref()
+        .map(|d| d.join(lazy_fetch::fuse::FILE_NAME));
+    // What clients use: the NBD URI, or with --mount-only the file.
+    let uri = match (&listener, &file) {
+        (Some(l), _) => l.uri(&args.name)?,
+        (None, Some(f)) => f.display().to_string(),
+        (None, None) => unreachable!("--mount-only requires --mount"),
+    };
     let server = Server::new(vec![Export {
         name: args.name.clone(),
         description: Some(format!("stream of {}", volume.header().source.location)),
@@ -131,6 +148,10 @@ pub async fn run(args: StartArgs) -> anyhow::Result<()> {
         }))
     };
 
+    let fuse = crate::mount::mount(VolumeDevice(volume.clone()), &args.mount).await?;
+    if let (Some(f), Some(_)) = (&file, &listener) {
+        tracing::info!("also serving the volume as the file {}", f.display());
+    }
     let st = volume.status();
     tracing::info!(
         "serving {} at {uri} ({} of {} chunks present, state {}), ready in {:?}",
@@ -146,7 +167,14 @@ pub async fn run(args: StartArgs) -> anyhow::Result<()> {
         out.flush()?;
     }
 
-    server.serve(listener, shutdown.clone()).await?;
+    match listener {
+        Some(l) => server.serve(l, shutdown.clone()).await?,
+        None => shutdown.wait().await,
+    }
+    // No FUSE request may reach a closed volume.
+    if let Some(fuse) = fuse {
+        fuse.unmount().await?;
+    }
     let _ = hydrator.await;
     persister.abort();
     control_task.abort();
