@@ -44,6 +44,7 @@ pub struct Start {
     name: Option<String>,
     rate_limit: Option<String>,
     no_hydrate: bool,
+    extra: Vec<String>,
 }
 
 impl Start {
@@ -65,7 +66,14 @@ impl Start {
             name: None,
             rate_limit: None,
             no_hydrate: false,
+            extra: Vec::new(),
         }
+    }
+
+    /// More arguments, appended as given (e.g. `--mount DIR`).
+    pub fn args(mut self, args: &[&str]) -> Self {
+        self.extra.extend(args.iter().map(|a| a.to_string()));
+        self
     }
 
     pub fn state(mut self, dir: impl Into<PathBuf>) -> Self {
@@ -156,6 +164,7 @@ impl Start {
         if self.no_hydrate {
             cmd.arg("--no-hydrate");
         }
+        cmd.args(&self.extra);
         if std::env::var_os("RUST_LOG").is_none() {
             cmd.env("RUST_LOG", "info");
         }
@@ -341,17 +350,23 @@ impl Running {
     }
 
     /// SIGTERM, then waits for a clean exit (status 0) within `timeout`.
-    pub fn sigterm_and_wait(mut self, timeout: Duration) {
-        self.signal(libc::SIGTERM);
+    pub fn sigterm_and_wait(self, timeout: Duration) {
+        self.signal_and_wait(libc::SIGTERM, timeout)
+    }
+
+    /// `signal` (SIGINT or SIGTERM), then waits for a clean exit within
+    /// `timeout`.
+    pub fn signal_and_wait(mut self, signal: i32, timeout: Duration) {
+        self.signal(signal);
         let mut child = self.child.take().expect("running");
         match tool::wait_deadline(&mut child, timeout) {
             Some(status) if status.success() => {}
             Some(status) => panic!(
-                "stream start exited with {status} after SIGTERM\n{}",
+                "stream start exited with {status} after signal {signal}\n{}",
                 self.log()
             ),
             None => panic!(
-                "stream start still running {timeout:?} after SIGTERM; killed it\n{}",
+                "stream start still running {timeout:?} after signal {signal}; killed it\n{}",
                 self.log()
             ),
         }
