@@ -15,12 +15,15 @@
 //! - [`fio`]: one fio run and the parsing of its JSON report.
 //! - [`cpu`]: user + system CPU time of a process from `/proc/PID/stat`.
 //! - [`stats`], medians and ranges of repeated runs.
+//! - [`report`]: machine and tool versions for a report header, and
+//!   writing one generated section of `RESULTS.md` between its markers.
 //!
 //! The `export-bench` binary ties them together and prints the table.
 
 pub mod child;
 pub mod cpu;
 pub mod fio;
+pub mod report;
 pub mod servers;
 pub mod stats;
 pub mod testfile;
