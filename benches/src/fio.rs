@@ -29,6 +29,14 @@ pub const RAND_READ_4K: Workload = Workload {
     iodepth: 16,
 };
 
+/// 4 KiB random reads at queue depth 1: the latency of one request alone.
+pub const RAND_READ_4K_QD1: Workload = Workload {
+    name: "randread 4k qd1",
+    rw: "randread",
+    block_size: "4k",
+    iodepth: 1,
+};
+
 /// 1 MiB sequential reads at queue depth 4.
 pub const SEQ_READ_1M: Workload = Workload {
     name: "seqread 1M qd4",
@@ -59,6 +67,22 @@ pub fn run(
     runtime: Duration,
     json_out: &Path,
 ) -> io::Result<FioResult> {
+    run_with(uri, workload, Some(runtime), json_out, &[])
+}
+
+/// Longest a size-based run (no `runtime`) may take.
+const SIZE_BASED_BOUND: Duration = Duration::from_secs(120);
+
+/// Like [`run`], with `extra` fio options (e.g. `--offset=`, `--size=` to
+/// confine the job to a region). Without a `runtime` the job is
+/// size-based: it reads its region once (bounded by [`SIZE_BASED_BOUND`]).
+pub fn run_with(
+    uri: &str,
+    workload: Workload,
+    runtime: Option<Duration>,
+    json_out: &Path,
+    extra: &[String],
+) -> io::Result<FioResult> {
     let mut cmd = Command::new("fio");
     cmd.args([
         "--name=bench",
@@ -70,15 +94,20 @@ pub fn run(
         "--numjobs=1",
         "--norandommap",
         "--randrepeat=0",
-        "--time_based",
-        &format!("--runtime={}", runtime.as_secs().max(1)),
         "--output-format=json",
         &format!("--output={}", json_out.display()),
     ])
+    .args(extra)
     .stdin(Stdio::null())
     .stdout(Stdio::null());
+    if let Some(runtime) = runtime {
+        cmd.args([
+            "--time_based".to_string(),
+            format!("--runtime={}", runtime.as_secs().max(1)),
+        ]);
+    }
     let mut guard = ChildGuard::spawn("fio", &mut cmd)?;
-    let bound = runtime + Duration::from_secs(30);
+    let bound = runtime.map_or(SIZE_BASED_BOUND, |r| r + Duration::from_secs(30));
     let status = guard
         .wait_timeout(bound)?
         .ok_or_else(|| io::Error::other(format!("fio ran past {bound:?} against {uri}")))?;

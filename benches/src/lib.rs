@@ -15,12 +15,23 @@
 //! - [`fio`]: one fio run and the parsing of its JSON report.
 //! - [`cpu`]: user + system CPU time of a process from `/proc/PID/stat`.
 //! - [`stats`], medians and ranges of repeated runs.
+//! - [`report`]: machine and tool versions for a report header, and
+//!   writing one generated section of `RESULTS.md` between its markers.
 //!
-//! The `export-bench` binary ties them together and prints the table.
+//! - [`lazy`]: `stream start` under test (a lazily fetched volume) and the
+//!   status its control socket reports; sources for it come from
+//!   [`servers::start_nbdkit_source`] (nbdkit with a delay filter).
+//! - [`mem`]: peak and current resident memory from `/proc/PID/status`.
+//!
+//! The `export-bench` binary measures `stream export`; `start-bench`
+//! measures `stream start` (cold and warm reads, hydration, memory).
 
 pub mod child;
 pub mod cpu;
 pub mod fio;
+pub mod lazy;
+pub mod mem;
+pub mod report;
 pub mod servers;
 pub mod stats;
 pub mod testfile;

@@ -193,13 +193,49 @@ pub fn start(
     })
 }
 
+/// nbdkit as a *source*: `plugin` with `params`, behind `filters` (e.g.
+/// `delay` with `delay-read=1ms` among the params to imitate a remote
+/// link), read-only on a unix socket in `workdir`. Unlike [`start`] it
+/// serves generated disks too (`random`, `sparse-random`, ...).
+pub fn start_nbdkit_source(
+    filters: &[&str],
+    plugin: &str,
+    params: &[String],
+    size: u64,
+    workdir: &Path,
+    tag: &str,
+) -> io::Result<RunningServer> {
+    let sock = workdir.join(format!("nbdkit-{tag}.sock"));
+    let log = workdir.join(format!("nbdkit-{tag}.log"));
+    let _ = std::fs::remove_file(&sock);
+    let mut cmd = Command::new("nbdkit");
+    cmd.args(["-f", "-r", "-U"]).arg(&sock);
+    for f in filters {
+        cmd.arg(format!("--filter={f}"));
+    }
+    cmd.arg(plugin)
+        .args(params)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(File::create(&log)?);
+    let mut guard = ChildGuard::spawn(format!("nbdkit {plugin} ({tag})"), &mut cmd)?;
+    let uri = format!("nbd+unix:///?socket={}", sock.display());
+    wait_until_served(&mut guard, &uri, size, &log)?;
+    Ok(RunningServer {
+        kind: ServerKind::Nbdkit,
+        uri,
+        guard,
+        log,
+    })
+}
+
 /// A TCP port that was free a moment ago (bound then released).
 fn free_port() -> io::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
 /// `stream export` prints exactly one line, its URI, when it is ready.
-fn read_uri_line(guard: &mut ChildGuard, log: &Path) -> io::Result<String> {
+pub fn read_uri_line(guard: &mut ChildGuard, log: &Path) -> io::Result<String> {
     let stdout = guard
         .child_mut()
         .stdout
@@ -229,7 +265,12 @@ fn read_uri_line(guard: &mut ChildGuard, log: &Path) -> io::Result<String> {
 }
 
 /// Poll with `nbdinfo --size` until the server answers with the right size.
-fn wait_until_served(guard: &mut ChildGuard, uri: &str, size: u64, log: &Path) -> io::Result<()> {
+pub fn wait_until_served(
+    guard: &mut ChildGuard,
+    uri: &str,
+    size: u64,
+    log: &Path,
+) -> io::Result<()> {
     let deadline = Instant::now() + READY_TIMEOUT;
     let mut last = String::new();
     while Instant::now() < deadline {

@@ -19,11 +19,12 @@ use std::fmt::Write as _;
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitCode};
+use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use stream_benches::cpu::process_cpu_time;
 use stream_benches::fio::{self, FioResult, RAND_READ_4K, SEQ_READ_1M, Workload};
+use stream_benches::report::{machine, shell_line, write_between_markers};
 use stream_benches::servers::{self, Binaries, ServerKind, Transport};
 use stream_benches::stats::{median, range};
 use stream_benches::testfile;
@@ -237,7 +238,7 @@ fn run(opts: &Options) -> io::Result<()> {
     let report = report(opts, &workloads, &samples, &exits, started.elapsed());
     println!("{report}");
     if let Some(path) = &opts.write {
-        write_between_markers(path, &report)?;
+        write_between_markers(path, &report, BEGIN_MARK, END_MARK)?;
         eprintln!("wrote {}", path.display());
     }
     Ok(())
@@ -367,74 +368,4 @@ fn report(
     }
     let _ = writeln!(out, "{END_MARK}");
     out
-}
-
-/// nproc, kernel, CPU and tool versions, for the report header.
-fn machine() -> Vec<(&'static str, String)> {
-    let nproc = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let kernel = fs::read_to_string("/proc/sys/kernel/osrelease")
-        .unwrap_or_default()
-        .trim()
-        .to_string();
-    let cpu = fs::read_to_string("/proc/cpuinfo")
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("model name"))
-        .map(|l| l.trim_start_matches([' ', '\t', ':']).to_string())
-        .unwrap_or_default();
-    let manifest = env!("CARGO_MANIFEST_DIR");
-    vec![
-        ("machine", format!("{nproc} CPUs ({cpu}), kernel {kernel}")),
-        (
-            "stream",
-            format!(
-                "commit {}{}",
-                shell_line("git", &["-C", manifest, "rev-parse", "--short", "HEAD"]),
-                if shell_line("git", &["-C", manifest, "status", "--porcelain"]).is_empty() {
-                    ""
-                } else {
-                    " (dirty tree)"
-                }
-            ),
-        ),
-        ("fio", shell_line("fio", &["--version"])),
-        ("qemu-nbd", shell_line("qemu-nbd", &["--version"])),
-        ("nbdkit", shell_line("nbdkit", &["--version"])),
-        ("libnbd", shell_line("nbdinfo", &["--version"])),
-    ]
-}
-
-/// First line of a short command's stdout (empty if it fails).
-fn shell_line(program: &str, args: &[&str]) -> String {
-    Command::new(program)
-        .args(args)
-        .output()
-        .ok()
-        .and_then(|o| {
-            String::from_utf8_lossy(&o.stdout)
-                .lines()
-                .next()
-                .map(str::to_string)
-        })
-        .unwrap_or_default()
-}
-
-/// Put `section` (which carries its own markers) into `path`: replace the
-/// old marked section if there is one, else append; text outside the
-/// markers (hand-written analysis) is kept.
-fn write_between_markers(path: &Path, section: &str) -> io::Result<()> {
-    let old = fs::read_to_string(path).unwrap_or_default();
-    let new = match (old.find(BEGIN_MARK), old.find(END_MARK)) {
-        (Some(b), Some(e)) if b < e => {
-            format!(
-                "{}{}{}",
-                &old[..b],
-                section.trim_end(),
-                &old[e + END_MARK.len()..]
-            )
-        }
-        _ if old.is_empty() => format!("# Benchmark results\n\n{section}"),
-        _ => format!("{}\n{section}", old.trim_end()),
-    };
-    fs::write(path, new)
 }
