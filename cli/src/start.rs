@@ -225,7 +225,11 @@ async fn persist_periodically<S: lazy_fetch::source::Source>(volume: Arc<Volume<
             totals_saved = Instant::now();
         }
         let pending = volume.pending_entries();
-        if pending > 65536 || (pending > 0 && last.elapsed() >= Duration::from_secs(1)) {
+        // Progress only: a chunk whose entry is lost is fetched again. Every
+        // save syncs the target, which stalls client I/O for tens of ms, so
+        // not often; client FLUSH and FUA persist at once regardless.
+        let wal_big = volume.wal_len() > 256 << 20;
+        if pending > 65536 || wal_big || (pending > 0 && last.elapsed() >= Duration::from_secs(5)) {
             if let Err(e) = volume.flush().await {
                 tracing::warn!("saving progress failed (will retry): {e}");
             }

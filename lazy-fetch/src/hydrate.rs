@@ -7,8 +7,9 @@
 //! skips it and comes back on the next lap.
 //!
 //! Scheduling (invariant 7): hydration reads use [`Class::Background`];
-//! while foreground fetches are in flight it drops to one run at a time and
-//! waits for them to finish (a bounded wait, so it cannot starve); the
+//! while clients are busy (a fetch for them in flight, or any request of
+//! theirs in the last 20 ms) it drops to one run at a time and gives them a
+//! head start (a bounded wait, so it cannot starve); the
 //! `--rate-limit` is a token bucket on the bytes it fetches. When the source
 //! fails it backs off (1 s doubling to 30 s) and tries again, so a lost
 //! source pauses hydration without stopping the server.
@@ -47,11 +48,14 @@ impl Default for Options {
     fn default() -> Self {
         Options {
             rate_limit: Arc::new(AtomicU64::new(0)),
-            workers: 4,
+            workers: 8,
             enabled: Arc::new(AtomicBool::new(true)),
         }
     }
 }
+
+/// A client request within this window counts as foreground load.
+const FOREGROUND_WINDOW: Duration = Duration::from_millis(20);
 
 /// Pending journal entries after which hydration saves progress itself.
 const PENDING_LIMIT: usize = 65536;
@@ -145,11 +149,11 @@ async fn hydrate<S: Source>(volume: Arc<Volume<S>>, opts: Options) {
         }
         // Foreground first: one run at a time while clients wait on the
         // source, and give their fetches a head start (bounded).
-        let foreground = volume.foreground_active() > 0;
+        let foreground = volume.foreground_busy(FOREGROUND_WINDOW);
         let limit = if foreground { 1 } else { opts.workers.max(1) };
         if foreground {
             let deadline = Instant::now() + Duration::from_millis(20);
-            while volume.foreground_active() > 0 && Instant::now() < deadline {
+            while volume.foreground_busy(FOREGROUND_WINDOW) && Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_millis(1)).await;
             }
         }

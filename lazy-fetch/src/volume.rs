@@ -47,7 +47,7 @@
 
 use std::ops::Range;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -99,10 +99,14 @@ pub struct Volume<S> {
     pub stats: Stats,
     /// Foreground fetches in flight; the hydrator yields while nonzero.
     fg_active: AtomicUsize,
+    /// When a client request last arrived (ns since `opened`): reads of
+    /// present chunks are foreground load too, though they fetch nothing.
+    fg_last: AtomicU64,
     readahead: Mutex<Readahead>,
-    /// Readahead tasks still holding the volume, and their end. Shared
-    /// apart from the volume so a task drops its handle on the volume
-    /// *before* it counts itself out; `idle` then means nobody holds it.
+    /// Background tasks (readahead, whole-chunk fetches behind a piece-first
+    /// read) still holding the volume, and their end. Shared apart from the
+    /// volume so a task drops its handle on the volume *before* it counts
+    /// itself out; `idle` then means nobody holds it.
     readahead_alive: Arc<(AtomicUsize, tokio::sync::Notify)>,
     opened: Instant,
 }
@@ -263,6 +267,7 @@ impl<S: Source> Volume<S> {
             wal,
             stats: Stats::default(),
             fg_active: AtomicUsize::new(0),
+            fg_last: AtomicU64::new(0),
             readahead: Mutex::new(Readahead::default()),
             readahead_alive: Arc::new((AtomicUsize::new(0), tokio::sync::Notify::new())),
             opened: Instant::now(),
@@ -305,6 +310,23 @@ impl<S: Source> Volume<S> {
     /// Foreground fetches in flight right now.
     pub fn foreground_active(&self) -> usize {
         self.fg_active.load(Ordering::Relaxed)
+    }
+
+    /// Whether clients are busy: a fetch for them is in flight, or one of
+    /// their requests arrived within `window`.
+    pub fn foreground_busy(&self, window: std::time::Duration) -> bool {
+        if self.foreground_active() > 0 {
+            return true;
+        }
+        let last = self.fg_last.load(Ordering::Relaxed);
+        last != 0
+            && (self.opened.elapsed().as_nanos() as u64).saturating_sub(last)
+                < window.as_nanos() as u64
+    }
+
+    fn note_foreground(&self) {
+        let now = (self.opened.elapsed().as_nanos() as u64).max(1);
+        self.fg_last.store(now, Ordering::Relaxed);
     }
 
     /// Change the header (phase, finalize progress) and save it.
@@ -365,6 +387,7 @@ impl<S: Source> Volume<S> {
 
     /// Read `[offset, offset + len)` as pieces.
     pub async fn read(self: &Arc<Self>, offset: u64, len: u64) -> Result<Vec<Piece>> {
+        self.note_foreground();
         self.note_sequential(offset, len);
         let mut parts: Vec<BoxFuture<'_, Result<Piece>>> = Vec::new();
         let end = offset + len;
@@ -410,7 +433,7 @@ impl<S: Source> Volume<S> {
     }
 
     /// Serve `[s, e)` of chunk `c`, which was absent when looked at.
-    async fn read_absent(&self, c: ChunkIndex, s: u64, e: u64) -> Result<Piece> {
+    async fn read_absent(self: &Arc<Self>, c: ChunkIndex, s: u64, e: u64) -> Result<Piece> {
         let r = self.geometry.bytes(c);
         let g = self.locks.lock(c).await;
         match self.map.state(c) {
@@ -427,9 +450,12 @@ impl<S: Source> Volume<S> {
             ChunkState::Absent => {}
         }
         let started = Instant::now();
+        Stats::add(&self.stats.chunks_fetched_on_demand, 1);
+        if s != r.start || e != r.end {
+            return self.read_piece_first(g, s, e, started).await;
+        }
         let fetched = self.fetch_locked(&[g], Class::Foreground).await?;
         self.stats.foreground_fetch.record(started.elapsed());
-        Stats::add(&self.stats.chunks_fetched_on_demand, 1);
         Ok(match fetched {
             Fetched::Zero => Piece::Zero(e - s),
             Fetched::Data(buf) if s == r.start && e == r.end => Piece::Data(buf),
@@ -437,6 +463,68 @@ impl<S: Source> Volume<S> {
                 Piece::Data(buf[(s - r.start) as usize..(e - r.start) as usize].to_vec())
             }
         })
+    }
+
+    /// A client waits for `[s, e)`, part of the absent chunk locked by `g`:
+    /// read just that piece (4 KiB aligned) from the source and answer with
+    /// it, while a task that keeps the chunk's lock fetches and stores the
+    /// whole chunk, in parallel on the foreground connection. The client
+    /// waits one source round trip for a few KiB instead of for the whole
+    /// chunk and its target write. The piece is never stored, so the chunk
+    /// is still fetched once (invariant 2); the source does not change, so
+    /// the piece equals what the chunk will hold, and any write to the
+    /// chunk waits for the lock, so it lands after the chunk is stored.
+    async fn read_piece_first(
+        self: &Arc<Self>,
+        g: ChunkGuard,
+        s: u64,
+        e: u64,
+        started: Instant,
+    ) -> Result<Piece> {
+        let c = g.index();
+        let r = self.geometry.bytes(c);
+        let ps = (s & !4095).max(r.start);
+        let pe = e.next_multiple_of(4096).min(r.end);
+        let volume = self.clone();
+        let alive = self.readahead_alive.clone();
+        alive.0.fetch_add(1, Ordering::AcqRel);
+        let whole = tokio::spawn(async move {
+            let fetched = volume.fetch_locked(&[g], Class::Foreground).await;
+            drop(volume);
+            alive.0.fetch_sub(1, Ordering::AcqRel);
+            alive.1.notify_waiters();
+            fetched
+        });
+        self.fg_active.fetch_add(1, Ordering::Relaxed);
+        let piece = {
+            let _fg = ForegroundGuard(&self.fg_active);
+            self.source
+                .read(ps, (pe - ps) as usize, Class::Foreground)
+                .await
+        };
+        match piece {
+            Ok(data) if data.len() == (pe - ps) as usize => {
+                Stats::add(&self.stats.bytes_fetched, pe - ps);
+                self.stats.foreground_fetch.record(started.elapsed());
+                Ok(Piece::Data(
+                    data[(s - ps) as usize..(e - ps) as usize].to_vec(),
+                ))
+            }
+            // Fall back on the whole chunk (its error, if it fails too).
+            _ => {
+                let fetched = whole.await.map_err(|join| Error::FetchChunk {
+                    index: c,
+                    source: std::io::Error::other(join),
+                })??;
+                self.stats.foreground_fetch.record(started.elapsed());
+                Ok(match fetched {
+                    Fetched::Zero => Piece::Zero(e - s),
+                    Fetched::Data(buf) => {
+                        Piece::Data(buf[(s - r.start) as usize..(e - r.start) as usize].to_vec())
+                    }
+                })
+            }
+        }
     }
 
     /// Fetch the contiguous absent chunks whose locks are `guards` (in
@@ -578,6 +666,7 @@ impl<S: Source> Volume<S> {
 
     /// Write `data` at `offset`; with `fua`, durable before returning.
     pub async fn write(&self, offset: u64, data: Vec<u8>, fua: bool) -> Result<()> {
+        self.note_foreground();
         let chunks = self.geometry.chunks_of(offset, data.len() as u64);
         if chunks.end - chunks.start == 1 {
             self.write_chunk(ChunkIndex(chunks.start), offset, data)
@@ -840,7 +929,8 @@ impl<S: Source> Volume<S> {
         self.state.pending()
     }
 
-    /// Wait until no readahead task is running (they hold the volume).
+    /// Wait until no background task (readahead, whole-chunk fetch) runs:
+    /// they hold the volume.
     pub async fn idle(&self) {
         loop {
             let done = self.readahead_alive.1.notified();
