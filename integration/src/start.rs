@@ -369,6 +369,19 @@ impl Running {
         })
     }
 
+    /// Reaps it on a thread as soon as it exits (as a shell or systemd
+    /// would), killing it after `timeout`; the thread returns its exit
+    /// status, `None` when it had to be killed. For a `stream start` that
+    /// is to hand over to `stream finalize`: a child nobody reaps stays a
+    /// zombie in `/proc`, which `stream finalize` takes for a live process.
+    pub fn reap_in_background(
+        mut self,
+        timeout: Duration,
+    ) -> thread::JoinHandle<Option<ExitStatus>> {
+        let mut child = self.child.take().expect("running");
+        thread::spawn(move || tool::wait_deadline(&mut child, timeout))
+    }
+
     /// SIGKILL and reap: a crash at whatever point it was.
     pub fn kill9(mut self) {
         self.signal(libc::SIGKILL);
