@@ -4,7 +4,9 @@
 //!
 //! Plain threads: one accepts, two pump each connection. [`Proxy::cut`]
 //! shuts down both sockets of every open connection (the client sees EOF
-//! or a reset, as when a link drops) and keeps accepting new ones.
+//! or a reset, as when a link drops) and keeps accepting new ones;
+//! [`Proxy::refuse`] makes it close every new connection at once (the
+//! source host is down) until it is called again with `false`.
 
 use std::io;
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -16,6 +18,7 @@ struct Shared {
     upstream: SocketAddr,
     open: Mutex<Vec<TcpStream>>,
     stop: AtomicBool,
+    refusing: AtomicBool,
     accepted: AtomicU64,
     bytes: AtomicU64,
 }
@@ -36,6 +39,7 @@ impl Proxy {
             upstream,
             open: Mutex::new(Vec::new()),
             stop: AtomicBool::new(false),
+            refusing: AtomicBool::new(false),
             accepted: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
         });
@@ -46,6 +50,10 @@ impl Proxy {
                     break;
                 }
                 let Ok(client) = client else { continue };
+                if s.refusing.load(Ordering::SeqCst) {
+                    let _ = client.shutdown(Shutdown::Both);
+                    continue;
+                }
                 if let Err(e) = forward(&s, client) {
                     eprintln!("proxy: cannot forward a connection: {e}");
                 }
@@ -71,6 +79,15 @@ impl Proxy {
             let _ = s.shutdown(Shutdown::Both);
         }
         n
+    }
+
+    /// While `yes`, every new connection is closed at once and nothing is
+    /// forwarded; `refuse(true)` also cuts the open ones.
+    pub fn refuse(&self, yes: bool) {
+        self.shared.refusing.store(yes, Ordering::SeqCst);
+        if yes {
+            self.cut();
+        }
     }
 
     /// Connections accepted so far.

@@ -372,6 +372,31 @@ impl Running {
         }
     }
 
+    /// Waits for it to exit by itself (e.g. after handing the volume over
+    /// to `stream finalize`) within `timeout`; returns the exit status.
+    pub fn wait_exit(mut self, timeout: Duration) -> ExitStatus {
+        let mut child = self.child.take().expect("running");
+        tool::wait_deadline(&mut child, timeout).unwrap_or_else(|| {
+            panic!(
+                "stream start still running after {timeout:?}; killed it\n{}",
+                self.log()
+            )
+        })
+    }
+
+    /// Reaps it on a thread as soon as it exits (as a shell or systemd
+    /// would), killing it after `timeout`; the thread returns its exit
+    /// status, `None` when it had to be killed. For a `stream start` that
+    /// is to hand over to `stream finalize`: a child nobody reaps stays a
+    /// zombie in `/proc`, which `stream finalize` takes for a live process.
+    pub fn reap_in_background(
+        mut self,
+        timeout: Duration,
+    ) -> thread::JoinHandle<Option<ExitStatus>> {
+        let mut child = self.child.take().expect("running");
+        thread::spawn(move || tool::wait_deadline(&mut child, timeout))
+    }
+
     /// SIGKILL and reap: a crash at whatever point it was.
     pub fn kill9(mut self) {
         self.signal(libc::SIGKILL);
@@ -450,6 +475,44 @@ impl Drop for LoopDevice {
         );
         if !out.status.success() {
             eprintln!("detaching {}: {}", self.path.display(), out.describe());
+        }
+    }
+}
+
+/// A block device reachable as `/dev/VG/LV` without LVM: a directory
+/// `/dev/VG` holding a symlink `LV` to it, as udev makes for a real LV.
+/// Both are removed on drop (drop it before the [`LoopDevice`]).
+pub struct DevLv {
+    pub vg: String,
+    pub lv: String,
+    /// `/dev/VG/LV`.
+    pub path: PathBuf,
+}
+
+impl DevLv {
+    /// `/dev/VG/LV -> device`; `vg` must not exist yet (use a unique name).
+    pub fn create(vg: &str, lv: &str, device: &Path) -> DevLv {
+        let dir = Path::new("/dev").join(vg);
+        std::fs::create_dir(&dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
+        let path = dir.join(lv);
+        let made = DevLv {
+            vg: vg.to_owned(),
+            lv: lv.to_owned(),
+            path: path.clone(),
+        };
+        std::os::unix::fs::symlink(device, &path)
+            .unwrap_or_else(|e| panic!("symlink {} -> {}: {e}", path.display(), device.display()));
+        made
+    }
+}
+
+impl Drop for DevLv {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+        if let Some(dir) = self.path.parent() {
+            if let Err(e) = std::fs::remove_dir(dir) {
+                eprintln!("removing {}: {e}", dir.display());
+            }
         }
     }
 }
