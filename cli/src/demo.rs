@@ -243,7 +243,31 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         "6. hydration complete:\n{}",
         String::from_utf8_lossy(&status.stdout)
     );
+    // The instance shuts down for its one reboot: its NBD client goes, and
+    // finalize takes the volume over from the running `stream start`.
     client.disconnect().await?;
+    let out = Command::new(&exe)
+        .args([
+            "finalize",
+            "--verify",
+            "--state",
+            state.to_str().context("path is not UTF-8")?,
+        ])
+        .env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .stderr(Stdio::inherit())
+        .output()
+        .context("cannot run stream finalize")?;
+    if !out.status.success() {
+        bail!("stream finalize failed ({})", out.status);
+    }
+    println!(
+        "7. `stream finalize --verify`:\n{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    // `start` handed over and exited; reap it.
     migration.stop().context("stream start")?;
     exporter.stop().context("stream export")?;
 
@@ -255,7 +279,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         bail!("the target differs from the legacy disk plus the client's write");
     }
     println!(
-        "7. the target equals the legacy disk plus the instance's write (blake3 {}; legacy {})",
+        "8. the native target equals the legacy disk plus the instance's write (blake3 {}; legacy {})",
         &blake3_file(&target)?.to_hex()[..16],
         &blake3_file(&legacy)?.to_hex()[..16]
     );
