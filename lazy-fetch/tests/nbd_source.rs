@@ -263,6 +263,11 @@ async fn pump(
 // Helpers
 
 async fn bounded<F: Future>(f: F) -> F::Output {
+    // RUST_LOG=debug shows the source's reconnects when a test fails.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
     tokio::time::timeout(TEST_TIMEOUT, f)
         .await
         .expect("test exceeded its time bound")

@@ -350,6 +350,8 @@ async fn run_slot(common: Arc<Common>, slot: Arc<Slot>) {
                 common.notify_changed();
             }
             Err(why) => {
+                tracing::debug!(slot = %slot.name, uri = %common.location,
+                    "NBD source connect failed (next try in {backoff:?}): {why}");
                 {
                     let mut st = slot.lock();
                     match &mut st.outage {
