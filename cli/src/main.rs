@@ -34,7 +34,15 @@ use clap::{Parser, Subcommand};
     long_about = "Live streaming migration of legacy disks into OpenStack.\n\n\
         The new instance boots at once from an NBD export whose blocks are fetched \
         lazily from the legacy disk, while the rest is copied in the background; \
-        `stream finalize` then hands the volume over to native storage."
+        `stream finalize` then hands the volume over to native storage.",
+    after_long_help = "A cutover, in short (docs/cutover.md has the whole runbook):\n\
+        \n  legacy host:  stream export /dev/sda --listen 10.0.0.5:10809\n\
+        \n  cloud host:   stream start --source nbd://10.0.0.5:10809/ --target /dev/vg/mig-db01\n\
+        \x20               (boot the instance from the NBD URI it prints)\n\
+        \n                stream status --target /dev/vg/mig-db01 --watch\n\
+        \n                stream finalize --target /dev/vg/mig-db01 --verify\n\
+        \x20               (then boot from native storage: the one reboot)\n\
+        \nThe legacy disk is only ever read, so rolling back is powering the legacy server on."
 )]
 struct Cli {
     #[command(subcommand)]
