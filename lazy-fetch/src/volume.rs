@@ -25,14 +25,20 @@
 //!    absent chunk fetches, overlays and writes in one step under the lock
 //!    (`write_chunk`).
 //! 3. *FLUSH and FUA*: [`Volume::flush`] makes the target and the map
-//!    durable; FUA writes call it before answering.
+//!    durable; FUA writes call it before answering. *Unflushed writes
+//!    never become a mix*: changes to present chunks are logged first
+//!    (`wal`, replayed at an unclean start); changes to absent or zero
+//!    chunks are returned whole to "old" by `recover`.
 //! 4. *No fetch needed*: whole-chunk writes, trims and write-zeroes never
 //!    read the source (`write_chunk`, `zero_chunks`).
 //! 5. *Holes stay holes*: source holes and all-zero chunks become `zero`
 //!    without a data write (`store_zero`).
 //! 6. *State names source, target, chunk size*: checked in [`Volume::open`].
-//! 7. *Foreground first*: foreground fetches use [`Class::Foreground`] and
-//!    are counted in `fg_active`, which the hydrator yields to.
+//! 7. *Foreground first*: foreground fetches use [`Class::Foreground`]
+//!    (their own source connection) and are counted in `fg_active`; every
+//!    client request stamps `fg_last`; the hydrator yields while either
+//!    says clients are busy ([`Volume::foreground_busy`]). Cold reads answer
+//!    with their own piece first (`read_piece_first`).
 //! 8. *Bounded memory*: three bits per chunk, the single-flight table (only
 //!    chunks in flight), and the pending journal entries (flushed by the
 //!    persister when they grow).
