@@ -113,7 +113,7 @@ fn encode(offset: u64, change: Change<'_>) -> Vec<u8> {
 
 impl Wal {
     /// Start a new log in `dir` after any generation already there (which
-    /// the caller has replayed or chosen to ignore, then [`Wal::clear`]s).
+    /// the caller has replayed, or removed with [`remove_all`]).
     pub fn open(dir: &Path) -> io::Result<Wal> {
         let generation = generations(dir)?.last().map_or(1, |g| g + 1);
         let file = Self::create(dir, generation)?;

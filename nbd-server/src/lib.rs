@@ -16,7 +16,7 @@
 //! - [`server`]: listeners (TCP, unix, systemd socket activation), the
 //!   export table and shutdown.
 //! - [`device`]: the [`device::BlockDevice`] trait every backend implements;
-//!   [`file`] is the file / block-device backend.
+//!   [`file`](mod@file) is the file / block-device backend.
 //! - [`client`]: an async client (used by `lazy-fetch` for NBD sources) with
 //!   many requests in flight on one connection.
 //! - [`uri`]: NBD URIs (`nbd://`, `nbd+unix://`).

@@ -13,7 +13,7 @@
 //! | thing                         | owner                                        | notes |
 //! |-------------------------------|----------------------------------------------|-------|
 //! | a slot's `Client`             | `SlotState::client`, under a std mutex never held across `.await` | readers take a clone (and its generation) and drop the lock before sending |
-//! | (re)connecting a slot         | that slot's task alone ([`run_slot`])        | so there is one connect attempt at a time per slot, never a herd of readers dialling |
+//! | (re)connecting a slot         | that slot's task alone (`run_slot`)        | so there is one connect attempt at a time per slot, never a herd of readers dialling |
 //! | declaring a connection dead   | anyone: a reader that saw a connection-fatal error or a stall, or the slot task polling `is_closed` | only if the generation still matches, so a late reader cannot kill the *new* connection |
 //! | outage record (`Outage`)      | the slot: set when its connection is lost or a connect fails, cleared by a successful connect | feeds [`Source::health`] and the "unreachable since" messages |
 //! | size refusal (`Common::refused`) | set by a slot task that reached a server of another size, cleared when one of the right size answers | while set, every read fails at once with `EIO` |
