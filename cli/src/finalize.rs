@@ -378,15 +378,15 @@ async fn cinder_step(
             tokio::task::spawn_blocking(move || client2.manage_existing(&req)).await??
         }
     };
-    if let Some(c) = h.finalize.as_mut().and_then(|f| f.cinder.as_mut()) {
-        c.volume_id = Some(volume.id.clone());
-    } else if let Some(f) = h.finalize.as_mut() {
-        f.cinder = Some(state::CinderRecord {
-            host,
-            source_name: String::new(),
-            volume_name: Some(name),
-            volume_id: Some(volume.id.clone()),
-        });
+    // Found by an earlier run without a recorded intent: record it now.
+    if let Some(f) = h.finalize.as_mut() {
+        f.cinder
+            .get_or_insert_with(|| state::CinderRecord {
+                host,
+                volume_name: Some(name),
+                ..Default::default()
+            })
+            .volume_id = Some(volume.id.clone());
     }
     save(&h)?;
     let id = volume.id.clone();
@@ -412,7 +412,7 @@ async fn hydrate_here(
     volume: &Arc<Volume<AnySource>>,
     timeout: Option<Duration>,
 ) -> anyhow::Result<()> {
-    let stop = lazy_fetch_stop();
+    let stop = Arc::new(tokio::sync::Notify::new());
     let task = tokio::spawn(hydrate::run(volume.clone(), hydrate::Options::default(), {
         let stop = stop.clone();
         async move { stop.notified().await }
@@ -445,10 +445,6 @@ async fn hydrate_here(
     }
     let _ = task.await;
     Ok(())
-}
-
-fn lazy_fetch_stop() -> Arc<tokio::sync::Notify> {
-    Arc::new(tokio::sync::Notify::new())
 }
 
 fn print_mismatches(r: &VerifyReport) {

@@ -148,7 +148,15 @@ fn now_secs() -> u64 {
         .unwrap_or(0)
 }
 
+/// Counts one foreground fetch in `fg_active` while it lives.
 struct ForegroundGuard<'a>(&'a AtomicUsize);
+
+impl<'a> ForegroundGuard<'a> {
+    fn new(active: &'a AtomicUsize) -> Self {
+        active.fetch_add(1, Ordering::Relaxed);
+        ForegroundGuard(active)
+    }
+}
 impl Drop for ForegroundGuard<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
@@ -159,7 +167,7 @@ impl<S: Source> Volume<S> {
     /// Create or resume the migration in `opts.state_dir`.
     pub async fn open(source: S, opts: &OpenOptions) -> Result<Arc<Volume<S>>> {
         let sid = source.id();
-        let (state, header, map) = if StateDir::exists(&opts.state_dir) {
+        let (state, header, map, target) = if StateDir::exists(&opts.state_dir) {
             let (state, header, map) = StateDir::open(&opts.state_dir)?;
             if header.phase == Phase::Finalized && !opts.allow_finalized {
                 return Err(Error::Finalized {
@@ -199,7 +207,28 @@ impl<S: Source> Volume<S> {
                     given: sid.size.to_string(),
                 });
             }
-            (state, header, map)
+            let (target, _) = Target::open(&opts.target, header.size, false)?;
+            let tid = target.id(header.target.created_sparse);
+            let same_target = tid.path == header.target.path
+                && tid.kind == header.target.kind
+                && (tid.dev, tid.ino) == (header.target.dev, header.target.ino);
+            if !same_target {
+                return Err(Error::Mismatch {
+                    what: "target",
+                    recorded: format!(
+                        "{} ({} dev {} inode {})",
+                        header.target.path,
+                        header.target.kind,
+                        header.target.dev,
+                        header.target.ino
+                    ),
+                    given: format!(
+                        "{} ({} dev {} inode {})",
+                        tid.path, tid.kind, tid.dev, tid.ino
+                    ),
+                });
+            }
+            (state, header, map, target)
         } else {
             let geometry = Geometry::new(sid.size, opts.chunk_size.unwrap_or(DEFAULT_CHUNK))
                 .map_err(Error::Invalid)?;
@@ -220,26 +249,8 @@ impl<S: Source> Volume<S> {
                 finalize: None,
             };
             let (state, map) = StateDir::create(&opts.state_dir, &header)?;
-            (state, header, map)
+            (state, header, map, target)
         };
-        let (target, _) = Target::open(&opts.target, header.size, false)?;
-        let tid = target.id(header.target.created_sparse);
-        let same_target = tid.path == header.target.path
-            && tid.kind == header.target.kind
-            && (tid.dev, tid.ino) == (header.target.dev, header.target.ino);
-        if !same_target {
-            return Err(Error::Mismatch {
-                what: "target",
-                recorded: format!(
-                    "{} ({} dev {} inode {})",
-                    header.target.path, header.target.kind, header.target.dev, header.target.ino
-                ),
-                given: format!(
-                    "{} ({} dev {} inode {})",
-                    tid.path, tid.kind, tid.dev, tid.ino
-                ),
-            });
-        }
         let unclean = state.mark_running()?;
         let state_io = |source| Error::StateIo {
             dir: opts.state_dir.clone(),
@@ -501,9 +512,8 @@ impl<S: Source> Volume<S> {
             alive.1.notify_waiters();
             fetched
         });
-        self.fg_active.fetch_add(1, Ordering::Relaxed);
         let piece = {
-            let _fg = ForegroundGuard(&self.fg_active);
+            let _fg = ForegroundGuard::new(&self.fg_active);
             self.source
                 .read(ps, (pe - ps) as usize, Class::Foreground)
                 .await
@@ -541,10 +551,7 @@ impl<S: Source> Volume<S> {
         let last = guards.last().expect("at least one chunk").index();
         let range = self.geometry.bytes(first).start..self.geometry.bytes(last).end;
         let len = (range.end - range.start) as usize;
-        let _fg = (class == Class::Foreground).then(|| {
-            self.fg_active.fetch_add(1, Ordering::Relaxed);
-            ForegroundGuard(&self.fg_active)
-        });
+        let _fg = (class == Class::Foreground).then(|| ForegroundGuard::new(&self.fg_active));
         let data = self
             .source
             .read(range.start, len, class)
@@ -630,8 +637,7 @@ impl<S: Source> Volume<S> {
     /// after the target write).
     fn mark(&self, c: ChunkIndex, state: ChunkState, written: bool) {
         self.map.set(c, state, written);
-        self.state
-            .record(c, state, written || self.map.is_written(c));
+        self.state.record(c, state, self.map.is_written(c));
     }
 
     /// Make the chunks `run` (all locked by the caller) zero chunks. The
@@ -727,8 +733,7 @@ impl<S: Source> Volume<S> {
             ChunkState::Absent => {
                 // Fetch, overlay, write the whole chunk once.
                 let started = Instant::now();
-                self.fg_active.fetch_add(1, Ordering::Relaxed);
-                let _fg = ForegroundGuard(&self.fg_active);
+                let _fg = ForegroundGuard::new(&self.fg_active);
                 let mut buf = self
                     .source
                     .read(r.start, (r.end - r.start) as usize, Class::Foreground)
@@ -755,7 +760,7 @@ impl<S: Source> Volume<S> {
     /// Trim: whole chunks become zero chunks (punched); partial chunks are
     /// left as they are, which the spec allows for a hint.
     pub async fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<()> {
-        self.zero_range(offset, len, false, false, true).await?;
+        self.zero_range(offset, len, false, false).await?;
         if fua {
             self.flush().await?;
         }
@@ -783,21 +788,14 @@ impl<S: Source> Volume<S> {
                 return Ok(Err(FastZeroUnsupported));
             }
         }
-        self.zero_range(offset, len, allocate, true, false).await?;
+        self.zero_range(offset, len, allocate, true).await?;
         if fua {
             self.flush().await?;
         }
         Ok(Ok(()))
     }
 
-    async fn zero_range(
-        &self,
-        offset: u64,
-        len: u64,
-        allocate: bool,
-        partial: bool,
-        trim: bool,
-    ) -> Result<()> {
+    async fn zero_range(&self, offset: u64, len: u64, allocate: bool, partial: bool) -> Result<()> {
         let end = offset + len;
         let chunks = self.geometry.chunks_of(offset, len);
         let mut whole_run: Vec<ChunkGuard> = Vec::new();
@@ -822,10 +820,6 @@ impl<S: Source> Volume<S> {
             }
             let r = self.geometry.bytes(c);
             let (s, e) = (offset.max(r.start), end.min(r.end));
-            let mut zeros = vec![0u8; (e - s) as usize];
-            if trim {
-                zeros.clear();
-            }
             let g = self.locks.lock(c).await;
             match self.map.state(c) {
                 ChunkState::Zero => self.mark(c, ChunkState::Zero, true),
@@ -847,8 +841,7 @@ impl<S: Source> Volume<S> {
                 }
                 ChunkState::Absent => {
                     drop(g);
-                    zeros.resize((e - s) as usize, 0);
-                    self.write_chunk(c, s, zeros).await?;
+                    self.write_chunk(c, s, vec![0u8; (e - s) as usize]).await?;
                 }
             }
         }
