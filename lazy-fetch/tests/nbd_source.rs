@@ -727,11 +727,13 @@ async fn unreachable_source_fails_connect_in_time_naming_the_uri() {
         assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
         assert!(e.to_string().contains(&proxy.uri()), "{e}");
 
-        // TLS is refused up front.
-        let Err(e) = NbdSource::connect("nbds://127.0.0.1/x", opts).await else {
-            panic!("nbds must be refused")
+        // TLS credentials that cannot be loaded fail before any connect.
+        let Err(e) =
+            NbdSource::connect("nbds://127.0.0.1/x?tls-psk-file=/nonexistent.psk", opts).await
+        else {
+            panic!("a missing PSK file must be refused")
         };
-        assert!(e.to_string().contains("TLS"), "{e}");
+        assert!(e.to_string().contains("PSK file"), "{e}");
     })
     .await;
 }

@@ -9,7 +9,18 @@
 //!       length > 1 MiB        -> ERR_TOO_BIG, hard disconnect (never awaited)
 //!       length > 64 KiB       -> data discarded, ERR_TOO_BIG, go on
 //!    S: replies; GO + ACK or EXPORT_NAME -> transmission; ABORT -> close
+//!       STARTTLS + ACK -> the caller upgrades the stream, then [`resume`]
+//!       goes on with the option loop over TLS (no new greeting)
 //! ```
+//!
+//! TLS follows the spec's modes: with [`TlsPhase::Unavailable`] (NOTLS)
+//! `STARTTLS` gets `ERR_POLICY`; with `Offered { required: false }`
+//! (SELECTIVETLS with no TLS-only export) every option works before or
+//! after the upgrade; with `Offered { required: true }` (FORCEDTLS) every
+//! option but `STARTTLS` and `ABORT` gets `ERR_TLS_REQD`, and an
+//! `EXPORT_NAME`, which cannot be refused, ends the session. Options
+//! negotiated before the upgrade are forgotten after it; a second
+//! `STARTTLS` gets `ERR_INVALID`.
 //!
 //! Every option gets a reply, errors included; only the cases above and an
 //! `EXPORT_NAME` naming no export (which cannot be answered with an error)
@@ -54,6 +65,26 @@ pub enum Outcome {
     },
     /// The client sent `NBD_OPT_ABORT` (soft disconnect).
     Aborted,
+    /// `NBD_OPT_STARTTLS` was acknowledged: run the TLS handshake on the
+    /// stream, then [`resume`] with this value over the TLS stream.
+    StartTls(Resume),
+}
+
+/// Where the session stands with TLS.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TlsPhase {
+    /// This server has no TLS (NOTLS).
+    Unavailable,
+    /// TLS is offered and not started; `required` is FORCEDTLS.
+    Offered { required: bool },
+    /// The session runs over TLS.
+    Active,
+}
+
+/// What survives a TLS upgrade: the client's flags, and nothing else.
+#[derive(Debug)]
+pub struct Resume {
+    no_zeroes: bool,
 }
 
 /// Connection-fatal handshake failures.
@@ -70,6 +101,8 @@ pub enum HandshakeError {
     OptionTooLarge { option: u32, length: u32 },
     #[error("EXPORT_NAME for unknown export {0:?}")]
     UnknownExport(String),
+    #[error("client sent EXPORT_NAME without STARTTLS, but this server requires TLS")]
+    TlsRequired,
 }
 
 /// Transmission flags for an export, given what was negotiated.
@@ -118,6 +151,7 @@ pub fn find_export(exports: &[ExportInfo], name: &str) -> Option<usize> {
 }
 
 struct State {
+    tls: TlsPhase,
     structured: bool,
     no_zeroes: bool,
     /// Export index the last SET_META_CONTEXT named, if it selected
@@ -125,12 +159,14 @@ struct State {
     meta: Option<usize>,
 }
 
-/// Run the handshake on `stream` until transmission, abort, or a fatal error.
+/// Run the handshake on `stream` until transmission, abort, a TLS upgrade
+/// (with `tls` other than [`TlsPhase::Unavailable`]) or a fatal error.
 /// `shutting_down` is polled before each option so a server that is
 /// stopping answers `ERR_SHUTDOWN`.
 pub async fn negotiate<S>(
     stream: &mut S,
     exports: &[ExportInfo],
+    tls: TlsPhase,
     shutting_down: &(dyn Fn() -> bool + Sync),
 ) -> Result<Outcome, HandshakeError>
 where
@@ -147,12 +183,44 @@ where
     if client_flags & !(proto::FLAG_C_FIXED_NEWSTYLE | proto::FLAG_C_NO_ZEROES) != 0 {
         return Err(HandshakeError::ClientFlags(client_flags));
     }
-    let mut st = State {
+    let st = State {
+        tls,
         structured: false,
         no_zeroes: client_flags & proto::FLAG_C_NO_ZEROES != 0,
         meta: None,
     };
+    haggle(stream, exports, st, shutting_down).await
+}
 
+/// Go on with option haggling over the TLS stream after
+/// [`Outcome::StartTls`]; state negotiated before the upgrade is gone.
+pub async fn resume<S>(
+    stream: &mut S,
+    exports: &[ExportInfo],
+    resume: Resume,
+    shutting_down: &(dyn Fn() -> bool + Sync),
+) -> Result<Outcome, HandshakeError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let st = State {
+        tls: TlsPhase::Active,
+        structured: false,
+        no_zeroes: resume.no_zeroes,
+        meta: None,
+    };
+    haggle(stream, exports, st, shutting_down).await
+}
+
+async fn haggle<S>(
+    stream: &mut S,
+    exports: &[ExportInfo],
+    mut st: State,
+    shutting_down: &(dyn Fn() -> bool + Sync),
+) -> Result<Outcome, HandshakeError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     loop {
         let mut header = [0u8; 16];
         stream.read_exact(&mut header).await?;
@@ -220,6 +288,21 @@ fn handle_option(
         reply_error(out, option, REP_ERR_SHUTDOWN, "server is shutting down");
         return Ok(None);
     }
+    if st.tls == (TlsPhase::Offered { required: true })
+        && option != OPT_STARTTLS
+        && option != OPT_ABORT
+    {
+        if option == OPT_EXPORT_NAME {
+            return Err(HandshakeError::TlsRequired);
+        }
+        reply_error(
+            out,
+            option,
+            REP_ERR_TLS_REQD,
+            "this server requires TLS: send NBD_OPT_STARTTLS first",
+        );
+        return Ok(None);
+    }
     match option {
         OPT_EXPORT_NAME => {
             let name = parse_string(data).ok().filter(|n| n.len() <= MAX_STRING);
@@ -265,13 +348,24 @@ fn handle_option(
         OPT_STARTTLS => {
             if !data.is_empty() {
                 reply_error(out, option, REP_ERR_INVALID, "STARTTLS takes no data");
-            } else {
-                reply_error(
+                return Ok(None);
+            }
+            match st.tls {
+                TlsPhase::Unavailable => reply_error(
                     out,
                     option,
                     REP_ERR_POLICY,
                     "TLS is not configured on this server",
-                );
+                ),
+                TlsPhase::Active => {
+                    reply_error(out, option, REP_ERR_INVALID, "TLS is already active")
+                }
+                TlsPhase::Offered { .. } => {
+                    reply(out, option, REP_ACK, &[]);
+                    return Ok(Some(Outcome::StartTls(Resume {
+                        no_zeroes: st.no_zeroes,
+                    })));
+                }
             }
             Ok(None)
         }
@@ -436,9 +530,16 @@ mod tests {
     /// Drive `negotiate` with the given client bytes; return what the server
     /// wrote after its greeting and the outcome.
     async fn run(client: Vec<u8>) -> (Vec<u8>, Result<Outcome, HandshakeError>) {
+        run_with(TlsPhase::Unavailable, client).await
+    }
+
+    async fn run_with(
+        tls: TlsPhase,
+        client: Vec<u8>,
+    ) -> (Vec<u8>, Result<Outcome, HandshakeError>) {
         let (mut ours, mut theirs) = tokio::io::duplex(1 << 22);
         let ex = exports();
-        let server = tokio::spawn(async move { negotiate(&mut theirs, &ex, &|| false).await });
+        let server = tokio::spawn(async move { negotiate(&mut theirs, &ex, tls, &|| false).await });
         let mut greeting = [0u8; 18];
         ours.read_exact(&mut greeting).await.unwrap();
         ours.write_all(&client).await.unwrap();
@@ -509,6 +610,64 @@ mod tests {
         assert_eq!(r[0].0, OPT_STARTTLS);
         assert_eq!(r[0].1, REP_ERR_POLICY);
         assert_eq!((r[1].0, r[1].1), (OPT_ABORT, REP_ACK));
+        assert!(matches!(outcome, Ok(Outcome::Aborted)));
+    }
+
+    #[tokio::test]
+    async fn forced_tls_answers_tls_reqd_until_starttls_is_acknowledged() {
+        let go = InfoRequest {
+            name: "disk".into(),
+            requests: vec![],
+        }
+        .encode();
+        let mut c = client_hello();
+        c.extend(opt(OPT_LIST, &[]));
+        c.extend(opt(OPT_GO, &go));
+        c.extend(opt(OPT_STARTTLS, &[]));
+        let (out, outcome) = run_with(TlsPhase::Offered { required: true }, c).await;
+        let r = replies(&out);
+        assert_eq!((r[0].0, r[0].1), (OPT_LIST, REP_ERR_TLS_REQD));
+        assert_eq!((r[1].0, r[1].1), (OPT_GO, REP_ERR_TLS_REQD));
+        assert_eq!((r[2].0, r[2].1), (OPT_STARTTLS, REP_ACK));
+        assert_eq!(r.len(), 3);
+        assert!(matches!(outcome, Ok(Outcome::StartTls(_))));
+    }
+
+    #[tokio::test]
+    async fn forced_tls_ends_the_session_on_a_plaintext_export_name() {
+        let mut c = client_hello();
+        c.extend(opt(OPT_EXPORT_NAME, b"disk"));
+        let (out, outcome) = run_with(TlsPhase::Offered { required: true }, c).await;
+        assert!(out.is_empty());
+        assert!(matches!(outcome, Err(HandshakeError::TlsRequired)));
+    }
+
+    #[tokio::test]
+    async fn optional_tls_serves_plaintext_options() {
+        let mut c = client_hello();
+        c.extend(opt(OPT_STRUCTURED_REPLY, &[]));
+        c.extend(opt(OPT_ABORT, &[]));
+        let (out, outcome) = run_with(TlsPhase::Offered { required: false }, c).await;
+        assert_eq!(replies(&out)[0].1, REP_ACK);
+        assert!(matches!(outcome, Ok(Outcome::Aborted)));
+    }
+
+    #[tokio::test]
+    async fn after_the_upgrade_options_work_and_a_second_starttls_is_invalid() {
+        let (mut ours, mut theirs) = tokio::io::duplex(1 << 20);
+        let ex = exports();
+        let server = tokio::spawn(async move {
+            let r = Resume { no_zeroes: true };
+            resume(&mut theirs, &ex, r, &|| false).await
+        });
+        let mut c = opt(OPT_STARTTLS, &[]);
+        c.extend(opt(OPT_ABORT, &[]));
+        ours.write_all(&c).await.unwrap();
+        let outcome = server.await.unwrap();
+        let mut out = Vec::new();
+        ours.read_to_end(&mut out).await.unwrap();
+        let r = replies(&out);
+        assert_eq!((r[0].0, r[0].1), (OPT_STARTTLS, REP_ERR_INVALID));
         assert!(matches!(outcome, Ok(Outcome::Aborted)));
     }
 

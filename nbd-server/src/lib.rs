@@ -19,7 +19,10 @@
 //!   [`file`](mod@file) is the file / block-device backend.
 //! - [`client`]: an async client (used by `lazy-fetch` for NBD sources) with
 //!   many requests in flight on one connection.
-//! - [`uri`]: NBD URIs (`nbd://`, `nbd+unix://`).
+//! - [`uri`]: NBD URIs (`nbd://`, `nbd+unix://`, `nbds://` with their TLS
+//!   parameters).
+//! - [`tls`]: PSK and X.509 credentials and the upgrade of a stream after
+//!   `NBD_OPT_STARTTLS`, for the server and the client.
 //!
 //! Nothing here knows about lazy fetching: the engine is one more
 //! `BlockDevice`.
@@ -33,6 +36,7 @@ pub mod proto;
 pub mod reply;
 pub mod request;
 pub mod server;
+pub mod tls;
 pub mod uri;
 
 pub use device::{BlockDevice, Capabilities, Extent, Piece, ZeroFlags};

@@ -6,7 +6,10 @@
 //! is [`Server::serve_stream`]: the handshake (bounded by a timeout, so a
 //! silent client cannot hold a task forever), then the transmission phase
 //! in [`crate::connection`]. `serve_stream` works on any byte stream, which
-//! is also how the fuzz target drives a whole session.
+//! is also how the fuzz target drives a whole session. A server built
+//! [`Server::with_tls`] upgrades the stream when a client sends
+//! `NBD_OPT_STARTTLS` (see [`crate::tls`]); the TLS handshake and the rest
+//! of the options share the same handshake timeout.
 
 use std::io;
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
@@ -23,7 +26,8 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::device::BlockDevice;
-use crate::handshake::{self, ExportInfo, Outcome};
+use crate::handshake::{self, ExportInfo, Outcome, TlsPhase};
+use crate::tls::ServerTls;
 
 /// How long a client may take to finish the handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -80,10 +84,17 @@ pub struct Server<D> {
     devices: Vec<Arc<D>>,
     infos: Vec<ExportInfo>,
     clients: AtomicUsize,
+    tls: Option<ServerTls>,
 }
 
 impl<D: BlockDevice> Server<D> {
+    /// A server without TLS (`NBD_OPT_STARTTLS` is refused).
     pub fn new(exports: Vec<Export<D>>) -> Arc<Self> {
+        Server::with_tls(exports, None)
+    }
+
+    /// A server offering (or requiring, per its mode) TLS with `tls`.
+    pub fn with_tls(exports: Vec<Export<D>>, tls: Option<ServerTls>) -> Arc<Self> {
         let infos = exports
             .iter()
             .map(|e| ExportInfo {
@@ -98,6 +109,7 @@ impl<D: BlockDevice> Server<D> {
             devices: exports.into_iter().map(|e| Arc::new(e.device)).collect(),
             infos,
             clients: AtomicUsize::new(0),
+            tls,
         })
     }
 
@@ -139,21 +151,43 @@ impl<D: BlockDevice> Server<D> {
     {
         let stopping = shutdown.clone();
         let is_stopping = move || stopping.is_triggered();
+        let deadline = tokio::time::Instant::now() + HANDSHAKE_TIMEOUT;
+        let phase = match &self.tls {
+            None => TlsPhase::Unavailable,
+            Some(t) => TlsPhase::Offered {
+                required: t.required(),
+            },
+        };
         let negotiated = tokio::select! {
             _ = shutdown.wait() => return,
-            r = tokio::time::timeout(
-                HANDSHAKE_TIMEOUT,
-                handshake::negotiate(&mut stream, &self.infos, &is_stopping),
+            r = tokio::time::timeout_at(
+                deadline,
+                handshake::negotiate(&mut stream, &self.infos, phase, &is_stopping),
             ) => r,
         };
-        let (export, n) = match negotiated {
-            Ok(Ok(Outcome::Transmission { export, negotiated })) => (export, negotiated),
-            Ok(Ok(Outcome::Aborted)) => {
-                tracing::debug!(%peer, "client aborted the handshake");
-                return;
+        let resume = match self.handshake_result(negotiated, &peer) {
+            Some(Outcome::Transmission { export, negotiated }) => {
+                return self
+                    .transmit(stream, export, negotiated, peer, shutdown)
+                    .await;
             }
+            Some(Outcome::StartTls(resume)) => resume,
+            _ => return,
+        };
+        // `StartTls` is only returned when TLS was offered.
+        let Some(tls) = &self.tls else { return };
+        let upgraded = tokio::select! {
+            _ = shutdown.wait() => return,
+            r = tokio::time::timeout_at(deadline, async {
+                let mut s = tls.accept(stream).await?;
+                let outcome = handshake::resume(&mut s, &self.infos, resume, &is_stopping).await;
+                Ok::<_, crate::tls::TlsError>((s, outcome))
+            }) => r,
+        };
+        let (stream, outcome) = match upgraded {
+            Ok(Ok((s, outcome))) => (s, outcome),
             Ok(Err(e)) => {
-                tracing::info!(%peer, "handshake ended: {e}");
+                tracing::info!(%peer, "TLS ({}) refused: {e}", tls.kind());
                 return;
             }
             Err(_) => {
@@ -161,6 +195,48 @@ impl<D: BlockDevice> Server<D> {
                 return;
             }
         };
+        if let Some(Outcome::Transmission { export, negotiated }) =
+            self.handshake_result(Ok(outcome), &peer)
+        {
+            self.transmit(stream, export, negotiated, peer, shutdown)
+                .await;
+        }
+    }
+
+    /// Log how a handshake ended; `Some` if the session goes on.
+    fn handshake_result(
+        &self,
+        r: Result<Result<Outcome, handshake::HandshakeError>, tokio::time::error::Elapsed>,
+        peer: &str,
+    ) -> Option<Outcome> {
+        match r {
+            Ok(Ok(Outcome::Aborted)) => {
+                tracing::debug!(%peer, "client aborted the handshake");
+                None
+            }
+            Ok(Ok(o)) => Some(o),
+            Ok(Err(e)) => {
+                tracing::info!(%peer, "handshake ended: {e}");
+                None
+            }
+            Err(_) => {
+                tracing::info!(%peer, "handshake timed out after {HANDSHAKE_TIMEOUT:?}");
+                None
+            }
+        }
+    }
+
+    /// The transmission phase of a negotiated session, plain or TLS.
+    async fn transmit<S>(
+        self: &Arc<Self>,
+        stream: S,
+        export: usize,
+        n: crate::request::Negotiated,
+        peer: String,
+        shutdown: Shutdown,
+    ) where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
         tracing::info!(%peer, export = %self.infos[export].name, structured = n.structured,
             flags = format_args!("{:#06x}", n.transmission_flags), "client connected");
         self.clients.fetch_add(1, Ordering::Relaxed);

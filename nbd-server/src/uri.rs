@@ -6,18 +6,22 @@
 //! accepts, and refuses with a named [`UriError`]:
 //!
 //! - The scheme is one of the four above (compared without case). `nbds`
-//!   schemes parse with `tls = true`; whoever connects decides whether it can
-//!   honour that (the client today cannot, and says so).
+//!   schemes parse with `tls = true`: the client then insists on TLS and
+//!   never falls back to plaintext.
 //! - TCP URIs need a host: a name, an IPv4 address or an `[IPv6]` literal.
-//!   The port defaults to 10809. User info (`user@`) is refused: it only
-//!   serves TLS authentication, which nothing here implements yet.
-//! - Unix URIs take no authority and need exactly one `socket=` parameter.
+//!   The port defaults to 10809. User info (`user@`) is the TLS-PSK user
+//!   name, so it is only accepted with `nbds` schemes (also as
+//!   `nbds+unix://user@/...`).
+//! - Unix URIs take no host and need exactly one `socket=` parameter.
 //!   A socket starting with NUL (`%00`) names a Linux abstract socket.
 //! - The export name is the path without its leading `/`, percent-decoded;
 //!   it must be UTF-8 without NUL and at most 4096 bytes.
-//! - Query parameters other than `socket` (including the TLS ones) and
-//!   fragments are refused rather than silently dropped, as the URI document
-//!   asks ("SHOULD be diagnosed").
+//! - With `nbds` schemes, the TLS parameters libnbd understands:
+//!   `tls-psk-file=FILE`, `tls-certificates=DIR`, `tls-username=NAME`,
+//!   `tls-hostname=NAME` and `tls-verify-peer=0|1|false|true` (see
+//!   [`TlsParams`]). On plaintext schemes they are refused, as is any other
+//!   parameter, and fragments: refused rather than silently dropped, as the
+//!   URI document asks ("SHOULD be diagnosed").
 //!
 //! [`NbdUri`]'s `Display` writes a URI that parses back to the same value;
 //! the port is always written out so logs are unambiguous.
@@ -61,6 +65,25 @@ pub struct NbdUri {
     pub export: String,
     /// The scheme demands TLS (`nbds`, `nbds+unix`).
     pub tls: bool,
+    /// TLS credentials and checks named in the URI (only with `tls`).
+    pub tls_params: TlsParams,
+}
+
+/// The TLS query parameters of an `nbds` URI, as libnbd names them.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct TlsParams {
+    /// `tls-psk-file=`: a `username:hexkey` key file.
+    pub psk_file: Option<PathBuf>,
+    /// `tls-certificates=`: a directory with `ca-cert.pem` (and optionally
+    /// `client-cert.pem`, `client-key.pem`).
+    pub certificates: Option<PathBuf>,
+    /// The PSK user name: `user@` in the authority or `tls-username=`.
+    pub username: Option<String>,
+    /// `tls-hostname=`: the name the server certificate must carry
+    /// (default: the URI host; none for unix sockets).
+    pub hostname: Option<String>,
+    /// `tls-verify-peer=`: check the server certificate (default yes).
+    pub verify_peer: Option<bool>,
 }
 
 /// Why a string is not an NBD URI we can use.
@@ -77,8 +100,16 @@ pub enum UriError {
     BadHost(String),
     #[error("invalid port {0:?}: expected a number from 1 to 65535")]
     BadPort(String),
-    #[error("user info in the authority is only used for TLS, which is not supported yet")]
+    #[error("user info in the authority is the TLS user name; it needs nbds:// or nbds+unix://")]
     UserInfo,
+    #[error("{0} is a TLS parameter; it needs nbds:// or nbds+unix://")]
+    TlsParamWithoutTls(String),
+    #[error("invalid value {value:?} for {param}: {expected}")]
+    BadParam {
+        param: String,
+        value: String,
+        expected: &'static str,
+    },
     #[error("a unix-socket NBD URI takes no host (got {0:?}); use nbd+unix:///export?socket=PATH")]
     AuthorityWithUnix(String),
     #[error("a unix-socket NBD URI needs a socket parameter: nbd+unix:///export?socket=PATH")]
@@ -87,7 +118,9 @@ pub enum UriError {
     SocketOnTcp,
     #[error("query parameter {0:?} given more than once")]
     DuplicateParam(String),
-    #[error("unsupported query parameter {0:?} (only socket= is understood)")]
+    #[error(
+        "unsupported query parameter {0:?} (understood: socket, tls-psk-file, tls-certificates, tls-username, tls-hostname, tls-verify-peer)"
+    )]
     UnknownParam(String),
     #[error("NBD URIs have no fragment (found '#')")]
     Fragment,
@@ -135,19 +168,64 @@ impl NbdUri {
             String::from_utf8(export_bytes).map_err(|_| UriError::NotUtf8("export name"))?;
 
         let mut socket: Option<PathBuf> = None;
+        let mut p = TlsParams::default();
+        let mut seen = std::collections::HashSet::new();
         for param in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
             let (key, value) = param.split_once('=').unwrap_or((param, ""));
             let key = String::from_utf8(percent_decode(key, "query")?)
                 .map_err(|_| UriError::NotUtf8("query"))?;
-            if key != "socket" {
-                return Err(UriError::UnknownParam(key));
-            }
-            if socket.is_some() {
+            if !seen.insert(key.clone()) {
                 return Err(UriError::DuplicateParam(key));
             }
-            let path = percent_decode(value, "socket path")?;
-            socket = Some(PathBuf::from(OsString::from_vec(path)));
+            let path = || -> Result<PathBuf, UriError> {
+                Ok(PathBuf::from(OsString::from_vec(percent_decode(
+                    value, "query",
+                )?)))
+            };
+            let text = || -> Result<String, UriError> {
+                String::from_utf8(percent_decode(value, "query")?)
+                    .map_err(|_| UriError::NotUtf8("query"))
+            };
+            if key.starts_with("tls-") && !tls {
+                return Err(UriError::TlsParamWithoutTls(key));
+            }
+            match key.as_str() {
+                "socket" => socket = Some(path()?),
+                "tls-psk-file" => p.psk_file = Some(path()?),
+                "tls-certificates" => p.certificates = Some(path()?),
+                "tls-username" => p.username = Some(text()?),
+                "tls-hostname" => p.hostname = Some(text()?),
+                "tls-verify-peer" => {
+                    p.verify_peer = Some(match text()?.as_str() {
+                        "1" | "true" | "yes" | "on" => true,
+                        "0" | "false" | "no" | "off" => false,
+                        v => {
+                            return Err(UriError::BadParam {
+                                param: key,
+                                value: v.to_string(),
+                                expected: "0 or 1",
+                            });
+                        }
+                    })
+                }
+                _ => return Err(UriError::UnknownParam(key)),
+            }
         }
+
+        // `user@` is the TLS user name.
+        let authority = match authority.rsplit_once('@') {
+            Some(_) if !tls => return Err(UriError::UserInfo),
+            Some((user, host)) => {
+                let user = String::from_utf8(percent_decode(user, "user name")?)
+                    .map_err(|_| UriError::NotUtf8("user name"))?;
+                if p.username.is_some() {
+                    return Err(UriError::DuplicateParam("tls-username".into()));
+                }
+                p.username = Some(user);
+                host
+            }
+            None => authority,
+        };
 
         let endpoint = if unix {
             if !authority.is_empty() {
@@ -168,6 +246,27 @@ impl NbdUri {
             endpoint,
             export,
             tls,
+            tls_params: p,
+        })
+    }
+
+    /// What the client needs to connect with TLS, or `None` for a
+    /// plaintext URI. The certificate name defaults to the URI host.
+    pub fn client_tls(&self) -> Option<crate::tls::ClientTlsConfig> {
+        if !self.tls {
+            return None;
+        }
+        let p = &self.tls_params;
+        let host = match &self.endpoint {
+            Endpoint::Tcp { host, .. } => Some(host.clone()),
+            Endpoint::Unix(_) => None,
+        };
+        Some(crate::tls::ClientTlsConfig {
+            psk: p.psk_file.clone(),
+            username: p.username.clone(),
+            certificates: p.certificates.clone(),
+            hostname: p.hostname.clone().or(host),
+            verify_peer: p.verify_peer.unwrap_or(true),
         })
     }
 }
@@ -182,18 +281,42 @@ impl std::str::FromStr for NbdUri {
 impl fmt::Display for NbdUri {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let s = if self.tls { "nbds" } else { "nbd" };
+        let mut sep = '?';
         match &self.endpoint {
             Endpoint::Tcp { .. } => {
                 write!(f, "{s}://{}/", self.endpoint)?;
-                write_encoded(f, self.export.as_bytes())
+                write_encoded(f, self.export.as_bytes())?;
             }
             Endpoint::Unix(path) => {
                 write!(f, "{s}+unix:///")?;
                 write_encoded(f, self.export.as_bytes())?;
                 f.write_str("?socket=")?;
-                write_encoded(f, path.as_os_str().as_bytes())
+                write_encoded(f, path.as_os_str().as_bytes())?;
+                sep = '&';
             }
         }
+        let p = &self.tls_params;
+        let verify = p.verify_peer.map(|v| if v { "1" } else { "0" });
+        for (key, value) in [
+            (
+                "tls-psk-file",
+                p.psk_file.as_ref().map(|v| v.as_os_str().as_bytes()),
+            ),
+            (
+                "tls-certificates",
+                p.certificates.as_ref().map(|v| v.as_os_str().as_bytes()),
+            ),
+            ("tls-username", p.username.as_ref().map(|v| v.as_bytes())),
+            ("tls-hostname", p.hostname.as_ref().map(|v| v.as_bytes())),
+            ("tls-verify-peer", verify.map(str::as_bytes)),
+        ] {
+            if let Some(v) = value {
+                write!(f, "{sep}{key}=")?;
+                write_encoded(f, v)?;
+                sep = '&';
+            }
+        }
+        Ok(())
     }
 }
 
@@ -366,6 +489,43 @@ mod tests {
     }
 
     #[test]
+    fn tls_parameters_and_user_name_are_read_from_nbds_uris() {
+        let u = NbdUri::parse(
+            "nbds://alice@h:10810/e?tls-psk-file=/k/keys.psk&tls-hostname=srv&tls-verify-peer=0",
+        )
+        .unwrap();
+        assert_eq!(u.endpoint, tcp("h", 10810));
+        assert_eq!(u.tls_params.username.as_deref(), Some("alice"));
+        assert_eq!(
+            u.tls_params.psk_file.as_deref(),
+            Some(std::path::Path::new("/k/keys.psk"))
+        );
+        let c = u.client_tls().unwrap();
+        assert_eq!(c.hostname.as_deref(), Some("srv"));
+        assert!(!c.verify_peer);
+        assert_eq!(NbdUri::parse(&u.to_string()).unwrap(), u);
+
+        let u = NbdUri::parse("nbds+unix:///e?socket=/s&tls-certificates=/pki").unwrap();
+        let c = u.client_tls().unwrap();
+        assert_eq!(c.hostname, None);
+        assert!(c.verify_peer);
+        assert_eq!(NbdUri::parse(&u.to_string()).unwrap(), u);
+        assert_eq!(NbdUri::parse("nbd://h/e").unwrap().client_tls(), None);
+    }
+
+    #[test]
+    fn tls_parameters_on_plaintext_uris_are_refused() {
+        assert_eq!(
+            NbdUri::parse("nbd://h/e?tls-psk-file=k").unwrap_err(),
+            UriError::TlsParamWithoutTls("tls-psk-file".into())
+        );
+        assert!(matches!(
+            NbdUri::parse("nbds://h/e?tls-verify-peer=maybe").unwrap_err(),
+            UriError::BadParam { .. }
+        ));
+    }
+
+    #[test]
     fn tls_schemes_set_tls() {
         assert!(NbdUri::parse("nbds://h/e").unwrap().tls);
         assert!(NbdUri::parse("nbds+unix:///e?socket=s").unwrap().tls);
@@ -401,7 +561,15 @@ mod tests {
             ),
             (
                 "nbd+unix:///e?socket=s&tls-type=x509",
+                UriError::TlsParamWithoutTls("tls-type".into()),
+            ),
+            (
+                "nbds+unix:///e?socket=s&tls-type=x509",
                 UriError::UnknownParam("tls-type".into()),
+            ),
+            (
+                "nbds://alice@h/e?tls-username=bob",
+                UriError::DuplicateParam("tls-username".into()),
             ),
             ("nbd://h/e#frag", UriError::Fragment),
             ("nbd://h/e%zz", UriError::BadPercent("export name")),

@@ -504,7 +504,7 @@ async fn nbdkit_over_tcp_with_a_uri() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn unix_uri_connects_and_tls_uri_is_refused_clearly() {
+async fn unix_uri_connects_and_tls_to_a_plaintext_server_is_refused_not_downgraded() {
     bounded(async {
         let (dir, img, want) = dense_image(MIB);
         let server = nbdkit_file(&[], dir, &img);
@@ -515,19 +515,22 @@ async fn unix_uri_connects_and_tls_uri_is_refused_clearly() {
             endpoint: Endpoint::Unix(sock.clone()),
             export: String::new(),
             tls: false,
+            tls_params: Default::default(),
         };
         let parsed = NbdUri::parse(&uri.to_string()).unwrap();
         let c = Client::connect_uri(&parsed).await.unwrap();
         assert_eq!(c.read(0, 64).await.unwrap(), want[..64]);
+        // nbds:// to a server without TLS: STARTTLS is refused, and the
+        // client stops there instead of going on in plaintext.
         let tls = NbdUri {
             tls: true,
             ..parsed
         };
         match Client::connect_uri(&tls).await {
-            Err(e @ ClientError::TlsUnsupported { .. }) => {
-                assert!(e.to_string().contains("TLS is not supported yet"))
+            Err(e @ ClientError::TlsRefused { .. }) => {
+                assert!(e.to_string().contains("server refused TLS"), "{e}")
             }
-            other => panic!("expected TlsUnsupported, got {other:?}"),
+            other => panic!("expected TlsRefused, got {other:?}"),
         }
     })
     .await

@@ -1,5 +1,8 @@
 //! An NBD export as a source: `nbd://host[:port]/export` or
-//! `nbd+unix:///export?socket=PATH` (TLS, `nbds://`, is refused for now).
+//! `nbd+unix:///export?socket=PATH`, or their TLS forms `nbds://`,
+//! `nbds+unix://` with credentials in the URI (`tls-psk-file=`,
+//! `tls-certificates=`): loaded once when the source is opened, used by
+//! every connection and reconnect.
 //!
 //! # Connections (invariant 7)
 //!
@@ -49,6 +52,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use nbd_server::client::{Client, ClientError};
 use nbd_server::proto::Errno;
+use nbd_server::tls::ClientTls;
 use nbd_server::uri::{NbdUri, UriError};
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
@@ -107,11 +111,12 @@ pub enum NbdSourceError {
         #[source]
         source: UriError,
     },
-    #[error(
-        "source {uri}: TLS (nbds://) is not supported yet; use nbd:// or nbd+unix:// over a \
-         trusted link (an SSH tunnel, a private network)"
-    )]
-    TlsUnsupported { uri: String },
+    #[error("source {uri}: {source}")]
+    Tls {
+        uri: String,
+        #[source]
+        source: nbd_server::tls::TlsError,
+    },
     #[error("source {uri} is unreachable: {source}{}", source_chain(.source))]
     Connect {
         uri: String,
@@ -257,6 +262,8 @@ impl Slot {
 /// What the slot tasks and the readers share.
 struct Common {
     uri: NbdUri,
+    /// TLS credentials of an `nbds` URI, loaded once for every (re)connect.
+    tls: Option<ClientTls>,
     location: String,
     size: u64,
     opts: NbdOptions,
@@ -285,9 +292,10 @@ impl Common {
 
     /// One connect attempt, with the size check.
     async fn connect_once(&self) -> Result<Client, String> {
-        let client = Client::connect_with_timeout(
+        let client = Client::connect_tls(
             &self.uri.endpoint,
             &self.uri.export,
+            self.tls.as_ref(),
             self.opts.connect_timeout,
         )
         .await
@@ -387,17 +395,23 @@ impl Drop for NbdSource {
     }
 }
 
-fn parse(uri: &str) -> Result<NbdUri, NbdSourceError> {
+/// The URI, and for `nbds` its TLS credentials, loaded now so a bad key
+/// file fails the command at once rather than every reconnect.
+fn parse(uri: &str) -> Result<(NbdUri, Option<ClientTls>), NbdSourceError> {
     let parsed = NbdUri::parse(uri).map_err(|source| NbdSourceError::Uri {
         uri: uri.to_string(),
         source,
     })?;
-    if parsed.tls {
-        return Err(NbdSourceError::TlsUnsupported {
-            uri: parsed.to_string(),
-        });
-    }
-    Ok(parsed)
+    let tls = match parsed.client_tls() {
+        Some(config) => Some(
+            ClientTls::new(&config).map_err(|source| NbdSourceError::Tls {
+                uri: parsed.to_string(),
+                source,
+            })?,
+        ),
+        None => None,
+    };
+    Ok((parsed, tls))
 }
 
 impl NbdSource {
@@ -405,21 +419,26 @@ impl NbdSource {
     /// `opts.connect_timeout`) to learn its size. Must run in a tokio
     /// runtime.
     pub async fn connect(uri: &str, opts: NbdOptions) -> Result<NbdSource, NbdSourceError> {
-        let parsed = parse(uri)?;
+        let (parsed, tls) = parse(uri)?;
         let location = parsed.to_string();
-        let first =
-            Client::connect_with_timeout(&parsed.endpoint, &parsed.export, opts.connect_timeout)
-                .await
-                .map_err(|source| NbdSourceError::Connect {
-                    uri: location.clone(),
-                    source,
-                })?;
+        let first = Client::connect_tls(
+            &parsed.endpoint,
+            &parsed.export,
+            tls.as_ref(),
+            opts.connect_timeout,
+        )
+        .await
+        .map_err(|source| NbdSourceError::Connect {
+            uri: location.clone(),
+            source,
+        })?;
         let size = first.size();
         if size == 0 {
             return Err(NbdSourceError::Empty { uri: location });
         }
         let common = Arc::new(Common {
             uri: parsed,
+            tls,
             location,
             size,
             opts: opts.clone(),
@@ -461,10 +480,11 @@ impl NbdSource {
         expected_size: u64,
         opts: NbdOptions,
     ) -> Result<NbdSource, NbdSourceError> {
-        let parsed = parse(uri)?;
+        let (parsed, tls) = parse(uri)?;
         let location = parsed.to_string();
         let common = Arc::new(Common {
             uri: parsed,
+            tls,
             location,
             size: expected_size,
             opts: opts.clone(),
@@ -742,11 +762,13 @@ mod tests {
     }
 
     #[test]
-    fn tls_uri_is_refused_with_a_clear_message() {
-        let Err(e) = parse("nbds://host/export") else {
-            panic!("nbds must be refused")
+    fn tls_uri_with_a_missing_key_file_is_refused_at_once() {
+        let Err(e) = parse("nbds://host/export?tls-psk-file=/nonexistent/keys.psk") else {
+            panic!("a missing PSK file must be refused")
         };
-        assert!(e.to_string().contains("TLS"), "{e}");
+        let msg = e.to_string();
+        assert!(msg.contains("/nonexistent/keys.psk"), "{msg}");
+        assert!(msg.contains("PSK file"), "{msg}");
     }
 
     #[test]

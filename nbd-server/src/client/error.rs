@@ -24,10 +24,26 @@ pub enum ClientError {
         source: io::Error,
     },
 
-    /// The URI asks for TLS (`nbds://`), which this client cannot do; we
-    /// refuse rather than downgrade to plaintext.
-    #[error("TLS is not supported yet (URI {uri}); use nbd:// or nbd+unix:// over a trusted link")]
-    TlsUnsupported { uri: String },
+    /// TLS credentials could not be loaded, or the TLS handshake failed
+    /// (a wrong key, an untrusted or misnamed certificate).
+    #[error("TLS with {endpoint}: {source}")]
+    Tls {
+        endpoint: String,
+        #[source]
+        source: crate::tls::TlsError,
+    },
+
+    /// We asked for TLS and the server refused `NBD_OPT_STARTTLS`; we never
+    /// fall back to plaintext.
+    #[error("server refused TLS ({reply}{}); it may not offer TLS: use an nbd:// URI only over a trusted link", message_suffix(.message))]
+    TlsRefused {
+        reply: &'static str,
+        message: String,
+    },
+
+    /// The server requires TLS and we connected without it.
+    #[error("server requires TLS (NBD_REP_ERR_TLS_REQD{}): use nbds:// with tls-psk-file= or tls-certificates=", message_suffix(.message))]
+    TlsRequired { message: String },
 
     /// Connect plus negotiation took longer than the handshake timeout.
     #[error("NBD handshake with {endpoint} did not finish within {timeout:?}")]

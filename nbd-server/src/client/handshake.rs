@@ -5,6 +5,7 @@
 //! | step                          | on success                      | on an error reply                      |
 //! |-------------------------------|---------------------------------|----------------------------------------|
 //! | greeting, client flags        | `NO_ZEROES` if offered          | (no reply) oldstyle / not fixed: fatal |
+//! | `OPT_STARTTLS` (TLS only)     | the caller upgrades the stream  | fatal: we never fall back to plaintext |
 //! | `OPT_STRUCTURED_REPLY`        | structured replies on           | off, go on (`TLS_REQD`/`SHUTDOWN` fatal) |
 //! | `OPT_SET_META_CONTEXT`        | remember `base:allocation` id   | no block status, go on (same exceptions) |
 //! | `OPT_GO` + `INFO_BLOCK_SIZE`  | size, flags, block sizes        | `ERR_UNSUP`: fall back; others fatal   |
@@ -20,7 +21,7 @@ use super::error::{ClientError, reply_name};
 use crate::proto::{
     self, BASE_ALLOCATION, BlockSizes, FLAG_C_FIXED_NEWSTYLE, FLAG_C_NO_ZEROES,
     FLAG_FIXED_NEWSTYLE, FLAG_NO_ZEROES, IHAVEOPT, INFO_BLOCK_SIZE, Info, InfoRequest, MAX_STRING,
-    MetaContextRequest, NBDMAGIC, OPT_EXPORT_NAME, OPT_GO, OPT_SET_META_CONTEXT,
+    MetaContextRequest, NBDMAGIC, OPT_EXPORT_NAME, OPT_GO, OPT_SET_META_CONTEXT, OPT_STARTTLS,
     OPT_STRUCTURED_REPLY, OptionReplyHeader, REP_ACK, REP_ERR_BIT, REP_ERR_SHUTDOWN,
     REP_ERR_TLS_REQD, REP_ERR_UNSUP, REP_INFO, REP_META_CONTEXT, TF_HAS_FLAGS,
 };
@@ -51,12 +52,47 @@ pub(crate) async fn negotiate<S>(s: &mut S, export: &str) -> Result<Negotiated, 
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    check_export(export)?;
+    let no_zeroes = greet(s).await?;
+    options(s, export, no_zeroes).await
+}
+
+fn check_export(export: &str) -> Result<(), ClientError> {
     if export.len() > MAX_STRING {
         return Err(ClientError::InvalidArgument(format!(
             "export name is {} bytes; the protocol allows {MAX_STRING}",
             export.len()
         )));
     }
+    Ok(())
+}
+
+/// The first half of a TLS session: greeting and `NBD_OPT_STARTTLS`. On
+/// success the caller runs the TLS handshake, then [`options`] over it.
+/// Returns whether `NO_ZEROES` was agreed.
+pub(crate) async fn start_tls<S>(s: &mut S, export: &str) -> Result<bool, ClientError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    check_export(export)?;
+    let no_zeroes = greet(s).await?;
+    send_option(s, OPT_STARTTLS, &[]).await?;
+    let (reply, data) = read_reply(s, OPT_STARTTLS).await?;
+    match reply {
+        REP_ACK => Ok(no_zeroes),
+        r if r & REP_ERR_BIT != 0 => Err(ClientError::TlsRefused {
+            reply: reply_name(r),
+            message: String::from_utf8_lossy(&data).into_owned(),
+        }),
+        r => Err(unexpected(OPT_STARTTLS, r)),
+    }
+}
+
+/// Greeting and client flags; returns whether `NO_ZEROES` was agreed.
+async fn greet<S>(s: &mut S) -> Result<bool, ClientError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     let io = ClientError::io("handshake");
 
     let mut greeting = [0u8; 18];
@@ -94,7 +130,18 @@ where
     s.write_all(&client_flags.to_be_bytes())
         .await
         .map_err(ClientError::io("handshake"))?;
+    Ok(no_zeroes)
+}
 
+/// The options, from structured replies to `GO` (or `EXPORT_NAME`).
+pub(crate) async fn options<S>(
+    s: &mut S,
+    export: &str,
+    no_zeroes: bool,
+) -> Result<Negotiated, ClientError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     let structured = structured_replies(s).await?;
     let allocation = if structured {
         meta_context(s, export).await?
@@ -172,6 +219,11 @@ where
 }
 
 fn refused(option: u32, reply: u32, data: &[u8]) -> ClientError {
+    if reply == REP_ERR_TLS_REQD {
+        return ClientError::TlsRequired {
+            message: String::from_utf8_lossy(data).into_owned(),
+        };
+    }
     ClientError::OptionRefused {
         option: proto::option_name(option),
         reply: reply_name(reply),

@@ -5,9 +5,11 @@
 //!
 //! # Layout
 //!
-//! - `handshake`: fixed-newstyle negotiation (structured
-//!   replies, `base:allocation`, `OPT_GO` with a fallback to
-//!   `OPT_EXPORT_NAME`), bounded by [`HANDSHAKE_TIMEOUT`].
+//! - `handshake`: fixed-newstyle negotiation (`STARTTLS` when TLS is
+//!   asked for, structured replies, `base:allocation`, `OPT_GO` with a
+//!   fallback to `OPT_EXPORT_NAME`), bounded by [`HANDSHAKE_TIMEOUT`].
+//!   With TLS ([`crate::tls::ClientTls`]) the client sends `STARTTLS` first
+//!   and never falls back to plaintext.
 //! - `inflight`: the map of requests in flight and the
 //!   reader task that demultiplexes replies into it.
 //! - `error`: [`ClientError`], one enum for the layer.
@@ -65,6 +67,7 @@ use crate::proto::{
     CMD_TRIM, CMD_WRITE, CMD_WRITE_ZEROES, MAX_PAYLOAD, RequestHeader, TF_CAN_MULTI_CONN,
     TF_READ_ONLY, TF_SEND_FLUSH, TF_SEND_FUA, TF_SEND_TRIM, TF_SEND_WRITE_ZEROES,
 };
+use crate::tls::ClientTls;
 use crate::uri::{Endpoint, NbdUri};
 
 /// How long connecting plus negotiation may take by default.
@@ -106,14 +109,17 @@ impl Client {
         Client::connect_with_timeout(endpoint, export, HANDSHAKE_TIMEOUT).await
     }
 
-    /// Connect to what an NBD URI names. TLS URIs are refused for now.
+    /// Connect to what an NBD URI names, with TLS for `nbds` URIs (their
+    /// credentials loaded from the files the URI names).
     pub async fn connect_uri(uri: &NbdUri) -> Result<Client, ClientError> {
-        if uri.tls {
-            return Err(ClientError::TlsUnsupported {
-                uri: uri.to_string(),
-            });
-        }
-        Client::connect(&uri.endpoint, &uri.export).await
+        let tls = match uri.client_tls() {
+            Some(config) => Some(ClientTls::new(&config).map_err(|source| ClientError::Tls {
+                endpoint: uri.endpoint.to_string(),
+                source,
+            })?),
+            None => None,
+        };
+        Client::connect_tls(&uri.endpoint, &uri.export, tls.as_ref(), HANDSHAKE_TIMEOUT).await
     }
 
     /// [`Client::connect`] with a chosen bound on connect plus handshake.
@@ -122,7 +128,18 @@ impl Client {
         export: &str,
         timeout: Duration,
     ) -> Result<Client, ClientError> {
-        match tokio::time::timeout(timeout, open(endpoint, export)).await {
+        Client::connect_tls(endpoint, export, None, timeout).await
+    }
+
+    /// Connect, with TLS if `tls` is given (credentials loaded once, shared
+    /// by reconnects), within `timeout` for connect plus handshake.
+    pub async fn connect_tls(
+        endpoint: &Endpoint,
+        export: &str,
+        tls: Option<&ClientTls>,
+        timeout: Duration,
+    ) -> Result<Client, ClientError> {
+        match tokio::time::timeout(timeout, open(endpoint, export, tls)).await {
             Ok(r) => r,
             Err(_) => Err(ClientError::HandshakeTimeout {
                 endpoint: endpoint.to_string(),
@@ -443,7 +460,11 @@ impl Client {
 }
 
 /// Open the socket, negotiate and start the reader.
-async fn open(endpoint: &Endpoint, export: &str) -> Result<Client, ClientError> {
+async fn open(
+    endpoint: &Endpoint,
+    export: &str,
+    tls: Option<&ClientTls>,
+) -> Result<Client, ClientError> {
     let connect_err = |source| ClientError::Connect {
         endpoint: endpoint.to_string(),
         source,
@@ -454,6 +475,10 @@ async fn open(endpoint: &Endpoint, export: &str) -> Result<Client, ClientError> 
                 .await
                 .map_err(connect_err)?;
             s.set_nodelay(true).map_err(connect_err)?;
+            if let Some(tls) = tls {
+                let fd = s.as_raw_fd();
+                return over_tls(s, fd, endpoint, export, tls).await;
+            }
             let info = handshake::negotiate(&mut s, export).await?;
             tracing::debug!(%endpoint, export, ?info, "NBD client connected");
             let fd = s.as_raw_fd();
@@ -462,9 +487,36 @@ async fn open(endpoint: &Endpoint, export: &str) -> Result<Client, ClientError> 
         }
         Endpoint::Unix(path) => {
             let s = connect_unix(path).await.map_err(connect_err)?;
+            if let Some(tls) = tls {
+                let fd = s.as_raw_fd();
+                return over_tls(s, fd, endpoint, export, tls).await;
+            }
             over_unix_stream(s, export).await
         }
     }
+}
+
+/// `STARTTLS`, the TLS handshake, then the options over TLS. `fd` is the
+/// socket under `s`, for shutting it down on a fatal error.
+async fn over_tls<S>(
+    mut s: S,
+    fd: RawFd,
+    endpoint: &Endpoint,
+    export: &str,
+    tls: &ClientTls,
+) -> Result<Client, ClientError>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let no_zeroes = handshake::start_tls(&mut s, export).await?;
+    let mut s = tls.connect(s).await.map_err(|source| ClientError::Tls {
+        endpoint: endpoint.to_string(),
+        source,
+    })?;
+    let info = handshake::options(&mut s, export, no_zeroes).await?;
+    tracing::debug!(%endpoint, export, ?info, ?tls, "NBD client connected over TLS");
+    let (r, w) = tokio::io::split(s);
+    Ok(start(info, Box::new(r), Box::new(w), fd))
 }
 
 /// Negotiate on an already connected unix stream (also how the unit tests
