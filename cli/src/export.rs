@@ -31,6 +31,8 @@ pub struct ExportArgs {
     /// Accept writes. A legacy disk is served read-only; this is for tests.
     #[arg(long)]
     writable: bool,
+    #[command(flatten)]
+    tls: crate::tls_args::TlsArgs,
 }
 
 pub async fn run(args: ExportArgs, activation: Option<OwnedFd>) -> anyhow::Result<()> {
@@ -38,17 +40,24 @@ pub async fn run(args: ExportArgs, activation: Option<OwnedFd>) -> anyhow::Resul
         .with_context(|| format!("cannot serve {}", args.path.display()))?;
     let size = device.size();
     let activated = activation.is_some();
+    let tls = args.tls.server_tls()?;
+    if activation.is_none() && args.socket.is_none() {
+        args.tls.check_listen(&args.listen)?;
+    }
     let listener = match (activation, &args.socket) {
         (Some(fd), _) => Listener::from_activation_fd(fd).context("socket activation")?,
         (None, Some(path)) => Listener::bind_unix(path)?,
         (None, None) => Listener::bind_tcp(&args.listen).await?,
     };
-    let uri = listener.uri(&args.name)?;
-    let server = Server::new(vec![Export {
-        name: args.name.clone(),
-        description: args.description.clone(),
-        device,
-    }]);
+    let uri = crate::tls_args::client_uri(listener.uri(&args.name)?, tls.as_ref());
+    let server = Server::with_tls(
+        vec![Export {
+            name: args.name.clone(),
+            description: args.description.clone(),
+            device,
+        }],
+        tls,
+    );
     let shutdown = Shutdown::new();
     crate::shutdown_on_signals(shutdown.clone())?;
     tracing::info!(

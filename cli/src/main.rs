@@ -12,6 +12,8 @@
 //! - `mount`: `--mount DIR` of `stream start`, the FUSE file `DIR/disk.raw`.
 //! - `finalize`: `stream finalize` and `stream verify`, the end of a migration.
 //! - `demo`: `stream demo`, the whole job on a generated disk.
+//! - `tls_args`: the TLS flags of the NBD listeners, and the refusal to serve
+//!   plaintext to other hosts.
 
 mod cinder;
 mod control;
@@ -21,6 +23,7 @@ mod finalize;
 mod mount;
 mod start;
 mod status;
+mod tls_args;
 
 use std::process::ExitCode;
 

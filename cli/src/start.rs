@@ -19,7 +19,8 @@ use crate::control;
 #[derive(clap::Args)]
 pub struct StartArgs {
     /// The legacy disk: an NBD URI (nbd://HOST[:PORT]/EXPORT,
-    /// nbd+unix:///EXPORT?socket=PATH) or a local file or block device.
+    /// nbd+unix:///EXPORT?socket=PATH; with TLS nbds://HOST/EXPORT?tls-psk-file=FILE
+    /// or ?tls-certificates=DIR) or a local file or block device.
     #[arg(long, value_name = "URI|PATH")]
     source: String,
     /// Native storage to fill: a file (created sparse with the source's size
@@ -57,6 +58,8 @@ pub struct StartArgs {
     no_hydrate: bool,
     #[command(flatten)]
     mount: crate::mount::MountArgs,
+    #[command(flatten)]
+    tls: crate::tls_args::TlsArgs,
 }
 
 pub async fn run(args: StartArgs) -> anyhow::Result<()> {
@@ -72,6 +75,10 @@ pub async fn run(args: StartArgs) -> anyhow::Result<()> {
     if let Some(dir) = &args.mount.mount {
         // A bad mount point fails before any state is created.
         crate::mount::preflight(dir)?;
+    }
+    let tls = args.tls.server_tls()?;
+    if args.socket.is_none() && !args.mount.mount_only {
+        args.tls.check_listen(&args.listen)?;
     }
     let source = open_source(&args.source, expected).await?;
     let volume = Volume::open(
@@ -113,15 +120,18 @@ pub async fn run(args: StartArgs) -> anyhow::Result<()> {
         .map(|d| d.join(lazy_fetch::fuse::FILE_NAME));
     // What clients use: the NBD URI, or with --mount-only the file.
     let uri = match (&listener, &file) {
-        (Some(l), _) => l.uri(&args.name)?,
+        (Some(l), _) => crate::tls_args::client_uri(l.uri(&args.name)?, tls.as_ref()),
         (None, Some(f)) => f.display().to_string(),
         (None, None) => unreachable!("--mount-only requires --mount"),
     };
-    let server = Server::new(vec![Export {
-        name: args.name.clone(),
-        description: Some(format!("stream of {}", volume.header().source.location)),
-        device: VolumeDevice(volume.clone()),
-    }]);
+    let server = Server::with_tls(
+        vec![Export {
+            name: args.name.clone(),
+            description: Some(format!("stream of {}", volume.header().source.location)),
+            device: VolumeDevice(volume.clone()),
+        }],
+        tls,
+    );
     let shutdown = Shutdown::new();
     crate::shutdown_on_signals(shutdown.clone())?;
 

@@ -26,6 +26,8 @@
 //!   is missing, and every run bounded by a deadline.
 //! - [`fuse`]: around a FUSE mount: loop devices, ext4 fixtures, kernel
 //!   mounts and stale FUSE mounts, each undone on drop, and a watchdog.
+//! - [`tls`]: a test CA with server and client certificates, PSK files,
+//!   and nbdkit serving over TLS.
 //! - [`wire`]: a tiny blocking NBD client speaking exact bytes, for the
 //!   protocol corner cases no well-behaved client will produce.
 //!
@@ -40,6 +42,7 @@ pub mod image;
 pub mod proxy;
 pub mod server;
 pub mod start;
+pub mod tls;
 pub mod tool;
 pub mod wire;
 

@@ -42,6 +42,7 @@ pub struct Export {
     name: Option<String>,
     description: Option<String>,
     writable: bool,
+    extra: Vec<String>,
 }
 
 impl Export {
@@ -53,7 +54,14 @@ impl Export {
             name: None,
             description: None,
             writable: false,
+            extra: Vec::new(),
         }
+    }
+
+    /// More arguments, appended as given (e.g. `--tls-psk FILE`).
+    pub fn args(mut self, args: &[&str]) -> Self {
+        self.extra.extend(args.iter().map(|a| a.to_string()));
+        self
     }
 
     /// Listen on a unix socket in a fresh temp directory instead.
@@ -100,6 +108,7 @@ impl Export {
         if self.writable {
             cmd.arg("--writable");
         }
+        cmd.args(&self.extra);
         if std::env::var_os("RUST_LOG").is_none() {
             cmd.env("RUST_LOG", "debug");
         }
@@ -172,11 +181,16 @@ pub(crate) fn read_uri_line(child: &mut Child, timeout: Duration) -> Result<Stri
 }
 
 /// Parses the two URI forms `stream export` prints:
-/// `nbd://HOST:PORT/NAME` and `nbd+unix:///NAME?socket=PATH`.
-/// Returns the address and the export name (no percent-decoding: tests
-/// use plain names).
+/// `nbd://HOST:PORT/NAME` and `nbd+unix:///NAME?socket=PATH`, and their
+/// TLS forms `nbds://`, `nbds+unix://`. Returns the address and the export
+/// name (no percent-decoding: tests use plain names).
 pub fn parse_uri(uri: &str) -> Option<(Addr, String)> {
+    let uri = match uri.strip_prefix("nbds") {
+        Some(rest) => format!("nbd{rest}"),
+        None => uri.to_owned(),
+    };
     if let Some(rest) = uri.strip_prefix("nbd://") {
+        let rest = rest.split_once('?').map_or(rest, |(r, _)| r);
         let (authority, name) = rest.split_once('/').unwrap_or((rest, ""));
         let addr: SocketAddr = authority.parse().ok()?;
         Some((Addr::Tcp(addr), name.to_owned()))
