@@ -160,7 +160,7 @@ impl Export {
 
 /// Reads the first stdout line on a thread; the thread then keeps draining
 /// stdout so the server can never block on a full pipe.
-pub(crate) fn read_uri_line(child: &mut Child, timeout: Duration) -> Result<String, String> {
+pub fn read_uri_line(child: &mut Child, timeout: Duration) -> Result<String, String> {
     let stdout = child.stdout.take().expect("piped stdout");
     let (tx, rx) = mpsc::channel();
     thread::spawn(move || {

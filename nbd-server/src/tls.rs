@@ -93,12 +93,11 @@ pub enum TlsError {
     PskEmpty { path: PathBuf },
     #[error("PSK file {} has no key for user {username:?}", path.display())]
     PskUnknownUser { path: PathBuf, username: String },
-    #[error("cannot load {what} from {}: {source}", path.display())]
+    #[error("cannot load {what} from {}: {reason}", path.display())]
     Credentials {
         what: &'static str,
         path: PathBuf,
-        #[source]
-        source: ErrorStack,
+        reason: String,
     },
     #[error("TLS configuration: {0}")]
     Config(String),
@@ -106,6 +105,12 @@ pub enum TlsError {
     Setup(#[from] ErrorStack),
     #[error("TLS handshake failed (wrong key or untrusted certificate?): {0}")]
     Handshake(String),
+    /// With TLS 1.3 a client learns that the server refused its
+    /// certificate only when the next read fails.
+    #[error(
+        "the server ended the session right after the TLS handshake ({0}): it may have refused our client certificate"
+    )]
+    Rejected(String),
 }
 
 /// A parsed PSK key file: `username:hexkey` per line.
@@ -303,9 +308,6 @@ impl ServerTls {
             }
             (None, Some(dir)) => {
                 let file = |name: &str| dir.join(name);
-                let creds = |what, path: PathBuf| {
-                    move |source| TlsError::Credentials { what, path, source }
-                };
                 let cert = file("server-cert.pem");
                 b.set_certificate_chain_file(&cert)
                     .map_err(creds("the server certificate", cert.clone()))?;
@@ -393,8 +395,6 @@ impl ClientTls {
     /// trusted CAs.
     pub fn new(config: &ClientTlsConfig) -> Result<ClientTls, TlsError> {
         let mut b = base_context()?;
-        let creds =
-            |what, path: PathBuf| move |source| TlsError::Credentials { what, path, source };
         let kind = match (&config.psk, &config.certificates) {
             (Some(_), Some(_)) => {
                 return Err(TlsError::Config(
@@ -506,6 +506,28 @@ fn set_psk_only(b: &mut SslContextBuilder) -> Result<(), TlsError> {
     b.set_options(openssl::ssl::SslOptions::CIPHER_SERVER_PREFERENCE);
     b.set_cipher_list("ECDHE-PSK:DHE-PSK:PSK:!aNULL:!eNULL:!3DES:!RC4:!MD5")?;
     Ok(())
+}
+
+/// The error for a credential file that failed to load: "no such file"
+/// when it is not there (the usual mistake), else OpenSSL's reasons, once
+/// each.
+fn creds(what: &'static str, path: PathBuf) -> impl FnOnce(ErrorStack) -> TlsError {
+    move |stack| {
+        let reason = if !path.exists() {
+            "no such file (a certificate directory holds ca-cert.pem, and \
+             server-cert.pem + server-key.pem or client-cert.pem + client-key.pem)"
+                .to_string()
+        } else {
+            let mut reasons: Vec<&str> = Vec::new();
+            for r in stack.errors().iter().filter_map(|e| e.reason()) {
+                if !reasons.contains(&r) {
+                    reasons.push(r);
+                }
+            }
+            reasons.join("; ")
+        };
+        TlsError::Credentials { what, path, reason }
+    }
 }
 
 /// An OpenSSL error as one line: the reason in the error stack, or the I/O

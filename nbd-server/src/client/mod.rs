@@ -513,7 +513,15 @@ where
         endpoint: endpoint.to_string(),
         source,
     })?;
-    let info = handshake::options(&mut s, export, no_zeroes).await?;
+    let info = handshake::options(&mut s, export, no_zeroes)
+        .await
+        .map_err(|e| match e {
+            ClientError::Io { source, .. } => ClientError::Tls {
+                endpoint: endpoint.to_string(),
+                source: crate::tls::TlsError::Rejected(source.to_string()),
+            },
+            e => e,
+        })?;
     tracing::debug!(%endpoint, export, ?info, ?tls, "NBD client connected over TLS");
     let (r, w) = tokio::io::split(s);
     Ok(start(info, Box::new(r), Box::new(w), fd))
