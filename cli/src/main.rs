@@ -39,8 +39,9 @@ use clap::{Parser, Subcommand};
         lazily from the legacy disk, while the rest is copied in the background; \
         `stream finalize` then hands the volume over to native storage.",
     after_long_help = "A cutover, in short (docs/cutover.md has the whole runbook):\n\
-        \n  legacy host:  stream export /dev/sda --listen 10.0.0.5:10809\n\
-        \n  cloud host:   stream start --source nbd://10.0.0.5:10809/ --target /dev/vg/mig-db01\n\
+        \n  legacy host:  stream export /dev/sda --listen 10.0.0.5:10809 --tls-psk /etc/stream/keys.psk\n\
+        \n  cloud host:   stream start --source 'nbds://10.0.0.5:10809/?tls-psk-file=/etc/stream/keys.psk' \\\n\
+        \x20                   --target /dev/vg/mig-db01\n\
         \x20               (boot the instance from the NBD URI it prints)\n\
         \n                stream status --target /dev/vg/mig-db01 --watch\n\
         \n                stream finalize --target /dev/vg/mig-db01 --verify\n\
