@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::mpsc;
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::tool::{require_tool, run, run_ok};
 
@@ -135,8 +135,22 @@ impl FsMount {
     }
 
     /// Unmount now, asserting success (so writeback errors fail the test).
+    ///
+    /// EBUSY is retried for a while: a test binary runs tests on several
+    /// threads, and a `fork` by another thread briefly holds a copy of every
+    /// open descriptor (files of this mount included) until its `exec`
+    /// closes them, which under load can outlast one `umount` attempt.
     pub fn unmount(mut self) {
-        run_ok(Command::new("umount").arg(&self.dir), TOOL_TIMEOUT);
+        let deadline = Instant::now() + TOOL_TIMEOUT;
+        loop {
+            let out = run(Command::new("umount").arg(&self.dir), TOOL_TIMEOUT);
+            if out.status.success() {
+                break;
+            }
+            let busy = out.stderr_lossy().contains("busy");
+            assert!(busy && Instant::now() < deadline, "{}", out.describe());
+            thread::sleep(Duration::from_millis(50));
+        }
         self.dir = PathBuf::new();
     }
 }
