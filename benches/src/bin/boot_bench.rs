@@ -42,6 +42,7 @@ use stream_benches::child::ChildGuard;
 use stream_benches::lazy::{StartSpec, StreamStart, counter};
 use stream_benches::report::{machine, shell_line};
 use stream_benches::servers::{self, Binaries, ServerKind, Transport, wait_until_served};
+use stream_benches::stats::{median, range};
 
 const USAGE: &str = "\
 usage: boot_bench [--delays 0,1,5] [--peers direct,stream,...] [--reps N]
@@ -210,7 +211,10 @@ struct Row {
     to_marker: Duration,
     reads: u64,
     bytes: u64,
-    note: String,
+    /// `stream start`'s `bytes_fetched` when the marker appeared.
+    fetched_at_marker: Option<u64>,
+    /// copy-first: how long the copy took (part of `ready`).
+    copy: Option<Duration>,
 }
 
 fn run(opts: &Options) -> io::Result<()> {
@@ -274,7 +278,7 @@ struct Serving {
     guards: Vec<ChildGuard>,
     stream: Option<StreamStart>,
     ready: Duration,
-    note: String,
+    copy: Option<Duration>,
 }
 
 fn one_boot(
@@ -321,14 +325,10 @@ fn one_boot(
             )));
         }
     };
-    if let Some(s) = &serving.stream {
-        let st = s.status()?;
-        let _ = write!(
-            serving.note,
-            "bytes_fetched at the marker {:.2} MiB",
-            mib(counter(&st, "bytes_fetched"))
-        );
-    }
+    let fetched_at_marker = match &serving.stream {
+        Some(s) => Some(counter(&s.status()?, "bytes_fetched")),
+        None => None,
+    };
     if let Some(s) = serving.stream.take() {
         s.stop()?;
     }
@@ -342,7 +342,11 @@ fn one_boot(
     // No read line when nothing was read.
     let (reads, bytes) = boot::parse_nbdkit_stats_reads(&text).unwrap_or((0, 0));
     if !result.marker_line.contains("bytes=") {
-        serving.note.push_str(" (marker without bytes=)");
+        return Err(io::Error::other(format!(
+            "{} at {delay} ms: the marker line {:?} lacks what the guest read",
+            peer.name(),
+            result.marker_line
+        )));
     }
     Ok(Row {
         delay_ms: delay,
@@ -351,7 +355,8 @@ fn one_boot(
         to_marker: result.to_marker,
         reads,
         bytes,
-        note: serving.note,
+        fetched_at_marker,
+        copy: serving.copy,
     })
 }
 
@@ -371,7 +376,7 @@ fn start_peer(
         guards: Vec::new(),
         stream: None,
         ready: Duration::ZERO,
-        note: String::new(),
+        copy: None,
     };
     match peer {
         Peer::Direct => s.uri = source.to_string(),
@@ -473,7 +478,7 @@ fn start_peer(
                     )));
                 }
             }
-            let _ = write!(s.note, "copy {:.2} s", t0.elapsed().as_secs_f64());
+            s.copy = Some(t0.elapsed());
             let srv = servers::start(
                 ServerKind::Stream,
                 Transport::Unix,
@@ -514,7 +519,7 @@ fn report(opts: &Options, image: &BootImage, size: u64, rows: &[Row], took: Dura
     }
     let _ = writeln!(
         r,
-        "- {} boot(s) per peer and delay, run took {:.0} s\n",
+        "- {} boot(s) per peer and delay (medians, min-max in brackets), run took {:.0} s\n",
         opts.reps,
         took.as_secs_f64()
     );
@@ -523,18 +528,53 @@ fn report(opts: &Options, image: &BootImage, size: u64, rows: &[Row], took: Dura
         "| delay | peer | ready (s) | to marker (s) | total (s) | source reads | fetched (MiB) | notes |"
     );
     let _ = writeln!(r, "|---|---|---:|---:|---:|---:|---:|---|");
-    for row in rows {
+    // The repetitions of one peer and delay are consecutive.
+    for group in rows.chunk_by(|a, b| a.delay_ms == b.delay_ms && a.peer == b.peer) {
+        let of = |f: &dyn Fn(&Row) -> f64| group.iter().map(f).collect::<Vec<_>>();
+        let ready = of(&|x| x.ready.as_secs_f64());
+        let marker = of(&|x| x.to_marker.as_secs_f64());
+        let total = of(&|x| (x.ready + x.to_marker).as_secs_f64());
+        let reads = of(&|x| x.reads as f64);
+        let bytes = of(&|x| mib(x.bytes));
+        let spread = |v: &[f64]| {
+            if v.len() < 2 {
+                String::new()
+            } else {
+                let (lo, hi) = range(v);
+                format!(" [{lo:.2}-{hi:.2}]")
+            }
+        };
+        let mut notes = Vec::new();
+        let at_marker: Vec<f64> = group
+            .iter()
+            .filter_map(|x| x.fetched_at_marker.map(mib))
+            .collect();
+        if !at_marker.is_empty() {
+            notes.push(format!(
+                "`bytes_fetched` at the marker {:.2} MiB",
+                median(&at_marker)
+            ));
+        }
+        let copy: Vec<f64> = group
+            .iter()
+            .filter_map(|x| x.copy.map(|d| d.as_secs_f64()))
+            .collect();
+        if !copy.is_empty() {
+            notes.push(format!("copy {:.2} s", median(&copy)));
+        }
         let _ = writeln!(
             r,
-            "| {} ms | {} | {:.2} | {:.2} | {:.2} | {} | {:.2} | {} |",
-            row.delay_ms,
-            row.peer.describe(),
-            row.ready.as_secs_f64(),
-            row.to_marker.as_secs_f64(),
-            (row.ready + row.to_marker).as_secs_f64(),
-            row.reads,
-            mib(row.bytes),
-            row.note.trim()
+            "| {} ms | {} | {:.2} | {:.2}{} | {:.2}{} | {:.0} | {:.2} | {} |",
+            group[0].delay_ms,
+            group[0].peer.describe(),
+            median(&ready),
+            median(&marker),
+            spread(&marker),
+            median(&total),
+            spread(&total),
+            median(&reads),
+            median(&bytes),
+            notes.join("; ")
         );
     }
     r
