@@ -22,10 +22,14 @@
 //!   status its control socket reports; sources for it come from
 //!   [`servers::start_nbdkit_source`] (nbdkit with a delay filter).
 //! - [`mem`]: peak and current resident memory from `/proc/PID/status`.
+//! - [`boot`]: a real OS (`vendor-fixtures/boot/build-image`) booted with
+//!   qemu under TCG from an NBD export, timed to a console marker line.
 //!
 //! The `export-bench` binary measures `stream export`; `start-bench`
-//! measures `stream start` (cold and warm reads, hydration, memory).
+//! measures `stream start` (cold and warm reads, hydration, memory);
+//! `boot_bench` the time to boot through each peer.
 
+pub mod boot;
 pub mod child;
 pub mod cpu;
 pub mod fio;
