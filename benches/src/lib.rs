@@ -23,15 +23,30 @@
 //!   [`servers::start_nbdkit_source`] (nbdkit with a delay filter).
 //! - [`mem`]: peak and current resident memory from `/proc/PID/status`.
 //!
-//! The `export-bench` binary measures `stream export`; `start-bench`
-//! measures `stream start` (cold and warm reads, hydration, memory).
+//! - [`peers`]: the migrators the `suite` compares (stream start,
+//!   qemu-storage-daemon with block-stream, nbdkit's cache filter, nbdcopy
+//!   then serve) started in front of one source; [`qmp`] drives
+//!   qemu-storage-daemon's monitor.
+//! - [`trace`]: the synthetic boot-like read trace and its replay.
+//! - [`plot`]: SVG charts (plotters).
+//! - [`boot_hook`]: where the real-OS boot benchmark plugs in.
+//!
+//! The `suite` binary (run by `benches/run`) is the entry point of issue
+//! 6: every peer, every scenario, one run. The older `export-bench`
+//! measures `stream export`; `start-bench` measures `stream start` (cold
+//! and warm reads, hydration, memory) in more depth against fewer peers.
 
+pub mod boot_hook;
 pub mod child;
 pub mod cpu;
 pub mod fio;
 pub mod lazy;
 pub mod mem;
+pub mod peers;
+pub mod plot;
+pub mod qmp;
 pub mod report;
 pub mod servers;
 pub mod stats;
 pub mod testfile;
+pub mod trace;
