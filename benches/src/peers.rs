@@ -38,6 +38,10 @@ use crate::{cpu, mem};
 
 const POLL: Duration = Duration::from_millis(50);
 
+/// Progress samples of a background copy: `(seconds since start, fraction
+/// copied)`.
+pub type Samples = Vec<(f64, f64)>;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PeerKind {
     Direct,
@@ -262,11 +266,7 @@ impl Peer {
     /// Poll until the background copy is complete; the time since the
     /// start and the progress samples `(seconds, fraction)`. `None` for a
     /// peer that copies nothing in the background; an error on timeout.
-    #[allow(clippy::type_complexity)]
-    pub fn wait_hydrated(
-        &mut self,
-        timeout: Duration,
-    ) -> io::Result<Option<(Duration, Vec<(f64, f64)>)>> {
+    pub fn wait_hydrated(&mut self, timeout: Duration) -> io::Result<Option<(Duration, Samples)>> {
         if let Some((took, _)) = self.copy {
             return Ok(Some((took, vec![(0.0, 0.0), (took.as_secs_f64(), 1.0)])));
         }
@@ -435,7 +435,8 @@ pub fn nbdcopy(src: &str, dest: &Path, timeout: Duration) -> io::Result<(Duratio
     let took = t0.elapsed();
     stop.store(true, Ordering::Relaxed);
     let _ = sampler.join();
-    let status = status?.ok_or_else(|| io::Error::other(format!("nbdcopy ran past {timeout:?}")))?;
+    let status =
+        status?.ok_or_else(|| io::Error::other(format!("nbdcopy ran past {timeout:?}")))?;
     if !status.success() {
         return Err(io::Error::other(format!("nbdcopy {src} failed: {status}")));
     }

@@ -3,7 +3,7 @@
 //! A boot reads a few percent of its disk: files read front to back in
 //! small requests (which a server can read ahead of), interleaved with
 //! scattered 4 KiB reads (metadata, libraries' pages). [`generate`] makes
-//! such a trace deterministically from a seed: until [`TOUCH_PERCENT`] of
+//! such a trace deterministically from a seed: until [`TOUCH_PERCENT`] (3 %) of
 //! the disk is covered, each event is with probability 0.3 a sequential
 //! run of 64 KiB .. 1 MiB in 16 KiB reads, else one random 4 KiB read.
 //!
@@ -20,7 +20,7 @@ use nbd_server::client::Client;
 use nbd_server::uri::NbdUri;
 
 /// Share of the disk the trace reads.
-pub const TOUCH_PERCENT: u64 = 2;
+pub const TOUCH_PERCENT: u64 = 3;
 const SEQ_REQUEST: u32 = 16 << 10;
 const RANDOM_REQUEST: u32 = 4 << 10;
 /// Longest a replay may take.
