@@ -230,6 +230,14 @@ impl Peer {
         }
     }
 
+    /// `stream status --json` of a `stream start` peer (`None` for others).
+    pub fn stream_status(&self) -> Option<io::Result<serde_json::Value>> {
+        match &self.running {
+            Running::Stream(s) => Some(s.status()),
+            _ => None,
+        }
+    }
+
     pub fn usage(&self) -> Option<Usage> {
         self.pid().map(usage_of)
     }

@@ -47,22 +47,25 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use stream_benches::fio::{self, RAND_READ_4K_QD1, RAND_READ_64K_QD1, SEQ_READ_1M, Workload};
+use stream_benches::lazy::counter;
 use stream_benches::peers::{Peer, PeerKind, PeerSpec, Samples, Usage};
 use stream_benches::report::{machine, shell_line, write_between_markers};
 use stream_benches::servers::{self, RunningServer};
+use stream_benches::stats::{median, range};
 use stream_benches::{boot_hook, plot, testfile, trace};
 
 const USAGE: &str = "\
 usage: suite [--quick] [--out DIR] [--write FILE] [--delays 0,1,5]
-             [--rate RATE] [--runtime SECS] [--dense-mib N]
+             [--rate RATE] [--runtime SECS] [--reps N] [--dense-mib N]
              [--peers direct,stream,qsd-stream,nbdkit-cache,nbdcopy-then-serve]
              [--scenarios cold-4k,cold-64k,seq,hydration,fg-under-hydration,trace]
              [--boot] [--stream-bin PATH] [--dir DIR]
 
 Runs every scenario for every peer and writes results.md, results.json and
 SVG plots into DIR (default benches/results/<UTC date-time>/).
-  --quick       1 ms link only, 2 s fio runs, 256 MiB hydration disk
-                (default: 0, 1 and 5 ms links, 4 s runs, 1 GiB)
+  --quick       1 ms link only, 2 s fio runs, 1 run per latency cell,
+                256 MiB hydration disk (default: 0, 1 and 5 ms links,
+                4 s runs, median of 2 runs, 1 GiB)
   --rate RATE   also limit the source's bandwidth (nbdkit rate filter,
                 e.g. 100M = 100 Mbit/s)
   --write FILE  put the report between the suite markers of FILE
@@ -95,6 +98,8 @@ struct Options {
     delays: Vec<u64>,
     rate: Option<String>,
     runtime: Duration,
+    /// Runs per latency cell (cold reads, fg under hydration); the median.
+    reps: usize,
     dense_size: u64,
     seq_bytes: u64,
     hydrate_timeout: Duration,
@@ -117,6 +122,7 @@ fn parse_args() -> Result<Options, String> {
         delays: vec![0, 1, 5],
         rate: None,
         runtime: Duration::from_secs(4),
+        reps: 2,
         dense_size: 1 << 30,
         seq_bytes: 256 << 20,
         hydrate_timeout: Duration::from_secs(300),
@@ -128,7 +134,8 @@ fn parse_args() -> Result<Options, String> {
         out: None,
         write: None,
     };
-    let (mut delays_set, mut runtime_set, mut dense_set) = (false, false, false);
+    let (mut delays_set, mut runtime_set, mut dense_set, mut reps_set) =
+        (false, false, false, false);
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut value = |name: &str| args.next().ok_or(format!("{name} needs a value"));
@@ -144,6 +151,10 @@ fn parse_args() -> Result<Options, String> {
             "--runtime" => {
                 o.runtime = Duration::from_secs(num(&value("--runtime")?)?.max(1));
                 runtime_set = true;
+            }
+            "--reps" => {
+                o.reps = num(&value("--reps")?)?.max(1) as usize;
+                reps_set = true;
             }
             "--dense-mib" => {
                 o.dense_size = num(&value("--dense-mib")?)?.max(16) << 20;
@@ -187,6 +198,9 @@ fn parse_args() -> Result<Options, String> {
         }
         if !dense_set {
             o.dense_size = 256 << 20;
+        }
+        if !reps_set {
+            o.reps = 1;
         }
         o.seq_bytes = 64 << 20;
         o.hydrate_timeout = Duration::from_secs(120);
@@ -543,17 +557,49 @@ fn us(ns: u64) -> f64 {
 
 fn cold(ctx: &mut Ctx, run: &mut Run, name: &'static str, w: Workload, delay: u64, p: PeerKind) {
     let (runtime, json) = (ctx.opts.runtime, fio_json(ctx));
-    let r = ctx.with_peer(SourceKind::Big, delay, p, false, |peer| {
-        fio::run(&peer.uri, w, runtime, &json)
-    });
-    match r {
-        Ok(r) => {
-            let note = format!("{} reads", r.total_ios);
-            run.put(name, p, delay, "p50", "µs", Some(us(r.clat_p50_ns)), &note);
-            run.put(name, p, delay, "p99", "µs", Some(us(r.clat_p99_ns)), note);
+    let (mut p50, mut p99, mut note) = (Vec::new(), Vec::new(), String::new());
+    for _ in 0..ctx.opts.reps {
+        let r = ctx.with_peer(SourceKind::Big, delay, p, false, |peer| {
+            let r = fio::run(&peer.uri, w, runtime, &json)?;
+            Ok((r, peer.stream_status().transpose()?))
+        });
+        let (r, status) = match r {
+            Ok(x) => x,
+            Err(e) => return failed(run, name, p, delay, &e),
+        };
+        note = format!("{} reads", r.total_ios);
+        if let Some(st) = status {
+            let _ = write!(
+                note,
+                "; {:.1} % cold; engine fetch p50 {} µs p99 {} µs",
+                100.0 * counter(&st, "chunks_fetched_on_demand") as f64 / r.total_ios.max(1) as f64,
+                counter(&st, "foreground_fetch_p50_us"),
+                counter(&st, "foreground_fetch_p99_us")
+            );
         }
-        Err(e) => failed(run, name, p, delay, &e),
+        p50.push(us(r.clat_p50_ns));
+        p99.push(us(r.clat_p99_ns));
     }
+    let spread = reps_note(&p99);
+    run.put(name, p, delay, "p50", "µs", Some(median(&p50)), &note);
+    run.put(
+        name,
+        p,
+        delay,
+        "p99",
+        "µs",
+        Some(median(&p99)),
+        format!("{note}{spread}"),
+    );
+}
+
+/// "; p99 of N runs: a–b" when there was more than one run.
+fn reps_note(p99: &[f64]) -> String {
+    if p99.len() < 2 {
+        return String::new();
+    }
+    let (lo, hi) = range(p99);
+    format!("; median of {} runs, p99 {lo:.0}–{hi:.0} µs", p99.len())
 }
 
 fn seq_extra(ctx: &Ctx, size: u64) -> Vec<String> {
@@ -619,42 +665,47 @@ fn fg_under_hydration(ctx: &mut Ctx, run: &mut Run, delay: u64, p: PeerKind) {
         return;
     }
     let (runtime, json) = (ctx.opts.runtime, fio_json(ctx));
-    let r = ctx.with_peer(SourceKind::Big, delay, p, true, |peer| {
-        let r = fio::run(&peer.uri, RAND_READ_4K_QD1, runtime, &json)?;
-        let progress = peer.progress()?.unwrap_or(0.0);
-        Ok((r, progress))
-    });
-    match r {
-        Ok((r, progress)) => {
-            let idle = run.get("cold-4k", p, delay, "p99");
-            let note = format!(
-                "{} reads; {:.1} % of the disk copied meanwhile",
-                r.total_ios,
-                100.0 * progress
-            );
-            let p99 = us(r.clat_p99_ns);
-            run.put(
-                "fg-under-hydration",
-                p,
-                delay,
-                "p50",
-                "µs",
-                Some(us(r.clat_p50_ns)),
-                "",
-            );
-            run.put("fg-under-hydration", p, delay, "p99", "µs", Some(p99), note);
-            run.put(
-                "fg-under-hydration",
-                p,
-                delay,
-                "p99 / idle",
-                "×",
-                idle.map(|i| p99 / i),
-                "idle = cold-4k p99",
-            );
-        }
-        Err(e) => failed(run, "fg-under-hydration", p, delay, &e),
+    let (mut p50s, mut p99s, mut note) = (Vec::new(), Vec::new(), String::new());
+    for _ in 0..ctx.opts.reps {
+        let r = ctx.with_peer(SourceKind::Big, delay, p, true, |peer| {
+            let r = fio::run(&peer.uri, RAND_READ_4K_QD1, runtime, &json)?;
+            let progress = peer.progress()?.unwrap_or(0.0);
+            Ok((r, progress))
+        });
+        let (r, progress) = match r {
+            Ok(x) => x,
+            Err(e) => return failed(run, "fg-under-hydration", p, delay, &e),
+        };
+        note = format!(
+            "{} reads; {:.1} % of the disk copied meanwhile",
+            r.total_ios,
+            100.0 * progress
+        );
+        p50s.push(us(r.clat_p50_ns));
+        p99s.push(us(r.clat_p99_ns));
     }
+    let idle = run.get("cold-4k", p, delay, "p99");
+    let note = format!("{note}{}", reps_note(&p99s));
+    let p99 = median(&p99s);
+    run.put(
+        "fg-under-hydration",
+        p,
+        delay,
+        "p50",
+        "µs",
+        Some(median(&p50s)),
+        "",
+    );
+    run.put("fg-under-hydration", p, delay, "p99", "µs", Some(p99), note);
+    run.put(
+        "fg-under-hydration",
+        p,
+        delay,
+        "p99 / idle",
+        "×",
+        idle.map(|i| p99 / i),
+        "idle = cold-4k p99",
+    );
 }
 
 /// Peak RSS since the start, CPU time between two samples.
@@ -873,7 +924,7 @@ fn markdown(
         "- method: {} mode; source nbdkit on a unix socket, `--filter=delay delay-read=N ms`{}; \
          cold/seq/fg sources: nbdkit `random` {} GiB; hydration/trace source: a {} MiB \
          pseudo-random file (nbdkit `file`, page cache hot); fio nbd engine, 1 job, {} s runs, \
-         one run per cell; a fresh source and peer per measurement; trace: {} reads, {} MiB \
+         latency cells (cold, fg) the median of {} runs, other cells one run; a fresh source and peer per measurement; trace: {} reads, {} MiB \
          ({} % of the disk), QD{TRACE_DEPTH}, background copy running",
         if opts.quick { "quick" } else { "full" },
         opts.rate
@@ -882,6 +933,7 @@ fn markdown(
         BIG_SIZE >> 30,
         opts.dense_size >> 20,
         opts.runtime.as_secs(),
+        opts.reps,
         ctx.trace.len(),
         trace::bytes(&ctx.trace) >> 20,
         trace::TOUCH_PERCENT,
