@@ -30,6 +30,7 @@
 //! - [`trace`]: the synthetic boot-like read trace and its replay.
 //! - [`plot`]: SVG charts (plotters).
 //! - [`boot_hook`]: where the real-OS boot benchmark plugs in.
+//! - [`scratch`]: a scratch directory removed on drop.
 //!
 //! The `suite` binary (run by `benches/run`) is the entry point of issue
 //! 6: every peer, every scenario, one run. The older `export-bench`
@@ -46,6 +47,7 @@ pub mod peers;
 pub mod plot;
 pub mod qmp;
 pub mod report;
+pub mod scratch;
 pub mod servers;
 pub mod stats;
 pub mod testfile;

@@ -196,7 +196,12 @@ impl Peer {
                 (uri, Running::Server(g))
             }
             PeerKind::CopyThenServe => {
-                copy = Some(nbdcopy(spec.source_uri, &target, spec.copy_timeout)?);
+                copy = Some(nbdcopy(
+                    spec.source_uri,
+                    &target,
+                    spec.size,
+                    spec.copy_timeout,
+                )?);
                 let mut cmd = Command::new("qemu-nbd");
                 cmd.args(["-f", "raw", "--persistent", "--shared=16"])
                     .arg(format!("--socket={}", sock.display()))
@@ -408,11 +413,17 @@ fn run_quiet(cmd: &mut Command, what: &str) -> io::Result<()> {
     Ok(())
 }
 
-/// `nbdcopy SRC DEST` into a fresh file: the wall time and nbdcopy's
-/// usage (sampled every 50 ms until it exits).
-pub fn nbdcopy(src: &str, dest: &Path, timeout: Duration) -> io::Result<(Duration, Usage)> {
+/// `nbdcopy SRC DEST` into a fresh sparse file of `size` bytes (as the
+/// other peers' targets start): the wall time and nbdcopy's usage (sampled
+/// every 50 ms until it exits, so the last few ms of CPU may be missed).
+pub fn nbdcopy(
+    src: &str,
+    dest: &Path,
+    size: u64,
+    timeout: Duration,
+) -> io::Result<(Duration, Usage)> {
     let _ = fs::remove_file(dest);
-    File::create(dest)?;
+    File::create(dest)?.set_len(size)?;
     let mut cmd = Command::new("nbdcopy");
     cmd.arg(src)
         .arg(dest)

@@ -49,7 +49,8 @@ use serde_json::json;
 use stream_benches::fio::{self, RAND_READ_4K_QD1, RAND_READ_64K_QD1, SEQ_READ_1M, Workload};
 use stream_benches::lazy::counter;
 use stream_benches::peers::{Peer, PeerKind, PeerSpec, Samples, Usage};
-use stream_benches::report::{machine, shell_line, write_between_markers};
+use stream_benches::report::{loadavg, machine, shell_line, write_between_markers};
+use stream_benches::scratch::ScratchDir;
 use stream_benches::servers::{self, RunningServer};
 use stream_benches::stats::{median, range};
 use stream_benches::{boot_hook, plot, testfile, trace};
@@ -328,24 +329,6 @@ fn main() -> ExitCode {
             eprintln!("suite: {e}");
             ExitCode::FAILURE
         }
-    }
-}
-
-fn loadavg() -> String {
-    fs::read_to_string("/proc/loadavg")
-        .unwrap_or_default()
-        .split_whitespace()
-        .take(3)
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
-/// A scratch directory removed (with everything in it) on drop.
-struct ScratchDir(PathBuf);
-
-impl Drop for ScratchDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
     }
 }
 
