@@ -835,13 +835,21 @@ fn boot(ctx: &mut Ctx, run: &mut Run, delay: u64, p: PeerKind) {
     });
     match r {
         Ok(Ok(b)) => run.put("boot", p, delay, "time", "s", Some(b.seconds), ""),
-        Ok(Err(why)) => run.put("boot", p, delay, "time", "s", None, why),
+        Ok(Err(why)) => run.put(
+            "boot",
+            p,
+            delay,
+            "time",
+            "s",
+            None,
+            format!("not available: {why}"),
+        ),
         Err(e) => failed(run, "boot", p, delay, &e),
     }
 }
 
 /// `(scenario, metric, lower is better)` shown in the tables, in order.
-const TABLE: [(&str, &str, bool); 14] = [
+const TABLE: [(&str, &str, bool); 15] = [
     ("cold-4k", "p50", true),
     ("cold-4k", "p99", true),
     ("cold-64k", "p50", true),
@@ -856,6 +864,7 @@ const TABLE: [(&str, &str, bool); 14] = [
     ("trace", "from start", true),
     ("trace", "peak RSS", true),
     ("trace", "CPU", true),
+    ("boot", "time", true),
 ];
 // The trace's CPU row is the server's CPU during the replay only.
 
@@ -1034,6 +1043,7 @@ fn markdown(
                             format!("{}{ratio}", fmt_value(v))
                         }
                         None if r.note.starts_with("n/a") => "n/a".into(),
+                        None if r.note.starts_with("not available") => "not available".into(),
                         None => "—".into(),
                     },
                     None => match rows.iter().find(|r| r.peer == p && r.metric == "error") {
@@ -1059,7 +1069,9 @@ fn markdown(
     let notes: Vec<&Rec> = run
         .recs
         .iter()
-        .filter(|r| r.note.starts_with("n/a") || r.metric == "error")
+        .filter(|r| {
+            r.note.starts_with("n/a") || r.note.starts_with("not available") || r.metric == "error"
+        })
         .collect();
     if !notes.is_empty() {
         let _ = writeln!(o, "\nNot applicable or failed:\n");
@@ -1198,6 +1210,13 @@ fn plots(opts: &Options, run: &Run, out: &Path) -> io::Result<()> {
             "s",
             "hydration",
             "CPU",
+        ),
+        (
+            "boot.svg",
+            "Real-OS boot, time to booted",
+            "s",
+            "boot",
+            "time",
         ),
     ] {
         let s = series(sc, metric);
