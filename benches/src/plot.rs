@@ -33,7 +33,8 @@ pub fn bars(
         .flat_map(|(_, v)| v.iter().flatten())
         .fold(0.0f64, |a, &b| a.max(b))
         .max(1e-9)
-        * 1.15;
+        // Headroom so the tallest bars stay clear of the legend.
+        * 1.6;
     let n = groups.len().max(1) as f64;
     let root = SVGBackend::new(path, (960, 520)).into_drawing_area();
     root.fill(&WHITE).map_err(err)?;

@@ -498,7 +498,8 @@ fn run(opts: &Options) -> io::Result<()> {
     eprintln!("suite: load average at end {load_end}");
     let elapsed = t0.elapsed();
     let md = markdown(opts, &run, &ctx, &date, &load_start, &load_end, elapsed);
-    fs::write(out.join("results.md"), &md)?;
+    let svgs = plots(opts, &run, &out)?;
+    fs::write(out.join("results.md"), with_plots(&md, &svgs, ""))?;
     fs::write(
         out.join("results.json"),
         serde_json::to_string_pretty(&to_json(
@@ -511,14 +512,37 @@ fn run(opts: &Options) -> io::Result<()> {
             elapsed,
         ))?,
     )?;
-    plots(opts, &run, &out)?;
-    println!("{md}");
+    println!("{}", with_plots(&md, &svgs, ""));
     eprintln!("suite: results in {}", out.display());
     if let Some(path) = &opts.write {
-        write_between_markers(path, &md, BEGIN_MARK, END_MARK)?;
-        eprintln!("suite: wrote {}", path.display());
+        // The plots go beside FILE, in plots/, replacing the last run's.
+        let dir = path.parent().unwrap_or(Path::new(".")).join("plots");
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir)?;
+        for svg in &svgs {
+            fs::copy(out.join(svg), dir.join(svg))?;
+        }
+        write_between_markers(
+            path,
+            &with_plots(&md, &svgs, "plots/"),
+            BEGIN_MARK,
+            END_MARK,
+        )?;
+        eprintln!("suite: wrote {} and {}", path.display(), dir.display());
     }
     Ok(())
+}
+
+const PLOTS_LINE: &str = "@@PLOTS@@";
+
+/// Put the links to the plots (`prefix` + file name) in place of the
+/// placeholder line.
+fn with_plots(md: &str, svgs: &[String], prefix: &str) -> String {
+    let links: Vec<String> = svgs
+        .iter()
+        .map(|f| format!("[{}]({prefix}{f})", f.trim_end_matches(".svg")))
+        .collect();
+    md.replace(PLOTS_LINE, &format!("Plots (SVG): {}.", links.join(", ")))
 }
 
 fn failed(run: &mut Run, scenario: &'static str, peer: PeerKind, delay: u64, e: &io::Error) {
@@ -1084,7 +1108,7 @@ fn markdown(
             }
         }
     }
-    let _ = writeln!(o, "\nPlots (SVG) are in the results folder of the run.");
+    let _ = writeln!(o, "\n{PLOTS_LINE}");
     let _ = writeln!(o, "{END_MARK}");
     o
 }
@@ -1130,7 +1154,9 @@ fn to_json(
     })
 }
 
-fn plots(opts: &Options, run: &Run, out: &Path) -> io::Result<()> {
+/// Draw the charts into `out`; their file names.
+fn plots(opts: &Options, run: &Run, out: &Path) -> io::Result<Vec<String>> {
+    let mut written = Vec::new();
     let groups: Vec<String> = opts.delays.iter().map(|d| format!("{d} ms link")).collect();
     let series = |sc: &str, metric: &str| -> Vec<(String, Vec<Option<f64>>)> {
         opts.peers
@@ -1222,6 +1248,7 @@ fn plots(opts: &Options, run: &Run, out: &Path) -> io::Result<()> {
         let s = series(sc, metric);
         if !s.is_empty() {
             plot::bars(&out.join(file), title, unit, &groups, &s)?;
+            written.push(file.to_string());
         }
     }
     for &d in &opts.delays {
@@ -1237,8 +1264,10 @@ fn plots(opts: &Options, run: &Run, out: &Path) -> io::Result<()> {
             })
             .collect();
         if !s.is_empty() {
+            let file = format!("hydration-progress-{d}ms.svg");
+            written.push(file.clone());
             plot::lines(
-                &out.join(format!("hydration-progress-{d}ms.svg")),
+                &out.join(file),
                 &format!("Hydration progress, {d} ms link"),
                 "s since start",
                 "% of the disk on the target",
@@ -1246,5 +1275,5 @@ fn plots(opts: &Options, run: &Run, out: &Path) -> io::Result<()> {
             )?;
         }
     }
-    Ok(())
+    Ok(written)
 }
