@@ -37,6 +37,14 @@ pub const RAND_READ_4K_QD1: Workload = Workload {
     iodepth: 1,
 };
 
+/// 64 KiB random reads at queue depth 1.
+pub const RAND_READ_64K_QD1: Workload = Workload {
+    name: "randread 64k qd1",
+    rw: "randread",
+    block_size: "64k",
+    iodepth: 1,
+};
+
 /// 1 MiB sequential reads at queue depth 4.
 pub const SEQ_READ_1M: Workload = Workload {
     name: "seqread 1M qd4",

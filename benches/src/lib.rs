@@ -24,18 +24,34 @@
 //! - [`mem`]: peak and current resident memory from `/proc/PID/status`.
 //! - [`boot`]: a real OS (`vendor-fixtures/boot/build-image`) booted with
 //!   qemu under TCG from an NBD export, timed to a console marker line.
+//! - [`peers`]: the migrators the `suite` compares (stream start,
+//!   qemu-storage-daemon with block-stream, nbdkit's cache filter, nbdcopy
+//!   then serve) started in front of one source; [`qmp`] drives
+//!   qemu-storage-daemon's monitor.
+//! - [`trace`]: the synthetic boot-like read trace and its replay.
+//! - [`plot`]: SVG charts (plotters).
+//! - [`boot_hook`]: where the real-OS boot benchmark plugs in.
+//! - [`scratch`]: a scratch directory removed on drop.
 //!
-//! The `export-bench` binary measures `stream export`; `start-bench`
-//! measures `stream start` (cold and warm reads, hydration, memory);
-//! `boot_bench` the time to boot through each peer.
+//! The `suite` binary (run by `benches/run`) is the entry point of issue
+//! 6: every peer, every scenario, one run. The older `export-bench`
+//! measures `stream export`; `start-bench` measures `stream start` (cold
+//! and warm reads, hydration, memory) in more depth against fewer peers; `boot_bench` boots the real OS
+//! through each peer on its own.
 
 pub mod boot;
+pub mod boot_hook;
 pub mod child;
 pub mod cpu;
 pub mod fio;
 pub mod lazy;
 pub mod mem;
+pub mod peers;
+pub mod plot;
+pub mod qmp;
 pub mod report;
+pub mod scratch;
 pub mod servers;
 pub mod stats;
 pub mod testfile;
+pub mod trace;

@@ -76,3 +76,13 @@ pub fn write_between_markers(path: &Path, section: &str, begin: &str, end: &str)
     };
     fs::write(path, new)
 }
+
+/// The 1, 5 and 15 minute load averages, as `/proc/loadavg` prints them.
+pub fn loadavg() -> String {
+    fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
+}

@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 use stream_benches::cpu::process_cpu_time;
 use stream_benches::fio::{self, FioResult, RAND_READ_4K, SEQ_READ_1M, Workload};
 use stream_benches::report::{machine, shell_line, write_between_markers};
+use stream_benches::scratch::ScratchDir;
 use stream_benches::servers::{self, Binaries, ServerKind, Transport};
 use stream_benches::stats::{median, range};
 use stream_benches::testfile;
@@ -115,15 +116,6 @@ fn parse_args() -> Result<Options, String> {
         return Err("nothing to measure".into());
     }
     Ok(o)
-}
-
-/// A scratch directory removed (with everything in it) on drop.
-struct ScratchDir(PathBuf);
-
-impl Drop for ScratchDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
 }
 
 /// One measured fio run and the server CPU time it cost.

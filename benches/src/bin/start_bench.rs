@@ -43,7 +43,9 @@ use stream_benches::child::ChildGuard;
 use stream_benches::fio::{self, FioResult, RAND_READ_4K, RAND_READ_4K_QD1, Workload};
 use stream_benches::lazy::{StartSpec, StreamStart, counter};
 use stream_benches::mem;
-use stream_benches::report::{machine, shell_line, write_between_markers};
+use stream_benches::peers;
+use stream_benches::report::{loadavg, machine, shell_line, write_between_markers};
+use stream_benches::scratch::ScratchDir;
 use stream_benches::servers::{self, Binaries, ServerKind, Transport};
 use stream_benches::stats::{median, range};
 use stream_benches::testfile;
@@ -152,15 +154,6 @@ fn parse_args() -> Result<Options, String> {
         return Err("nothing to measure".into());
     }
     Ok(o)
-}
-
-/// A scratch directory removed (with everything in it) on drop.
-struct ScratchDir(PathBuf);
-
-impl Drop for ScratchDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
 }
 
 /// One line of the result table.
@@ -382,24 +375,10 @@ fn cold_reads(opts: &Options, dir: &Path, f: &mut Findings) -> io::Result<()> {
     Ok(())
 }
 
-/// `nbdcopy SRC FILE` into a fresh file; the wall time of the copy.
+/// `nbdcopy SRC FILE` into a fresh file ([`peers::nbdcopy`]), removed
+/// afterwards; the wall time of the copy.
 fn nbdcopy(src: &str, dest: &Path, size: u64, timeout: Duration) -> io::Result<Duration> {
-    let _ = fs::remove_file(dest);
-    File::create(dest)?.set_len(size)?;
-    let mut cmd = Command::new("nbdcopy");
-    cmd.arg(src)
-        .arg(dest)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null());
-    let t0 = Instant::now();
-    let mut g = ChildGuard::spawn("nbdcopy", &mut cmd)?;
-    let status = g
-        .wait_timeout(timeout)?
-        .ok_or_else(|| io::Error::other(format!("nbdcopy ran past {timeout:?}")))?;
-    let took = t0.elapsed();
-    if !status.success() {
-        return Err(io::Error::other(format!("nbdcopy {src} failed: {status}")));
-    }
+    let (took, _) = peers::nbdcopy(src, dest, size, timeout)?;
     let _ = fs::remove_file(dest);
     Ok(took)
 }
@@ -838,12 +817,7 @@ fn report(opts: &Options, f: &Findings, elapsed: Duration) -> String {
         opts.reps,
         opts.runtime.as_secs(),
         opts.delay_ms,
-        fs::read_to_string("/proc/loadavg")
-            .unwrap_or_default()
-            .split_whitespace()
-            .take(3)
-            .collect::<Vec<_>>()
-            .join(" "),
+        loadavg(),
         elapsed.as_secs_f64()
     );
     let _ = writeln!(out);
