@@ -1,23 +1,40 @@
-//! HOOK for the real-OS boot benchmark of issue 6 (built by another
-//! helper in `benches/src/boot.rs`).
+//! The real-OS boot row of the suite: boots the fixture image
+//! ([`crate::boot`]) from one peer's export and reports the time to the
+//! guest's marker line.
 //!
-//! The suite calls [`run_boot`] for each peer when given `--boot`. Until
-//! the boot module is wired in, it answers "not available" and the suite
-//! reports the boot row as such. To wire it at merge: add `pub mod boot;`
-//! to `lib.rs` and make [`run_boot`] call `crate::boot::run_boot(peer_uri,
-//! ..)`, mapping its result to [`BootResult`].
+//! The suite serves the image's `disk.img` as the source (nbdkit's file
+//! plugin behind the same link filters as every other source) and puts
+//! each peer in front of it, so the boot goes through the same peer code
+//! as every other scenario. The bytes each boot fetched are counted by
+//! `boot_bench`, which puts nbdkit's stats filter on the source.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::boot::{self, BootImage, BootSpec};
+
+/// A boot that takes longer than this is a failure, not a figure.
+const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
 
 /// What one boot measured.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct BootResult {
-    /// From the first guest read until the guest signalled "booted".
+    /// From the qemu process start to the guest's marker line.
     pub seconds: f64,
-    /// Bytes the boot read from the peer.
-    pub bytes_fetched: u64,
 }
 
-/// Boot the fixture OS from the NBD export `peer_uri`. `Err` carries why
-/// no figure is available.
-pub fn run_boot(_peer_uri: &str) -> Result<BootResult, String> {
-    Err("the boot benchmark (benches/src/boot.rs) is not wired into the suite yet".into())
+/// Boot `image` from the NBD export `peer_uri`, the console copied to
+/// `log`. `Err` carries why no figure is available.
+pub fn run_boot(peer_uri: &str, image: &BootImage, log: PathBuf) -> Result<BootResult, String> {
+    let spec = BootSpec {
+        disk: peer_uri,
+        kernel: &image.kernel,
+        initrd: &image.initrd,
+        timeout: BOOT_TIMEOUT,
+        log,
+    };
+    let r = boot::boot_once(&spec).map_err(|e| e.to_string())?;
+    Ok(BootResult {
+        seconds: r.seconds_to_marker(),
+    })
 }

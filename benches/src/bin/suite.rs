@@ -53,7 +53,7 @@ use stream_benches::report::{loadavg, machine, shell_line, write_between_markers
 use stream_benches::scratch::ScratchDir;
 use stream_benches::servers::{self, RunningServer};
 use stream_benches::stats::{median, range};
-use stream_benches::{boot_hook, plot, testfile, trace};
+use stream_benches::{boot, boot_hook, plot, testfile, trace};
 
 const USAGE: &str = "\
 usage: suite [--quick] [--out DIR] [--write FILE] [--delays 0,1,5]
@@ -339,6 +339,8 @@ struct Ctx<'a> {
     dense_file: PathBuf,
     trace: Vec<trace::Read>,
     seq: u64,
+    /// The fixture OS (built with `--boot`).
+    boot_image: Option<boot::BootImage>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -347,6 +349,8 @@ enum SourceKind {
     Big,
     /// The dense file, nbdkit `file`.
     Dense,
+    /// The boot image's disk, nbdkit `file`.
+    Boot,
 }
 
 impl Ctx<'_> {
@@ -361,7 +365,14 @@ impl Ctx<'_> {
         match kind {
             SourceKind::Big => BIG_SIZE,
             SourceKind::Dense => self.opts.dense_size,
+            SourceKind::Boot => self.boot_disk().metadata().map_or(0, |m| m.len()),
         }
+    }
+
+    fn boot_disk(&self) -> &Path {
+        self.boot_image
+            .as_ref()
+            .map_or(Path::new(""), |i| i.disk.as_path())
     }
 
     /// A fresh nbdkit source behind the link filters.
@@ -370,6 +381,7 @@ impl Ctx<'_> {
         let mut params = match kind {
             SourceKind::Big => vec![format!("size={BIG_SIZE}"), "seed=1".into()],
             SourceKind::Dense => vec![self.dense_file.display().to_string()],
+            SourceKind::Boot => vec![self.boot_disk().display().to_string()],
         };
         params.push(format!("delay-read={delay}ms"));
         if let Some(rate) = &self.opts.rate {
@@ -378,7 +390,7 @@ impl Ctx<'_> {
         }
         let plugin = match kind {
             SourceKind::Big => "random",
-            SourceKind::Dense => "file",
+            SourceKind::Dense | SourceKind::Boot => "file",
         };
         servers::start_nbdkit_source(&filters, plugin, &params, self.size(kind), dir, "src")
     }
@@ -442,7 +454,15 @@ fn run(opts: &Options) -> io::Result<()> {
         dense_file,
         trace: trace::generate(opts.dense_size, TRACE_SEED),
         seq: 0,
+        boot_image: None,
     };
+    if opts.boot {
+        // Built once and cached in target/boot-image (a no-op when there).
+        let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let dir = repo.join("target").join("boot-image");
+        eprintln!("suite: boot image in {}", dir.display());
+        ctx.boot_image = Some(boot::build_image(&repo, &dir)?);
+    }
     let mut run = Run::default();
     let has = |s: &str| opts.scenarios.iter().any(|x| x == s);
     for &delay in &opts.delays {
@@ -854,9 +874,23 @@ fn copy_then_serve(ctx: &mut Ctx, run: &mut Run, delay: u64, has: &dyn Fn(&str) 
 
 fn boot(ctx: &mut Ctx, run: &mut Run, delay: u64, p: PeerKind) {
     let hydrate = p.hydrates();
-    let r = ctx.with_peer(SourceKind::Dense, delay, p, hydrate, |peer| {
-        Ok(boot_hook::run_boot(&peer.uri))
+    let Some(image) = ctx.boot_image.take() else {
+        return;
+    };
+    let log = ctx
+        .scratch
+        .join(format!("boot-{}-{delay}ms.console", p.slug()));
+    let r = ctx.with_peer(SourceKind::Boot, delay, p, hydrate, |peer| {
+        // Time to boot counts from the peer's start: for copy-then-serve
+        // that includes the copy the user waits for.
+        let ready = peer.ready_after.as_secs_f64();
+        Ok(
+            boot_hook::run_boot(&peer.uri, &image, log).map(|b| boot_hook::BootResult {
+                seconds: b.seconds + ready,
+            }),
+        )
     });
+    ctx.boot_image = Some(image);
     match r {
         Ok(Ok(b)) => run.put("boot", p, delay, "time", "s", Some(b.seconds), ""),
         Ok(Err(why)) => run.put(
