@@ -31,6 +31,10 @@ pub struct ExportArgs {
     /// Accept writes. A legacy disk is served read-only; this is for tests.
     #[arg(long)]
     writable: bool,
+    /// When ready, print one JSON object (schema in docs/json-schema.md)
+    /// instead of the bare URI.
+    #[arg(long)]
+    json: bool,
 }
 
 pub async fn run(args: ExportArgs, activation: Option<OwnedFd>) -> anyhow::Result<()> {
@@ -64,7 +68,20 @@ pub async fn run(args: ExportArgs, activation: Option<OwnedFd>) -> anyhow::Resul
         // The one line on stdout: scripts and tests read the URI from it.
         // Under socket activation stdout belongs to the client program.
         let mut out = std::io::stdout().lock();
-        writeln!(out, "{uri}")?;
+        if args.json {
+            let ready = serde_json::json!({
+                "schema": crate::control::SCHEMA,
+                "event": "ready",
+                "pid": std::process::id(),
+                "export_uri": uri,
+                "path": args.path,
+                "size": size,
+                "writable": args.writable,
+            });
+            writeln!(out, "{ready}")?;
+        } else {
+            writeln!(out, "{uri}")?;
+        }
         out.flush()?;
     }
     server.serve(listener, shutdown).await?;

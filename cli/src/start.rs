@@ -57,6 +57,19 @@ pub struct StartArgs {
     no_hydrate: bool,
     #[command(flatten)]
     mount: crate::mount::MountArgs,
+    /// Name of this migration in the run directory, for `stream status`
+    /// and the metrics' `migration` label [default: the target's file name;
+    /// /dev/vg/lv gives vg-lv].
+    #[arg(long, value_name = "ID", value_parser = crate::rundir::parse_id)]
+    id: Option<String>,
+    /// Serve Prometheus metrics over HTTP on this PORT (on 127.0.0.1) or
+    /// IP:PORT.
+    #[arg(long, value_name = "ADDR", value_parser = crate::metrics::parse_addr)]
+    metrics: Option<std::net::SocketAddr>,
+    /// When ready, print one JSON object (schema in docs/json-schema.md)
+    /// instead of the bare URI, and no progress bar.
+    #[arg(long)]
+    json: bool,
 }
 
 pub async fn run(args: StartArgs) -> anyhow::Result<()> {
@@ -65,6 +78,10 @@ pub async fn run(args: StartArgs) -> anyhow::Result<()> {
         .state
         .clone()
         .unwrap_or_else(|| state::default_dir(&args.target));
+    let id = args
+        .id
+        .clone()
+        .unwrap_or_else(|| crate::rundir::default_id(&args.target));
     let expected = StateDir::exists(&state_dir)
         .then(|| StateDir::read_header(&state_dir).ok())
         .flatten()
@@ -139,7 +156,18 @@ pub async fn run(args: StartArgs) -> anyhow::Result<()> {
         hydration: hydration.clone(),
         shutdown: shutdown.clone(),
     });
-    let control_task = tokio::spawn(control::serve(control_listener, ctx));
+    let metrics = match args.metrics {
+        Some(addr) => {
+            let l = crate::metrics::bind(addr).await?;
+            let bound = l.local_addr()?;
+            Some((
+                tokio::spawn(crate::metrics::serve(l, ctx.clone(), id.clone())),
+                bound,
+            ))
+        }
+        None => None,
+    };
+    let control_task = tokio::spawn(control::serve(control_listener, ctx.clone()));
     let persister = tokio::spawn(persist_periodically(volume.clone()));
     let hydrator = {
         let stop = shutdown.clone();
@@ -161,15 +189,67 @@ pub async fn run(args: StartArgs) -> anyhow::Result<()> {
         state_dir.display(),
         t0.elapsed()
     );
+    let metrics_addr = metrics.as_ref().map(|(_, a)| a.to_string());
+    if let Some(a) = &metrics_addr {
+        tracing::info!("metrics at http://{a}/metrics");
+    }
+    let run_dir = crate::rundir::dir();
+    // Absolute, so `stream status` finds it from any directory.
+    let state_abs = std::fs::canonicalize(&state_dir).unwrap_or_else(|_| state_dir.clone());
+    let _registration = crate::rundir::register(
+        &run_dir,
+        &crate::rundir::Entry {
+            schema: crate::rundir::SCHEMA,
+            id: id.clone(),
+            pid: std::process::id(),
+            state_dir: state_abs.clone(),
+            control_socket: state::control_socket(&state_abs),
+            source: st.source.clone(),
+            target: st.target.clone(),
+            export_uri: uri.clone(),
+            metrics: metrics_addr.clone(),
+            started_at: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+        },
+    )
+    .await?;
     {
         let mut out = std::io::stdout().lock();
-        writeln!(out, "{uri}")?;
+        if args.json {
+            let ready = serde_json::json!({
+                "schema": control::SCHEMA,
+                "event": "ready",
+                "id": id,
+                "pid": std::process::id(),
+                "export_uri": uri,
+                "state_dir": state_abs,
+                "run_dir": run_dir,
+                "metrics": metrics_addr,
+                "source": st.source,
+                "target": st.target,
+                "size": st.size,
+            });
+            writeln!(out, "{ready}")?;
+        } else {
+            writeln!(out, "{uri}")?;
+        }
         out.flush()?;
     }
+    crate::notify::notify(&format!("READY=1\nSTATUS=serving {uri}"));
+    let bar = (!args.json).then(|| progress_bar(ctx.clone()));
 
     match listener {
         Some(l) => server.serve(l, shutdown.clone()).await?,
         None => shutdown.wait().await,
+    }
+    crate::notify::notify("STOPPING=1\nSTATUS=saving the state");
+    if let Some(bar) = bar {
+        bar.abort();
+    }
+    if let Some((task, _)) = metrics {
+        task.abort();
     }
     // No FUSE request may reach a closed volume.
     if let Some(fuse) = fuse {
@@ -190,6 +270,29 @@ pub async fn run(args: StartArgs) -> anyhow::Result<()> {
         st.chunks_total
     );
     Ok(())
+}
+
+/// On a terminal: one bar of bytes present, with the hydration rate and
+/// ETA and the clients connected, until the task is aborted.
+fn progress_bar(
+    ctx: Arc<control::Context_<lazy_fetch::source::AnySource>>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        if !crate::output::bars_enabled() {
+            return;
+        }
+        let size = ctx.volume.status().size;
+        let bar = crate::output::byte_bar_with_msg(size, "present");
+        loop {
+            let r = control::status_reply(&ctx);
+            bar.set_position(r.volume["bytes_present"].as_u64().unwrap_or(0));
+            bar.set_message(crate::status::rate_eta(&r));
+            if r.volume["hydration_complete"] == true {
+                bar.set_message(format!("hydrated; {} client(s)", r.connected_clients));
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    })
 }
 
 /// The source named on the command line (or recorded in a state header):
