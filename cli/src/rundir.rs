@@ -110,40 +110,69 @@ impl Drop for Registration {
     }
 }
 
-/// Register `entry`. Refuses an ID held by another live migration (a
-/// different state directory whose control socket answers).
-pub async fn register(run_dir: &Path, entry: &Entry) -> anyhow::Result<Registration> {
-    std::fs::create_dir_all(run_dir).with_context(|| {
-        format!(
-            "cannot create the run directory {} (choose another with --run-dir or STREAM_RUN_DIR)",
+/// Register `entry`. An ID held by another live migration (a different
+/// state directory whose control socket answers) is refused when the user
+/// chose it (`explicit`); a default ID then gets a suffix (`db01.raw-2`).
+/// Returns `None`, with a warning, when the run directory is unusable: the
+/// migration serves all the same, only `stream status` cannot list it.
+pub async fn register(
+    run_dir: &Path,
+    entry: &mut Entry,
+    explicit: bool,
+) -> anyhow::Result<Option<Registration>> {
+    if let Err(e) = std::fs::create_dir_all(run_dir) {
+        tracing::warn!(
+            "cannot create the run directory {} ({e}): `stream status` will not list this \
+             migration; choose another with --run-dir or STREAM_RUN_DIR",
             run_dir.display()
-        )
-    })?;
-    let path = entry_path(run_dir, &entry.id);
-    let taken = match read(&path) {
-        Some(old) if old.state_dir != entry.state_dir => {
-            let live = tokio::net::UnixStream::connect(&old.control_socket)
-                .await
-                .is_ok();
-            live.then_some(old)
+        );
+        return Ok(None);
+    }
+    let base = entry.id.clone();
+    for n in 1.. {
+        if n > 1 {
+            entry.id = format!("{base}-{n}");
         }
-        _ => None,
-    };
-    if let Some(old) = taken {
-        anyhow::bail!(
-            "the migration id {:?} is taken in {} by the running migration of {} (pid {}); \
-             give this one another --id",
-            entry.id,
-            run_dir.display(),
-            old.state_dir.display(),
-            old.pid
+        let path = entry_path(run_dir, &entry.id);
+        let Some(holder) = live_holder(&path, &entry.state_dir).await else {
+            break;
+        };
+        if explicit || n >= 100 {
+            anyhow::bail!(
+                "the migration id {:?} is taken in {} by the running migration of {} (pid {}); \
+                 give this one another --id",
+                entry.id,
+                run_dir.display(),
+                holder.state_dir.display(),
+                holder.pid
+            );
+        }
+    }
+    if entry.id != base {
+        tracing::info!(
+            "migration id {base:?} is taken by another running migration: registered as {:?} \
+             (choose one with --id)",
+            entry.id
         );
     }
+    let path = entry_path(run_dir, &entry.id);
     let tmp = run_dir.join(format!(".{}.json.tmp", entry.id));
     std::fs::write(&tmp, serde_json::to_vec_pretty(entry)?)
         .and_then(|()| std::fs::rename(&tmp, &path))
         .with_context(|| format!("cannot register the migration in {}", path.display()))?;
-    Ok(Registration { path })
+    Ok(Some(Registration { path }))
+}
+
+/// The live migration of another state directory registered at `path`.
+async fn live_holder(path: &Path, state_dir: &Path) -> Option<Entry> {
+    let old = read(path)?;
+    if old.state_dir == state_dir {
+        return None;
+    }
+    tokio::net::UnixStream::connect(&old.control_socket)
+        .await
+        .ok()
+        .map(|_| old)
 }
 
 fn read(path: &Path) -> Option<Entry> {

@@ -160,10 +160,7 @@ pub async fn run(args: StartArgs) -> anyhow::Result<()> {
         Some(addr) => {
             let l = crate::metrics::bind(addr).await?;
             let bound = l.local_addr()?;
-            Some((
-                tokio::spawn(crate::metrics::serve(l, ctx.clone(), id.clone())),
-                bound,
-            ))
+            Some((l, bound))
         }
         None => None,
     };
@@ -196,25 +193,25 @@ pub async fn run(args: StartArgs) -> anyhow::Result<()> {
     let run_dir = crate::rundir::dir();
     // Absolute, so `stream status` finds it from any directory.
     let state_abs = std::fs::canonicalize(&state_dir).unwrap_or_else(|_| state_dir.clone());
-    let _registration = crate::rundir::register(
-        &run_dir,
-        &crate::rundir::Entry {
-            schema: crate::rundir::SCHEMA,
-            id: id.clone(),
-            pid: std::process::id(),
-            state_dir: state_abs.clone(),
-            control_socket: state::control_socket(&state_abs),
-            source: st.source.clone(),
-            target: st.target.clone(),
-            export_uri: uri.clone(),
-            metrics: metrics_addr.clone(),
-            started_at: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0),
-        },
-    )
-    .await?;
+    let mut entry = crate::rundir::Entry {
+        schema: crate::rundir::SCHEMA,
+        id: id.clone(),
+        pid: std::process::id(),
+        state_dir: state_abs.clone(),
+        control_socket: state::control_socket(&state_abs),
+        source: st.source.clone(),
+        target: st.target.clone(),
+        export_uri: uri.clone(),
+        metrics: metrics_addr.clone(),
+        started_at: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+    };
+    let _registration = crate::rundir::register(&run_dir, &mut entry, args.id.is_some()).await?;
+    let id = entry.id;
+    let metrics =
+        metrics.map(|(l, _)| tokio::spawn(crate::metrics::serve(l, ctx.clone(), id.clone())));
     {
         let mut out = std::io::stdout().lock();
         if args.json {
@@ -248,7 +245,7 @@ pub async fn run(args: StartArgs) -> anyhow::Result<()> {
     if let Some(bar) = bar {
         bar.abort();
     }
-    if let Some((task, _)) = metrics {
+    if let Some(task) = metrics {
         task.abort();
     }
     // No FUSE request may reach a closed volume.

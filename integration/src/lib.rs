@@ -26,6 +26,10 @@
 //!   is missing, and every run bounded by a deadline.
 //! - [`fuse`]: around a FUSE mount: loop devices, ext4 fixtures, kernel
 //!   mounts and stale FUSE mounts, each undone on drop, and a watchdog.
+//! - [`ops`]: what an operator's script sees: `--json` documents checked
+//!   against the JSON Schemas of `docs/schema/`, the Prometheus endpoint
+//!   scraped over plain TCP and its exposition text parsed, the run
+//!   directory.
 //! - [`wire`]: a tiny blocking NBD client speaking exact bytes, for the
 //!   protocol corner cases no well-behaved client will produce.
 //!
@@ -37,6 +41,7 @@ pub mod fake_cloud;
 pub mod finalize;
 pub mod fuse;
 pub mod image;
+pub mod ops;
 pub mod proxy;
 pub mod server;
 pub mod start;
