@@ -118,9 +118,12 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Print a shell completion script on stdout.
     ///
+    /// Install it where the shell looks:
+    ///
     /// bash:  stream completions bash > /etc/bash_completion.d/stream
     /// zsh:   stream completions zsh > "${fpath[1]}/_stream"
     /// fish:  stream completions fish > ~/.config/fish/completions/stream.fish
+    #[command(verbatim_doc_comment)]
     Completions {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
