@@ -272,7 +272,8 @@ pub fn bind(path: &Path) -> anyhow::Result<UnixListener> {
 pub async fn request(path: &Path, req: &Request) -> anyhow::Result<String> {
     let stream = UnixStream::connect(path).await.with_context(|| {
         format!(
-            "no running `stream start` answers on {} (is it running for this state directory?)",
+            "no running `stream start` answers on {}: start the migration with `stream start` \
+             (the same command resumes it), or see the running ones with `stream status`",
             path.display()
         )
     })?;

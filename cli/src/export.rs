@@ -44,8 +44,18 @@ pub async fn run(args: ExportArgs, activation: Option<OwnedFd>) -> anyhow::Resul
     let activated = activation.is_some();
     let listener = match (activation, &args.socket) {
         (Some(fd), _) => Listener::from_activation_fd(fd).context("socket activation")?,
-        (None, Some(path)) => Listener::bind_unix(path)?,
-        (None, None) => Listener::bind_tcp(&args.listen).await?,
+        (None, Some(path)) => Listener::bind_unix(path).with_context(|| {
+            format!(
+                "the export of {}: choose another --socket",
+                args.path.display()
+            )
+        })?,
+        (None, None) => Listener::bind_tcp(&args.listen).await.with_context(|| {
+            format!(
+                "the export of {}: choose another --listen address (one port per export)",
+                args.path.display()
+            )
+        })?,
     };
     let uri = listener.uri(&args.name)?;
     let server = Server::new(vec![Export {

@@ -327,7 +327,8 @@ pub async fn run(args: FinalizeArgs) -> anyhow::Result<()> {
     let dir = crate::start::resolve_state(args.state.clone(), args.target.clone())?;
     if !StateDir::exists(&dir) {
         bail!(
-            "{} holds no migration (wrong --state or --target?)",
+            "{} holds no migration (wrong --state or --target? `stream status` lists the \
+             running ones with their state directories)",
             dir.display()
         );
     }
@@ -629,7 +630,8 @@ pub async fn verify(args: VerifyArgs) -> anyhow::Result<()> {
     let dir = crate::start::resolve_state(args.state, args.target)?;
     if !StateDir::exists(&dir) {
         bail!(
-            "{} holds no migration (wrong --state or --target?)",
+            "{} holds no migration (wrong --state or --target? `stream status` lists the \
+             running ones with their state directories)",
             dir.display()
         );
     }

@@ -120,8 +120,18 @@ pub async fn run(args: StartArgs) -> anyhow::Result<()> {
 
     let listener = match (&args.socket, args.mount.mount_only) {
         (_, true) => None,
-        (Some(path), false) => Some(Listener::bind_unix(path)?),
-        (None, false) => Some(Listener::bind_tcp(&args.listen).await?),
+        (Some(path), false) => Some(Listener::bind_unix(path).with_context(|| {
+            format!(
+                "the NBD export of {}: choose another --socket",
+                args.target.display()
+            )
+        })?),
+        (None, false) => Some(Listener::bind_tcp(&args.listen).await.with_context(|| {
+            format!(
+                "the NBD export of {}: give each migration its own --listen port",
+                args.target.display()
+            )
+        })?),
     };
     let file = args
         .mount
@@ -300,7 +310,11 @@ pub async fn open_source(spec: &str, expected_size: Option<u64>) -> anyhow::Resu
         let opts = NbdOptions::default();
         let source = match expected_size {
             Some(size) => NbdSource::lazy(spec, size, opts)?,
-            None => NbdSource::connect(spec, opts).await?,
+            None => NbdSource::connect(spec, opts).await.context(
+                "a new migration needs its source once, to learn its size: check that \
+                 `stream export` (or the NBD server) runs on the legacy host and that this \
+                 host reaches it, then run the same command again",
+            )?,
         };
         return Ok(AnySource::Nbd(source));
     }
@@ -343,7 +357,9 @@ pub fn resolve_state(state: Option<PathBuf>, target: Option<PathBuf>) -> anyhow:
     match (state, target) {
         (Some(s), _) => Ok(s),
         (None, Some(t)) => Ok(state::default_dir(&t)),
-        (None, None) => anyhow::bail!("say which migration: --state DIR or --target PATH"),
+        (None, None) => anyhow::bail!(
+            "say which migration: --state DIR or --target PATH (`stream status` lists the running ones)"
+        ),
     }
 }
 

@@ -37,7 +37,7 @@ fn a_cutover_scripted_with_json_follows_the_schemas() {
 
     // The cloud side: `stream start --json`, slow enough to watch.
     let target = dir.path().join("db01.raw");
-    let mut cmd = stream(
+    let cmd = stream(
         &run,
         &[
             "start",
