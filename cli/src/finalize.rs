@@ -527,8 +527,12 @@ async fn hydrate_here(
     timeout: Option<Duration>,
     json: bool,
 ) -> anyhow::Result<()> {
-    let size = volume.status().size;
+    let st = volume.status();
+    let size = st.size;
     let step = Step::bytes("hydrate", json, size);
+    // Start the bar where the migration is, so its rate counts only new bytes.
+    step.bar.set_position(st.bytes_present);
+    step.bar.reset_eta();
     let stop = Arc::new(tokio::sync::Notify::new());
     let task = tokio::spawn(hydrate::run(volume.clone(), hydrate::Options::default(), {
         let stop = stop.clone();

@@ -111,7 +111,7 @@ pub fn chunk_bar(total: u64, prefix: &str) -> ProgressBar {
     bar(
         total,
         prefix,
-        "{prefix:>10} [{elapsed_precise}] {bar:30.cyan/blue} {pos}/{len} chunks {per_sec} ETA {eta}",
+        "{prefix:>10} [{elapsed_precise}] {bar:30.cyan/blue} {pos}/{len} chunks ETA {eta}",
     )
 }
 

@@ -113,7 +113,7 @@ fn two_migrations_are_listed_and_a_killed_one_shows_as_not_running() {
 }
 
 #[test]
-fn watch_on_a_terminal_draws_a_progress_bar_and_no_color_drops_the_colour() {
+fn on_a_terminal_status_start_and_finalize_draw_bars_and_no_color_drops_the_colour() {
     let script = tool::require_tool("script", "util-linux");
     let dir = tempfile::tempdir().unwrap();
     let run = dir.path().join("run");
@@ -167,5 +167,47 @@ fn watch_on_a_terminal_draws_a_progress_bar_and_no_color_drops_the_colour() {
         is_plain(&quiet),
         "terminal drawing despite --quiet: {quiet:?}"
     );
+
+    // `stream start` on a terminal: the same bar, under the log lines.
+    let typescript = dir.path().join("start-typescript");
+    let other = dir.path().join("other.raw");
+    let mut cmd = std::process::Command::new(&script);
+    cmd.args(["-q", "-e", "-c"])
+        .arg(format!(
+            "timeout -s INT 3 {bin} --run-dir {} start --source {} --target {} --listen 127.0.0.1:0 --rate-limit 1M",
+            run.display(),
+            source.display(),
+            other.display()
+        ))
+        .arg(&typescript);
+    let _ = tool::run(&mut cmd, T);
+    let drawn = std::fs::read_to_string(&typescript).unwrap_or_default();
+    assert!(
+        drawn.contains("present") && drawn.contains("/s, ETA") && drawn.contains("stopped cleanly"),
+        "stream start drew no bar (or did not stop cleanly): {drawn:?}"
+    );
+
+    // `stream finalize` on a terminal: hydrate, manifest and verify bars.
     drop(running);
+    let typescript = dir.path().join("finalize-typescript");
+    let mut cmd = std::process::Command::new(&script);
+    cmd.args(["-q", "-e", "-c"])
+        .arg(format!(
+            "{bin} --run-dir {} finalize --verify --state {state}",
+            run.display()
+        ))
+        .arg(&typescript);
+    let out = tool::run(&mut cmd, Duration::from_secs(120));
+    let drawn = std::fs::read_to_string(&typescript).unwrap_or_default();
+    assert!(out.status.success(), "{}\n{drawn:?}", out.describe());
+    for step in ["hydrate", "manifest", "verify"] {
+        assert!(
+            drawn.contains(&format!("{step} [")),
+            "no {step} bar on a terminal: {drawn:?}"
+        );
+    }
+    assert!(
+        drawn.contains("finalized: boot the instance from"),
+        "{drawn:?}"
+    );
 }
