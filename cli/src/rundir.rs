@@ -163,6 +163,28 @@ pub async fn register(
     Ok(Some(Registration { path }))
 }
 
+/// Before anything is opened: refuse a chosen `--id` that a running
+/// migration holds (whichever state directory it serves: if it is this
+/// one, its lock would refuse us anyway, later).
+pub async fn preflight(run_dir: &Path, id: &str) -> anyhow::Result<()> {
+    let Some(old) = read(&entry_path(run_dir, id)) else {
+        return Ok(());
+    };
+    if tokio::net::UnixStream::connect(&old.control_socket)
+        .await
+        .is_ok()
+    {
+        anyhow::bail!(
+            "the migration id {id:?} is taken in {} by the running migration of {} (pid {}); \
+             give this one another --id",
+            run_dir.display(),
+            old.state_dir.display(),
+            old.pid
+        );
+    }
+    Ok(())
+}
+
 /// The live migration of another state directory registered at `path`.
 async fn live_holder(path: &Path, state_dir: &Path) -> Option<Entry> {
     let old = read(path)?;

@@ -86,6 +86,10 @@ pub async fn run(args: StartArgs) -> anyhow::Result<()> {
         .then(|| StateDir::read_header(&state_dir).ok())
         .flatten()
         .map(|h| h.source.size);
+    if let Some(chosen) = &args.id {
+        // A taken --id fails before the volume is opened.
+        crate::rundir::preflight(&crate::rundir::dir(), chosen).await?;
+    }
     if let Some(dir) = &args.mount.mount {
         // A bad mount point fails before any state is created.
         crate::mount::preflight(dir)?;

@@ -83,6 +83,10 @@ fn two_migrations_are_listed_and_a_killed_one_shows_as_not_running() {
         err.contains("\"web\" is taken") && err.contains("--id"),
         "the refusal names neither the id nor the way out: {err}"
     );
+    assert!(
+        !dir.path().join("other").join("state").exists(),
+        "the refused start created its state before checking the id"
+    );
 
     // SIGKILL leaves the entry behind: listed as not running.
     web.kill9();
