@@ -187,13 +187,11 @@ async fn handover<S: Source, W: tokio::io::AsyncWrite + Unpin>(
     let mut last = (Instant::now(), 0u64);
     loop {
         let st = ctx.volume.status();
-        if st.hydration_complete {
-            break;
-        }
         if st.bytes_present > last.1 {
             last = (Instant::now(), st.bytes_present);
         }
         let rate = ctx.rate.sample(st.bytes_present);
+        // The last event shows 100%, so a watcher sees the step end.
         send(
             wr,
             &Event::Hydrating {
@@ -203,6 +201,9 @@ async fn handover<S: Source, W: tokio::io::AsyncWrite + Unpin>(
             },
         )
         .await?;
+        if st.hydration_complete {
+            break;
+        }
         if last.0.elapsed() > STALL || expired() {
             let message = format!(
                 "hydration cannot finish: {} of {} chunks are still missing ({} bytes) and \
@@ -271,7 +272,8 @@ pub fn bind(path: &Path) -> anyhow::Result<UnixListener> {
 pub async fn request(path: &Path, req: &Request) -> anyhow::Result<String> {
     let stream = UnixStream::connect(path).await.with_context(|| {
         format!(
-            "no running `stream start` answers on {} (is it running for this state directory?)",
+            "no running `stream start` answers on {}: start the migration with `stream start` \
+             (the same command resumes it), or see the running ones with `stream status`",
             path.display()
         )
     })?;

@@ -33,6 +33,10 @@ pub struct ExportArgs {
     writable: bool,
     #[command(flatten)]
     tls: crate::tls_args::TlsArgs,
+    /// When ready, print one JSON object (schema in docs/json-schema.md)
+    /// instead of the bare URI.
+    #[arg(long)]
+    json: bool,
 }
 
 pub async fn run(args: ExportArgs, activation: Option<OwnedFd>) -> anyhow::Result<()> {
@@ -46,8 +50,18 @@ pub async fn run(args: ExportArgs, activation: Option<OwnedFd>) -> anyhow::Resul
     }
     let listener = match (activation, &args.socket) {
         (Some(fd), _) => Listener::from_activation_fd(fd).context("socket activation")?,
-        (None, Some(path)) => Listener::bind_unix(path)?,
-        (None, None) => Listener::bind_tcp(&args.listen).await?,
+        (None, Some(path)) => Listener::bind_unix(path).with_context(|| {
+            format!(
+                "the export of {}: choose another --socket",
+                args.path.display()
+            )
+        })?,
+        (None, None) => Listener::bind_tcp(&args.listen).await.with_context(|| {
+            format!(
+                "the export of {}: choose another --listen address (one port per export)",
+                args.path.display()
+            )
+        })?,
     };
     let uri = crate::tls_args::client_uri(listener.uri(&args.name)?, tls.as_ref());
     let server = Server::with_tls(
@@ -73,7 +87,20 @@ pub async fn run(args: ExportArgs, activation: Option<OwnedFd>) -> anyhow::Resul
         // The one line on stdout: scripts and tests read the URI from it.
         // Under socket activation stdout belongs to the client program.
         let mut out = std::io::stdout().lock();
-        writeln!(out, "{uri}")?;
+        if args.json {
+            let ready = serde_json::json!({
+                "schema": crate::control::SCHEMA,
+                "event": "ready",
+                "pid": std::process::id(),
+                "export_uri": uri,
+                "path": args.path,
+                "size": size,
+                "writable": args.writable,
+            });
+            writeln!(out, "{ready}")?;
+        } else {
+            writeln!(out, "{uri}")?;
+        }
         out.flush()?;
     }
     server.serve(listener, shutdown).await?;

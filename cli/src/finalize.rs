@@ -117,9 +117,102 @@ struct FinalizeReport {
     cinder_volume_id: Option<String>,
 }
 
-fn progress_line(json: bool, what: &str, done: u64, total: u64) {
-    if !json && (done == total || done % (64 * 1024) == 0) {
-        eprintln!("  {what}: {done}/{total} chunks");
+/// Progress of one step on stderr: a bar on a terminal; else a plain line
+/// now and then; with `--json` a JSON event line at most every second (and
+/// at the end) instead. Nothing with `--quiet` but the JSON events.
+struct Step {
+    name: &'static str,
+    json: bool,
+    bar: indicatif::ProgressBar,
+    /// When the last line was printed, and the count it showed.
+    last: std::sync::Mutex<Option<(Instant, u64)>>,
+}
+
+impl Step {
+    fn chunks(name: &'static str, json: bool) -> Step {
+        let bar = if json {
+            indicatif::ProgressBar::hidden()
+        } else {
+            crate::output::chunk_bar(0, name)
+        };
+        Step {
+            name,
+            json,
+            bar,
+            last: std::sync::Mutex::new(None),
+        }
+    }
+
+    fn bytes(name: &'static str, json: bool, total: u64) -> Step {
+        let bar = if json {
+            indicatif::ProgressBar::hidden()
+        } else {
+            crate::output::byte_bar(total, name)
+        };
+        Step {
+            name,
+            json,
+            bar,
+            last: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// Whether a line is due (the first, the last, then one per interval).
+    fn due(&self, done: u64, total: u64, every: Duration) -> bool {
+        let mut last = self.last.lock().expect("poisoned");
+        let due = match *last {
+            None => true,
+            Some((_, shown)) if shown == done => false,
+            Some((t, _)) => done >= total || t.elapsed() >= every,
+        };
+        if due {
+            *last = Some((Instant::now(), done));
+        }
+        due
+    }
+
+    fn update(&self, unit: &str, done: u64, total: u64, rate: Option<f64>) {
+        self.bar.set_length(total);
+        self.bar.set_position(done);
+        if self.json {
+            if self.due(done, total, Duration::from_secs(1)) {
+                event(serde_json::json!({
+                    "event": "progress", "step": self.name, "unit": unit,
+                    "done": done, "total": total, "rate": rate,
+                }));
+            }
+        } else if !crate::output::bars_enabled() && self.due(done, total, Duration::from_secs(5)) {
+            let pct = 100.0 * done as f64 / total.max(1) as f64;
+            crate::output::note(&match rate {
+                Some(r) => format!(
+                    "  {}: {pct:.1}% of {total} {unit} ({}/s)",
+                    self.name,
+                    crate::status::human_bytes(r)
+                ),
+                None => format!("  {}: {done}/{total} {unit} ({pct:.1}%)", self.name),
+            });
+        }
+    }
+}
+
+impl Drop for Step {
+    fn drop(&mut self) {
+        self.bar.finish_and_clear();
+    }
+}
+
+/// A `--json` event line on stderr (stdout keeps the one final document).
+fn event(mut v: serde_json::Value) {
+    v["schema"] = crate::control::SCHEMA.into();
+    eprintln!("{v}");
+}
+
+/// Say what happens next: a JSON event, or a line unless `--quiet`.
+fn say(json: bool, name: &str, text: &str) {
+    if json {
+        event(serde_json::json!({ "event": name, "message": text }));
+    } else {
+        crate::output::note(&format!("  {text}"));
     }
 }
 
@@ -140,25 +233,43 @@ async fn handover(dir: &std::path::Path, args: &FinalizeArgs) -> anyhow::Result<
     wr.write_all(b"\n").await?;
     let mut lines = BufReader::new(rd).lines();
     let mut pid = None;
+    let mut hydrating: Option<Step> = None;
+    let mut waiting = None;
     while let Some(line) = lines.next_line().await? {
-        match serde_json::from_str::<Event>(&line)? {
+        let ev = serde_json::from_str::<Event>(&line).with_context(|| {
+            format!(
+                "unexpected answer from the stream start on {} (a different version?): {line}",
+                sock.display()
+            )
+        })?;
+        match ev {
             Event::Hydrating {
                 bytes_present,
                 size,
                 rate,
-            } if !args.json => eprintln!(
-                "  hydrating at full speed: {:.1}% ({}/s)",
-                100.0 * bytes_present as f64 / size.max(1) as f64,
-                crate::status::human_bytes(rate)
-            ),
-            Event::WaitingForClients { connected } if !args.json => eprintln!(
-                "  waiting for {connected} NBD client(s) to disconnect (shut the instance down, or use --force)"
-            ),
+            } => hydrating
+                .get_or_insert_with(|| Step::bytes("hydrate", args.json, size))
+                .update("bytes", bytes_present, size, Some(rate)),
+            Event::WaitingForClients { connected } => {
+                hydrating = None;
+                if waiting != Some(connected) {
+                    waiting = Some(connected);
+                    if args.json {
+                        event(serde_json::json!({
+                            "event": "waiting_for_clients", "connected": connected,
+                        }));
+                    } else {
+                        crate::output::note(&format!(
+                            "  waiting for {connected} NBD client(s) to disconnect (shut the instance down, or use --force)"
+                        ));
+                    }
+                }
+            }
             Event::Stopping { pid: p } => pid = Some(p),
             Event::Error { message } => bail!("{message}"),
-            _ => {}
         }
     }
+    drop(hydrating);
     let Some(pid) = pid else {
         bail!("the running `stream start` closed the control connection without handing over");
     };
@@ -216,7 +327,8 @@ pub async fn run(args: FinalizeArgs) -> anyhow::Result<()> {
     let dir = crate::start::resolve_state(args.state.clone(), args.target.clone())?;
     if !StateDir::exists(&dir) {
         bail!(
-            "{} holds no migration (wrong --state or --target?)",
+            "{} holds no migration (wrong --state or --target? `stream status` lists the \
+             running ones with their state directories)",
             dir.display()
         );
     }
@@ -225,16 +337,18 @@ pub async fn run(args: FinalizeArgs) -> anyhow::Result<()> {
         let m = Manifest::load(&dir)?;
         return report(&args, &header, m, None);
     }
-    if handover(&dir, &args).await? && !args.json {
-        eprintln!("  the running `stream start` handed the volume over and stopped");
+    if handover(&dir, &args).await? {
+        say(
+            args.json,
+            "handed_over",
+            "the running `stream start` handed the volume over and stopped",
+        );
     }
     let volume = open(&dir, &header, false).await?;
 
     if !volume.map().is_complete() {
-        if !args.json {
-            eprintln!("  hydrating the rest at full speed");
-        }
-        hydrate_here(&volume, args.timeout).await?;
+        say(args.json, "hydrating", "hydrating the rest at full speed");
+        hydrate_here(&volume, args.timeout, args.json).await?;
     }
     volume.update_header(|h| {
         h.phase = Phase::Finalizing;
@@ -252,9 +366,8 @@ pub async fn run(args: FinalizeArgs) -> anyhow::Result<()> {
     let manifest = match Manifest::load(&dir) {
         Ok(m) if record.manifest_written => m,
         _ => {
-            let json = args.json;
-            let m = manifest::write(&volume, &move |d, t| progress_line(json, "manifest", d, t))
-                .await?;
+            let step = Step::chunks("manifest", args.json);
+            let m = manifest::write(&volume, &|d, t| step.update("chunks", d, t, None)).await?;
             volume.update_header(|h| {
                 if let Some(f) = h.finalize.as_mut() {
                     f.manifest_written = true;
@@ -264,11 +377,12 @@ pub async fn run(args: FinalizeArgs) -> anyhow::Result<()> {
         }
     };
     let verify = if args.verify && !record.verified {
-        let json = args.json;
-        let r = manifest::verify(&volume, &manifest, &move |d, t| {
-            progress_line(json, "verify", d, t)
+        let step = Step::chunks("verify", args.json);
+        let r = manifest::verify(&volume, &manifest, &|d, t| {
+            step.update("chunks", d, t, None)
         })
         .await?;
+        drop(step);
         if !r.ok() {
             print_mismatches(&r);
             volume.close().await?;
@@ -411,7 +525,14 @@ async fn cinder_step(
 async fn hydrate_here(
     volume: &Arc<Volume<AnySource>>,
     timeout: Option<Duration>,
+    json: bool,
 ) -> anyhow::Result<()> {
+    let st = volume.status();
+    let size = st.size;
+    let step = Step::bytes("hydrate", json, size);
+    // Start the bar where the migration is, so its rate counts only new bytes.
+    step.bar.set_position(st.bytes_present);
+    step.bar.reset_eta();
     let stop = Arc::new(tokio::sync::Notify::new());
     let task = tokio::spawn(hydrate::run(volume.clone(), hydrate::Options::default(), {
         let stop = stop.clone();
@@ -422,6 +543,7 @@ async fn hydrate_here(
     while !volume.map().is_complete() {
         tokio::time::sleep(Duration::from_millis(200)).await;
         let present = volume.map().present_count();
+        step.update("bytes", volume.status().bytes_present, size, None);
         if present > last.1 {
             last = (Instant::now(), present);
         }
@@ -512,7 +634,8 @@ pub async fn verify(args: VerifyArgs) -> anyhow::Result<()> {
     let dir = crate::start::resolve_state(args.state, args.target)?;
     if !StateDir::exists(&dir) {
         bail!(
-            "{} holds no migration (wrong --state or --target?)",
+            "{} holds no migration (wrong --state or --target? `stream status` lists the \
+             running ones with their state directories)",
             dir.display()
         );
     }
@@ -524,14 +647,25 @@ pub async fn verify(args: VerifyArgs) -> anyhow::Result<()> {
         )
     })?;
     let volume = open(&dir, &header, true).await?;
-    let json = args.json;
-    let r = manifest::verify(&volume, &manifest, &move |d, t| {
-        progress_line(json, "verify", d, t)
+    let step = Step::chunks("verify", args.json);
+    let r = manifest::verify(&volume, &manifest, &|d, t| {
+        step.update("chunks", d, t, None)
     })
     .await?;
+    drop(step);
     volume.close().await?;
     if args.json {
-        println!("{}", serde_json::to_string(&r)?);
+        #[derive(Serialize)]
+        struct Versioned<'a> {
+            schema: u32,
+            #[serde(flatten)]
+            report: &'a VerifyReport,
+        }
+        let doc = Versioned {
+            schema: crate::control::SCHEMA,
+            report: &r,
+        };
+        println!("{}", serde_json::to_string(&doc)?);
     } else if r.ok() {
         println!(
             "verified: {} chunks equal the source, {} client-written chunks equal the manifest ({} bytes read from the source)",

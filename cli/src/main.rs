@@ -14,13 +14,23 @@
 //! - `demo`: `stream demo`, the whole job on a generated disk.
 //! - `tls_args`: the TLS flags of the NBD listeners, and the refusal to serve
 //!   plaintext to other hosts.
+//! - `output`: logs, progress bars and colour on stderr (`--log-format`,
+//!   `--quiet`, `NO_COLOR`).
+//! - `rundir`: the run directory where every `stream start` registers, so
+//!   `stream status` lists them all.
+//! - `metrics`: `stream start --metrics`, a Prometheus endpoint.
+//! - `notify`: systemd's readiness notification (`Type=notify`).
 
 mod cinder;
 mod control;
 mod demo;
 mod export;
 mod finalize;
+mod metrics;
 mod mount;
+mod notify;
+mod output;
+mod rundir;
 mod start;
 mod status;
 mod tls_args;
@@ -51,6 +61,23 @@ use clap::{Parser, Subcommand};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Log format on stderr; filter with RUST_LOG (e.g. RUST_LOG=debug,
+    /// RUST_LOG=lazy_fetch=debug,info).
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value = "text",
+        value_name = "FORMAT"
+    )]
+    log_format: output::LogFormat,
+    /// No progress bars or progress lines on stderr (logs still obey RUST_LOG).
+    #[arg(long, short, global = true)]
+    quiet: bool,
+    /// Where every `stream start` registers itself, so `stream status` lists
+    /// them all [default: /run/stream as root, else $XDG_RUNTIME_DIR/stream].
+    #[arg(long, global = true, env = "STREAM_RUN_DIR", value_name = "DIR")]
+    run_dir: Option<std::path::PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -72,7 +99,12 @@ enum Command {
     /// background. Running the same command again resumes where it stopped.
     /// Prints the NBD URI of the export on stdout when ready.
     Start(start::StartArgs),
-    /// Show the progress of a running migration.
+    /// Show the progress of a running migration, or list every migration.
+    ///
+    /// With --state or --target: that migration's progress, rates, ETA, fetch
+    /// latency and source health. With neither: one line per `stream start`
+    /// registered in the run directory (--run-dir), including those that
+    /// stopped without cleaning up ("not running").
     Status(status::StatusArgs),
     /// Finish a migration: hydrate the rest, write the manifest, optionally
     /// verify, and hand the target over as native storage.
@@ -88,14 +120,33 @@ enum Command {
     /// Run the whole job on a small generated disk on this machine: export,
     /// stream, read and write at once, hydrate, check the copy.
     Demo(demo::DemoArgs),
+    /// Print a shell completion script on stdout.
+    ///
+    /// Install it where the shell looks:
+    ///
+    /// bash:  stream completions bash > /etc/bash_completion.d/stream
+    /// zsh:   stream completions zsh > "${fpath[1]}/_stream"
+    /// fish:  stream completions fish > ~/.config/fish/completions/stream.fish
+    #[command(verbatim_doc_comment)]
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::Completions { shell } = cli.command {
+        use clap::CommandFactory;
+        clap_complete::generate(shell, &mut Cli::command(), "stream", &mut std::io::stdout());
+        return ExitCode::SUCCESS;
+    }
+    rundir::set(cli.run_dir.clone());
     // Taken before any thread exists: it edits the environment.
     // SAFETY: single-threaded here, and called once.
     let activation = unsafe { nbd_server::server::take_activation_fd() };
-    init_logging();
+    let log_format = cli.log_format;
+    output::init(cli.quiet, log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -114,26 +165,20 @@ fn main() -> ExitCode {
             Command::Demo(args) => demo::run(args).await,
             Command::Finalize(args) => finalize::run(args).await,
             Command::Verify(args) => finalize::verify(args).await,
+            Command::Completions { .. } => unreachable!("answered before the runtime starts"),
         }
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if log_format == output::LogFormat::Json => {
+            tracing::error!(error = %format!("{e:#}"), "stream failed");
+            ExitCode::FAILURE
+        }
         Err(e) => {
             eprintln!("stream: error: {e:#}");
             ExitCode::FAILURE
         }
     }
-}
-
-fn init_logging() {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
 }
 
 /// Trigger `shutdown` on SIGINT or SIGTERM; a second signal exits at once.

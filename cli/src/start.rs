@@ -60,6 +60,19 @@ pub struct StartArgs {
     mount: crate::mount::MountArgs,
     #[command(flatten)]
     tls: crate::tls_args::TlsArgs,
+    /// Name of this migration in the run directory, for `stream status`
+    /// and the metrics' `migration` label [default: the target's file name;
+    /// /dev/vg/lv gives vg-lv].
+    #[arg(long, value_name = "ID", value_parser = crate::rundir::parse_id)]
+    id: Option<String>,
+    /// Serve Prometheus metrics over HTTP on this PORT (on 127.0.0.1) or
+    /// IP:PORT.
+    #[arg(long, value_name = "ADDR", value_parser = crate::metrics::parse_addr)]
+    metrics: Option<std::net::SocketAddr>,
+    /// When ready, print one JSON object (schema in docs/json-schema.md)
+    /// instead of the bare URI, and no progress bar.
+    #[arg(long)]
+    json: bool,
 }
 
 pub async fn run(args: StartArgs) -> anyhow::Result<()> {
@@ -68,10 +81,18 @@ pub async fn run(args: StartArgs) -> anyhow::Result<()> {
         .state
         .clone()
         .unwrap_or_else(|| state::default_dir(&args.target));
+    let id = args
+        .id
+        .clone()
+        .unwrap_or_else(|| crate::rundir::default_id(&args.target));
     let expected = StateDir::exists(&state_dir)
         .then(|| StateDir::read_header(&state_dir).ok())
         .flatten()
         .map(|h| h.source.size);
+    if let Some(chosen) = &args.id {
+        // A taken --id fails before the volume is opened.
+        crate::rundir::preflight(&crate::rundir::dir(), chosen).await?;
+    }
     if let Some(dir) = &args.mount.mount {
         // A bad mount point fails before any state is created.
         crate::mount::preflight(dir)?;
@@ -110,8 +131,18 @@ pub async fn run(args: StartArgs) -> anyhow::Result<()> {
 
     let listener = match (&args.socket, args.mount.mount_only) {
         (_, true) => None,
-        (Some(path), false) => Some(Listener::bind_unix(path)?),
-        (None, false) => Some(Listener::bind_tcp(&args.listen).await?),
+        (Some(path), false) => Some(Listener::bind_unix(path).with_context(|| {
+            format!(
+                "the NBD export of {}: choose another --socket",
+                args.target.display()
+            )
+        })?),
+        (None, false) => Some(Listener::bind_tcp(&args.listen).await.with_context(|| {
+            format!(
+                "the NBD export of {}: give each migration its own --listen port",
+                args.target.display()
+            )
+        })?),
     };
     let file = args
         .mount
@@ -149,7 +180,15 @@ pub async fn run(args: StartArgs) -> anyhow::Result<()> {
         hydration: hydration.clone(),
         shutdown: shutdown.clone(),
     });
-    let control_task = tokio::spawn(control::serve(control_listener, ctx));
+    let metrics = match args.metrics {
+        Some(addr) => {
+            let l = crate::metrics::bind(addr).await?;
+            let bound = l.local_addr()?;
+            Some((l, bound))
+        }
+        None => None,
+    };
+    let control_task = tokio::spawn(control::serve(control_listener, ctx.clone()));
     let persister = tokio::spawn(persist_periodically(volume.clone()));
     let hydrator = {
         let stop = shutdown.clone();
@@ -171,15 +210,67 @@ pub async fn run(args: StartArgs) -> anyhow::Result<()> {
         state_dir.display(),
         t0.elapsed()
     );
+    let metrics_addr = metrics.as_ref().map(|(_, a)| a.to_string());
+    if let Some(a) = &metrics_addr {
+        tracing::info!("metrics at http://{a}/metrics");
+    }
+    let run_dir = crate::rundir::dir();
+    // Absolute, so `stream status` finds it from any directory.
+    let state_abs = std::fs::canonicalize(&state_dir).unwrap_or_else(|_| state_dir.clone());
+    let mut entry = crate::rundir::Entry {
+        schema: crate::rundir::SCHEMA,
+        id: id.clone(),
+        pid: std::process::id(),
+        state_dir: state_abs.clone(),
+        control_socket: state::control_socket(&state_abs),
+        source: st.source.clone(),
+        target: st.target.clone(),
+        export_uri: uri.clone(),
+        metrics: metrics_addr.clone(),
+        started_at: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+    };
+    let _registration = crate::rundir::register(&run_dir, &mut entry, args.id.is_some()).await?;
+    let id = entry.id;
+    let metrics =
+        metrics.map(|(l, _)| tokio::spawn(crate::metrics::serve(l, ctx.clone(), id.clone())));
     {
         let mut out = std::io::stdout().lock();
-        writeln!(out, "{uri}")?;
+        if args.json {
+            let ready = serde_json::json!({
+                "schema": control::SCHEMA,
+                "event": "ready",
+                "id": id,
+                "pid": std::process::id(),
+                "export_uri": uri,
+                "state_dir": state_abs,
+                "run_dir": run_dir,
+                "metrics": metrics_addr,
+                "source": st.source,
+                "target": st.target,
+                "size": st.size,
+            });
+            writeln!(out, "{ready}")?;
+        } else {
+            writeln!(out, "{uri}")?;
+        }
         out.flush()?;
     }
+    crate::notify::notify(&format!("READY=1\nSTATUS=serving {uri}"));
+    let bar = (!args.json).then(|| progress_bar(ctx.clone()));
 
     match listener {
         Some(l) => server.serve(l, shutdown.clone()).await?,
         None => shutdown.wait().await,
+    }
+    crate::notify::notify("STOPPING=1\nSTATUS=saving the state");
+    if let Some(bar) = bar {
+        bar.abort();
+    }
+    if let Some(task) = metrics {
+        task.abort();
     }
     // No FUSE request may reach a closed volume.
     if let Some(fuse) = fuse {
@@ -202,6 +293,29 @@ pub async fn run(args: StartArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// On a terminal: one bar of bytes present, with the hydration rate and
+/// ETA and the clients connected, until the task is aborted.
+fn progress_bar(
+    ctx: Arc<control::Context_<lazy_fetch::source::AnySource>>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        if !crate::output::bars_enabled() {
+            return;
+        }
+        let size = ctx.volume.status().size;
+        let bar = crate::output::byte_bar_with_msg(size, "present");
+        loop {
+            let r = control::status_reply(&ctx);
+            bar.set_position(r.volume["bytes_present"].as_u64().unwrap_or(0));
+            bar.set_message(crate::status::rate_eta(&r));
+            if r.volume["hydration_complete"] == true {
+                bar.set_message(format!("hydrated; {} client(s)", r.connected_clients));
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    })
+}
+
 /// The source named on the command line (or recorded in a state header):
 /// an NBD URI or a local path. `expected_size` is the size a resumed
 /// migration recorded; an NBD source is then connected in the background.
@@ -210,7 +324,11 @@ pub async fn open_source(spec: &str, expected_size: Option<u64>) -> anyhow::Resu
         let opts = NbdOptions::default();
         let source = match expected_size {
             Some(size) => NbdSource::lazy(spec, size, opts)?,
-            None => NbdSource::connect(spec, opts).await?,
+            None => NbdSource::connect(spec, opts).await.context(
+                "a new migration needs its source once, to learn its size: check that \
+                 `stream export` (or the NBD server) runs on the legacy host and that this \
+                 host reaches it, then run the same command again",
+            )?,
         };
         return Ok(AnySource::Nbd(source));
     }
@@ -253,7 +371,9 @@ pub fn resolve_state(state: Option<PathBuf>, target: Option<PathBuf>) -> anyhow:
     match (state, target) {
         (Some(s), _) => Ok(s),
         (None, Some(t)) => Ok(state::default_dir(&t)),
-        (None, None) => anyhow::bail!("say which migration: --state DIR or --target PATH"),
+        (None, None) => anyhow::bail!(
+            "say which migration: --state DIR or --target PATH (`stream status` lists the running ones)"
+        ),
     }
 }
 

@@ -1,4 +1,6 @@
-//! `stream status`: progress of a running migration, from its control socket.
+//! `stream status`: progress of a running migration, from its control
+//! socket; with no `--state`/`--target`, every migration registered in the
+//! run directory (`rundir`), one line each.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -16,40 +18,215 @@ pub struct StatusArgs {
     /// Or its target (the state directory is derived as `stream start` does).
     #[arg(long, value_name = "PATH")]
     target: Option<PathBuf>,
-    /// Print the raw reply as JSON (schema in docs/status.md).
+    /// Print JSON: the control socket's reply, or with no --state/--target
+    /// the list (schemas in docs/json-schema.md).
     #[arg(long)]
     json: bool,
-    /// Refresh every second until interrupted.
+    /// Refresh every second until interrupted (with --json: one line per
+    /// second); a progress bar on a terminal.
     #[arg(long)]
     watch: bool,
 }
 
 pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
+    if args.state.is_none() && args.target.is_none() {
+        return list(&args).await;
+    }
     let dir = crate::start::resolve_state(args.state, args.target)?;
     if !crate::start::exists(&dir) {
         anyhow::bail!(
-            "{} holds no migration (wrong --state or --target?)",
+            "{} holds no migration (wrong --state or --target? `stream status` with no \
+             argument lists the running ones)",
             dir.display()
         );
     }
     let sock = state::control_socket(&dir);
+    let bars = args.watch && !args.json && crate::output::bars_enabled();
+    let mut bar = None;
     loop {
         let line = control::request(&sock, &Request::Status).await?;
         if args.json {
             println!("{}", line.trim());
         } else {
-            let reply: StatusReply =
-                serde_json::from_str(&line).context("unexpected reply from stream start")?;
-            print!("{}", render(&reply));
+            let reply: StatusReply = serde_json::from_str(&line).with_context(|| {
+                format!(
+                    "unexpected reply from the stream start on {} (a different version?)",
+                    sock.display()
+                )
+            })?;
+            if bars {
+                // The details once, then one bar that follows the progress.
+                let b = bar.get_or_insert_with(|| {
+                    print!("{}", render(&reply));
+                    crate::output::byte_bar_with_msg(
+                        reply.volume["size"].as_u64().unwrap_or(0),
+                        "present",
+                    )
+                });
+                b.set_position(reply.volume["bytes_present"].as_u64().unwrap_or(0));
+                b.set_message(rate_eta(&reply));
+            } else {
+                print!("{}", render(&reply));
+            }
         }
         if !args.watch {
             return Ok(());
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
-        if !args.json {
+        if !args.json && !bars {
             println!();
         }
     }
+}
+
+/// One migration of the run directory, as `stream status` lists it.
+#[derive(serde::Serialize)]
+struct Listed {
+    id: String,
+    /// Its `stream start` answers on the control socket.
+    running: bool,
+    pid: u32,
+    state_dir: std::path::PathBuf,
+    source: String,
+    target: String,
+    export_uri: String,
+    metrics: Option<String>,
+    /// The control socket's status reply, when running.
+    status: Option<serde_json::Value>,
+    /// Why it is not running (the registration is stale: killed or crashed).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+}
+
+async fn list(args: &StatusArgs) -> anyhow::Result<()> {
+    let run_dir = crate::rundir::dir();
+    let mut bars: std::collections::HashMap<String, indicatif::ProgressBar> = Default::default();
+    let use_bars = args.watch && !args.json && crate::output::bars_enabled();
+    loop {
+        let mut listed = Vec::new();
+        for e in crate::rundir::list(&run_dir)? {
+            let (status, error) = match control::request(&e.control_socket, &Request::Status).await
+            {
+                Ok(line) => (serde_json::from_str::<serde_json::Value>(&line).ok(), None),
+                Err(err) => (None, Some(format!("{err:#}"))),
+            };
+            listed.push(Listed {
+                id: e.id,
+                running: status.is_some(),
+                pid: e.pid,
+                state_dir: e.state_dir,
+                source: e.source,
+                target: e.target,
+                export_uri: e.export_uri,
+                metrics: e.metrics,
+                status,
+                error,
+            });
+        }
+        if args.json {
+            let doc = serde_json::json!({
+                "schema": control::SCHEMA,
+                "run_dir": run_dir,
+                "migrations": listed,
+            });
+            println!("{doc}");
+        } else if use_bars {
+            for l in &listed {
+                let b = bars.entry(l.id.clone()).or_insert_with(|| {
+                    let size = l.status.as_ref().and_then(|s| s["volume"]["size"].as_u64());
+                    crate::output::byte_bar_with_msg(size.unwrap_or(0), &l.id)
+                });
+                match l
+                    .status
+                    .as_ref()
+                    .and_then(|s| serde_json::from_value::<StatusReply>(s.clone()).ok())
+                {
+                    Some(r) => {
+                        b.set_position(r.volume["bytes_present"].as_u64().unwrap_or(0));
+                        b.set_message(rate_eta(&r));
+                    }
+                    None => b.set_message("not running"),
+                }
+            }
+        } else {
+            print!("{}", table(&run_dir, &listed));
+        }
+        if !args.watch {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        if !args.json && !use_bars {
+            println!();
+        }
+    }
+}
+
+fn table(run_dir: &std::path::Path, listed: &[Listed]) -> String {
+    use std::fmt::Write as _;
+    if listed.is_empty() {
+        return format!(
+            "no migration is registered in {} (start one with `stream start`, or pass --run-dir)\n",
+            run_dir.display()
+        );
+    }
+    let mut o = format!(
+        "{:<20} {:<11} {:>7} {:>12} {:>10} {:>7}  {}\n",
+        "ID", "PHASE", "PRESENT", "RATE", "ETA", "CLIENTS", "EXPORT"
+    );
+    for l in listed {
+        let r = l
+            .status
+            .as_ref()
+            .and_then(|s| serde_json::from_value::<StatusReply>(s.clone()).ok());
+        let _ = match r {
+            Some(r) => {
+                let v = &r.volume;
+                let size = v["size"].as_u64().unwrap_or(0).max(1) as f64;
+                let present = v["bytes_present"].as_u64().unwrap_or(0) as f64;
+                writeln!(
+                    o,
+                    "{:<20} {:<11} {:>6.1}% {:>10}/s {:>10} {:>7}  {}",
+                    l.id,
+                    v["phase"].as_str().unwrap_or("?"),
+                    100.0 * present / size,
+                    human_bytes(r.hydration_rate),
+                    eta(r.eta_secs),
+                    r.connected_clients,
+                    r.export_uri
+                )
+            }
+            None => writeln!(
+                o,
+                "{:<20} {:<11} {:>7} {:>12} {:>10} {:>7}  (state {})",
+                l.id,
+                "not running",
+                "-",
+                "-",
+                "-",
+                "-",
+                l.state_dir.display()
+            ),
+        };
+    }
+    o
+}
+
+fn eta(secs: Option<f64>) -> String {
+    match secs {
+        Some(0.0) => "done".to_string(),
+        Some(s) => humantime(s),
+        None => "unknown".to_string(),
+    }
+}
+
+/// "12.3 MiB/s, ETA 4m10s, 1 client(s)" for a progress bar.
+pub fn rate_eta(r: &StatusReply) -> String {
+    format!(
+        "{}/s, ETA {}, {} client(s)",
+        human_bytes(r.hydration_rate),
+        eta(r.eta_secs),
+        r.connected_clients
+    )
 }
 
 pub fn human_bytes(n: f64) -> String {

@@ -28,6 +28,10 @@
 //!   mounts and stale FUSE mounts, each undone on drop, and a watchdog.
 //! - [`tls`]: a test CA with server and client certificates, PSK files,
 //!   and nbdkit serving over TLS.
+//! - [`ops`]: what an operator's script sees: `--json` documents checked
+//!   against the JSON Schemas of `docs/schema/`, the Prometheus endpoint
+//!   scraped over plain TCP and its exposition text parsed, the run
+//!   directory.
 //! - [`wire`]: a tiny blocking NBD client speaking exact bytes, for the
 //!   protocol corner cases no well-behaved client will produce.
 //!
@@ -39,6 +43,7 @@ pub mod fake_cloud;
 pub mod finalize;
 pub mod fuse;
 pub mod image;
+pub mod ops;
 pub mod proxy;
 pub mod server;
 pub mod start;

@@ -7,12 +7,15 @@ use std::time::Duration;
 #[derive(Debug)]
 pub struct Histogram {
     buckets: [AtomicU64; 32],
+    /// Sum of the recorded samples in microseconds (for a Prometheus `_sum`).
+    sum_us: AtomicU64,
 }
 
 impl Default for Histogram {
     fn default() -> Self {
         Histogram {
             buckets: std::array::from_fn(|_| AtomicU64::new(0)),
+            sum_us: AtomicU64::new(0),
         }
     }
 }
@@ -22,6 +25,19 @@ impl Histogram {
         let us = d.as_micros().max(1) as u64;
         let b = (63 - us.leading_zeros()) as usize;
         self.buckets[b.min(31)].fetch_add(1, Ordering::Relaxed);
+        self.sum_us.fetch_add(us, Ordering::Relaxed);
+    }
+
+    /// Per-bucket counts: bucket `i` holds samples below `2 << i`
+    /// microseconds (and at least `1 << i`, but for bucket 0); the last
+    /// bucket also holds everything longer.
+    pub fn bucket_counts(&self) -> [u64; 32] {
+        std::array::from_fn(|i| self.buckets[i].load(Ordering::Relaxed))
+    }
+
+    /// Sum of every recorded sample, in microseconds.
+    pub fn sum_us(&self) -> u64 {
+        self.sum_us.load(Ordering::Relaxed)
     }
 
     pub fn count(&self) -> u64 {
@@ -68,6 +84,8 @@ pub struct Stats {
     pub foreground_fetch: Histogram,
     pub source_errors: AtomicU64,
     pub target_errors: AtomicU64,
+    /// Bytes clients asked to write, trim or zero, in this run.
+    pub bytes_written_by_clients: AtomicU64,
 }
 
 /// The cumulative counters, saved in the state directory (`stats.json`)
@@ -127,5 +145,8 @@ mod tests {
         assert_eq!(h.quantile_us(0.99), Some(128));
         assert_eq!(h.quantile_us(1.0), Some(65536));
         assert_eq!(Histogram::default().quantile_us(0.5), None);
+        assert_eq!(h.bucket_counts().iter().sum::<u64>(), 100);
+        assert_eq!(h.bucket_counts()[6], 99, "100 us lies in [64, 128)");
+        assert_eq!(h.sum_us(), 99 * 100 + 50_000);
     }
 }

@@ -679,6 +679,7 @@ impl<S: Source> Volume<S> {
     /// Write `data` at `offset`; with `fua`, durable before returning.
     pub async fn write(&self, offset: u64, data: Vec<u8>, fua: bool) -> Result<()> {
         self.note_foreground();
+        Stats::add(&self.stats.bytes_written_by_clients, data.len() as u64);
         let chunks = self.geometry.chunks_of(offset, data.len() as u64);
         if chunks.end - chunks.start == 1 {
             self.write_chunk(ChunkIndex(chunks.start), offset, data)
@@ -760,6 +761,7 @@ impl<S: Source> Volume<S> {
     /// Trim: whole chunks become zero chunks (punched); partial chunks are
     /// left as they are, which the spec allows for a hint.
     pub async fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<()> {
+        Stats::add(&self.stats.bytes_written_by_clients, len);
         self.zero_range(offset, len, false, false).await?;
         if fua {
             self.flush().await?;
@@ -788,6 +790,7 @@ impl<S: Source> Volume<S> {
                 return Ok(Err(FastZeroUnsupported));
             }
         }
+        Stats::add(&self.stats.bytes_written_by_clients, len);
         self.zero_range(offset, len, allocate, true).await?;
         if fua {
             self.flush().await?;
