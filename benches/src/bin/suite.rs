@@ -874,7 +874,14 @@ fn copy_then_serve(ctx: &mut Ctx, run: &mut Run, delay: u64, has: &dyn Fn(&str) 
 
 fn boot(ctx: &mut Ctx, run: &mut Run, delay: u64, p: PeerKind) {
     let hydrate = p.hydrates();
-    let Some(image) = ctx.boot_image.take() else {
+    // The source serves the image's disk (Ctx::source reads it from
+    // ctx.boot_image); the boot itself needs only the kernel and initrd.
+    let Some(image) = ctx.boot_image.as_ref().map(|i| boot::BootImage {
+        kernel: i.kernel.clone(),
+        initrd: i.initrd.clone(),
+        disk: i.disk.clone(),
+        manifest: String::new(),
+    }) else {
         return;
     };
     let log = ctx
@@ -890,7 +897,6 @@ fn boot(ctx: &mut Ctx, run: &mut Run, delay: u64, p: PeerKind) {
             }),
         )
     });
-    ctx.boot_image = Some(image);
     match r {
         Ok(Ok(b)) => run.put("boot", p, delay, "time", "s", Some(b.seconds), ""),
         Ok(Err(why)) => run.put(
