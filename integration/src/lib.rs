@@ -34,6 +34,7 @@
 
 pub mod binary;
 pub mod fake_cloud;
+pub mod fault;
 pub mod finalize;
 pub mod fuse;
 pub mod image;
