@@ -40,6 +40,7 @@ pub mod fuse;
 pub mod image;
 pub mod proxy;
 pub mod server;
+pub mod soak;
 pub mod start;
 pub mod tool;
 pub mod wire;
