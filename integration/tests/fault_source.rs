@@ -24,7 +24,7 @@ const PROBES: [(u64, u64); 3] = [
 ];
 
 #[test]
-fn source_reset_ten_times_mid_hydration_ends_identical() {
+fn source_reset_repeatedly_mid_hydration_ends_identical() {
     let dir = tempfile::tempdir().unwrap();
     let img = mixed_image(dir.path());
     let export = Export::new(&img.path).spawn();
