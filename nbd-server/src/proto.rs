@@ -680,7 +680,9 @@ mod tests {
         assert!(decode_error_chunk(REPLY_TYPE_ERROR, &v).is_err());
         let mut v = encode_error_chunk(Errno::Io, "bad", Some(7));
         assert_eq!(
-            decode_error_chunk(REPLY_TYPE_ERROR_OFFSET, &v).unwrap().offset,
+            decode_error_chunk(REPLY_TYPE_ERROR_OFFSET, &v)
+                .unwrap()
+                .offset,
             Some(7)
         );
         v.push(0);
