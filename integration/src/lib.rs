@@ -40,12 +40,14 @@
 
 pub mod binary;
 pub mod fake_cloud;
+pub mod fault;
 pub mod finalize;
 pub mod fuse;
 pub mod image;
 pub mod ops;
 pub mod proxy;
 pub mod server;
+pub mod soak;
 pub mod start;
 pub mod tls;
 pub mod tool;

@@ -6,7 +6,9 @@
 //! shuts down both sockets of every open connection (the client sees EOF
 //! or a reset, as when a link drops) and keeps accepting new ones;
 //! [`Proxy::refuse`] makes it close every new connection at once (the
-//! source host is down) until it is called again with `false`.
+//! source host is down) until it is called again with `false`;
+//! [`Proxy::hold`] stops forwarding bytes either way while the sockets stay
+//! open (a stalled link: nothing arrives, nothing fails) until released.
 
 use std::io;
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -19,6 +21,7 @@ struct Shared {
     open: Mutex<Vec<TcpStream>>,
     stop: AtomicBool,
     refusing: AtomicBool,
+    holding: AtomicBool,
     accepted: AtomicU64,
     bytes: AtomicU64,
 }
@@ -40,6 +43,7 @@ impl Proxy {
             open: Mutex::new(Vec::new()),
             stop: AtomicBool::new(false),
             refusing: AtomicBool::new(false),
+            holding: AtomicBool::new(false),
             accepted: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
         });
@@ -90,6 +94,12 @@ impl Proxy {
         }
     }
 
+    /// While `yes`, bytes read from either side are kept, not forwarded
+    /// (and new connections get no greeting); `hold(false)` sends them on.
+    pub fn hold(&self, yes: bool) {
+        self.shared.holding.store(yes, Ordering::SeqCst);
+    }
+
     /// Connections accepted so far.
     pub fn accepted(&self) -> u64 {
         self.shared.accepted.load(Ordering::SeqCst)
@@ -126,6 +136,10 @@ fn pump(s: &Arc<Shared>, mut from: TcpStream, mut to: TcpStream) {
                 Ok(0) | Err(_) => break,
                 Ok(n) => n,
             };
+            // A stall: keep the bytes until released (or the proxy stops).
+            while s.holding.load(Ordering::SeqCst) && !s.stop.load(Ordering::SeqCst) {
+                thread::sleep(std::time::Duration::from_millis(5));
+            }
             if io::Write::write_all(&mut to, &buf[..n]).is_err() {
                 break;
             }

@@ -11,8 +11,13 @@
 //! theirs in the last 20 ms) it drops to one run at a time and gives them a
 //! head start (a bounded wait, so it cannot starve); the
 //! `--rate-limit` is a token bucket on the bytes it fetches. When the source
-//! fails it backs off (1 s doubling to 30 s) and tries again, so a lost
-//! source pauses hydration without stopping the server.
+//! or the target fails (the source is gone, the target is full) it backs
+//! off (1 s doubling to 30 s) and tries again, so a lost source or a full
+//! target pauses hydration without stopping the server. The runs in flight
+//! when the fault struck fail together: one pause covers them all, so a
+//! pause ends after the backoff, not after the sum of the backoffs of every
+//! run that was in flight (8 runs: 1 + 2 + ... + 30 s, which held hydration
+//! for 90 s after a full target had been given room).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -111,8 +116,8 @@ async fn hydrate<S: Source>(volume: Arc<Volume<S>>, opts: Options) {
     let mut bucket: Option<Bucket> = None;
     let mut cursor = 0u64;
     let mut holes_known_until = 0u64;
-    let mut backoff = Duration::from_secs(1);
-    let mut tasks: JoinSet<crate::Result<usize>> = JoinSet::new();
+    let mut backoff = Backoff::new();
+    let mut tasks: JoinSet<(crate::Result<usize>, Instant)> = JoinSet::new();
     let run_bytes = g.chunk_size() * MAX_RUN as u64;
     loop {
         if volume.map().is_complete() {
@@ -159,7 +164,7 @@ async fn hydrate<S: Source>(volume: Arc<Volume<S>>, opts: Options) {
         }
         while tasks.len() >= limit {
             if let Some(r) = tasks.join_next().await {
-                backoff = settle(r, backoff).await;
+                backoff.settle(r).await;
             }
         }
         let rate = opts.rate_limit.load(Ordering::Relaxed);
@@ -177,7 +182,10 @@ async fn hydrate<S: Source>(volume: Arc<Volume<S>>, opts: Options) {
             Some(last) => {
                 cursor = last + 1;
                 let v = volume.clone();
-                tasks.spawn(async move { v.fetch_run(run, Class::Background).await });
+                tasks.spawn(async move {
+                    let r = v.fetch_run(run, Class::Background).await;
+                    (r, Instant::now())
+                });
             }
             None => {
                 // Someone else holds this chunk (a client is fetching it):
@@ -191,7 +199,7 @@ async fn hydrate<S: Source>(volume: Arc<Volume<S>>, opts: Options) {
         }
     }
     while let Some(r) = tasks.join_next().await {
-        settle(r, Duration::ZERO).await;
+        backoff.report(r);
     }
     if volume.map().is_complete() {
         if let Err(e) = volume.flush().await {
@@ -205,22 +213,60 @@ async fn hydrate<S: Source>(volume: Arc<Volume<S>>, opts: Options) {
     }
 }
 
-/// Handle one finished run: on error log, wait (backoff) and return the
-/// next backoff; on success reset it.
-async fn settle(
-    r: Result<crate::Result<usize>, tokio::task::JoinError>,
-    backoff: Duration,
-) -> Duration {
-    match r {
-        Ok(Ok(_)) => Duration::from_secs(1),
-        Ok(Err(e)) => {
-            tracing::warn!("hydration paused for {backoff:?}: {e}");
-            tokio::time::sleep(backoff).await;
-            (backoff * 2).min(Duration::from_secs(30))
+/// The pause after failed runs: 1 s doubling to 30 s, reset by a success.
+struct Backoff {
+    next: Duration,
+    /// When the last pause ended: a run that failed before then failed in
+    /// the fault that pause was for, and pauses no more.
+    resumed: Instant,
+}
+
+impl Backoff {
+    const FIRST: Duration = Duration::from_secs(1);
+    const MAX: Duration = Duration::from_secs(30);
+
+    fn new() -> Backoff {
+        Backoff {
+            next: Backoff::FIRST,
+            resumed: Instant::now(),
         }
-        Err(e) => {
-            tracing::error!("hydration task failed: {e}");
-            backoff
+    }
+
+    /// Handle one finished run: a success resets the backoff; a failure
+    /// since the last pause logs, pauses, and doubles it.
+    async fn settle(&mut self, r: Result<(crate::Result<usize>, Instant), tokio::task::JoinError>) {
+        if let Some(failed_at) = self.report(r) {
+            if failed_at >= self.resumed {
+                tracing::warn!("hydration paused for {:?}", self.next);
+                tokio::time::sleep(self.next).await;
+                self.resumed = Instant::now();
+                self.next = (self.next * 2).min(Backoff::MAX);
+            }
+        }
+    }
+
+    /// Log a finished run; `Some(when)` if it failed.
+    fn report(
+        &mut self,
+        r: Result<(crate::Result<usize>, Instant), tokio::task::JoinError>,
+    ) -> Option<Instant> {
+        match r {
+            Ok((Ok(_), _)) => {
+                self.next = Backoff::FIRST;
+                None
+            }
+            Ok((Err(e), at)) => {
+                if at >= self.resumed {
+                    tracing::warn!("hydration: {e}");
+                } else {
+                    tracing::debug!("hydration: {e} (during the last pause)");
+                }
+                Some(at)
+            }
+            Err(e) => {
+                tracing::error!("hydration task failed: {e}");
+                None
+            }
         }
     }
 }
@@ -228,6 +274,30 @@ async fn settle(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn runs_failed_in_one_fault_pause_once() {
+        let mut b = Backoff::new();
+        let failed = || {
+            Ok((
+                Err(crate::Error::SourceUnavailable("gone".into())),
+                Instant::now(),
+            ))
+        };
+        // Eight runs fail at once: the first pauses, the rest do not.
+        let results: Vec<_> = (0..8).map(|_| failed()).collect();
+        let t = tokio::time::Instant::now();
+        for r in results {
+            b.settle(r).await;
+        }
+        assert_eq!(t.elapsed(), Duration::from_secs(1));
+        // A failure after the pause pauses again, twice as long.
+        b.settle(failed()).await;
+        assert_eq!(t.elapsed(), Duration::from_secs(3));
+        // A success resets it.
+        b.settle(Ok((Ok(1), Instant::now()))).await;
+        assert_eq!(b.next, Backoff::FIRST);
+    }
 
     #[test]
     fn bucket_allows_a_burst_then_paces() {

@@ -375,6 +375,16 @@ impl StateDir {
                 dir.display()
             )));
         }
+        // No header, but the map or journal of a migration with progress:
+        // the header was lost, not never written (a crash while creating
+        // leaves an empty map and journal). Starting afresh would forget
+        // which chunks clients wrote and refetch them over their data.
+        if let Some(what) = progress_without_header(dir) {
+            return Err(Error::StateCorrupt {
+                path: dir.join("state.json"),
+                detail: format!("missing, but {what}"),
+            });
+        }
         let map = PresenceMap::new(header.geometry().chunks());
         // An empty payload stands for "every bit clear": a new 1 TiB
         // migration need not write (and sync) megabytes of zeros.
@@ -542,16 +552,40 @@ fn write_checkpoint(dir: &Path, bitmaps: &[u8], generation: u64) -> io::Result<(
     write_atomic(dir, "map", &v)
 }
 
+/// What in `dir` shows a migration made progress there: a map with bits,
+/// a journal with batches, or a write-ahead log with records.
+fn progress_without_header(dir: &Path) -> Option<String> {
+    let len = |name: &str| fs::metadata(dir.join(name)).map(|m| m.len()).ok();
+    if len("map").is_some_and(|n| n > 24 + HASH_LEN as u64) {
+        return Some("the map holds chunk states".into());
+    }
+    if len("journal").is_some_and(|n| n > Journal::HEADER_LEN) {
+        return Some("the journal holds flushed batches".into());
+    }
+    let wal = fs::read_dir(dir).ok()?.flatten().find(|e| {
+        e.file_name().to_string_lossy().starts_with("wal.")
+            && e.metadata().is_ok_and(|m| m.len() > 0)
+    });
+    wal.map(|e| format!("{} holds logged writes", e.file_name().to_string_lossy()))
+}
+
 fn read_checkpoint(dir: &Path, chunks: u64) -> Result<(PresenceMap, u64)> {
     let path = dir.join("map");
     let corrupt = |detail: &str| Error::StateCorrupt {
         path: path.clone(),
         detail: detail.to_string(),
     };
-    let v = fs::read(&path).map_err(|source| Error::StateIo {
-        dir: dir.to_path_buf(),
-        source,
-    })?;
+    let v = match fs::read(&path) {
+        Ok(v) => v,
+        // Written at create, before the header, and only ever replaced.
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(corrupt("missing")),
+        Err(source) => {
+            return Err(Error::StateIo {
+                dir: dir.to_path_buf(),
+                source,
+            });
+        }
+    };
     if v.len() < 24 + HASH_LEN || &v[..8] != MAP_MAGIC {
         return Err(corrupt("not a presence map"));
     }
@@ -610,12 +644,31 @@ impl Journal {
             Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
             Err(e) => return Err(io(e)),
         };
-        let stale = bytes.len() < Self::HEADER_LEN as usize
-            || &bytes[..8] != JOURNAL_MAGIC
-            || u64::from_le_bytes(bytes[8..16].try_into().expect("8")) != generation;
-        if stale {
-            // Written before the checkpoint we loaded (or never started):
-            // the checkpoint already holds all of it.
+        if bytes.is_empty() {
+            // Never started (a crash while the state was being created).
+            return Journal::create(dir, generation).map_err(io);
+        }
+        // The journal is only ever created whole (written and renamed into
+        // place), so a short file or a wrong magic is damage, not a torn
+        // create: its batches may be acknowledged flushes, and dropping
+        // them would make written chunks absent (refetched over the
+        // client's data). Only an older generation is legitimately stale.
+        if bytes.len() < Self::HEADER_LEN as usize || &bytes[..8] != JOURNAL_MAGIC {
+            return Err(Error::StateCorrupt {
+                path,
+                detail: "journal header is damaged (bad magic or cut short)".into(),
+            });
+        }
+        let found = u64::from_le_bytes(bytes[8..16].try_into().expect("8"));
+        if found > generation {
+            return Err(Error::StateCorrupt {
+                path,
+                detail: format!("journal generation {found} is newer than the map's {generation}"),
+            });
+        }
+        if found < generation {
+            // Written before the checkpoint we loaded (a crash between the
+            // two renames): the checkpoint already holds all of it.
             return Journal::create(dir, generation).map_err(io);
         }
         let mut at = Self::HEADER_LEN as usize;
@@ -833,6 +886,47 @@ mod tests {
         fs::write(&j, bytes).unwrap();
         let e = StateDir::open(dir.path()).unwrap_err();
         assert!(matches!(e, Error::StateCorrupt { .. }), "{e}");
+    }
+
+    #[test]
+    fn lost_header_with_progress_is_refused_not_started_afresh() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (st, _) = StateDir::create(dir.path(), &header()).unwrap();
+            st.append(&[entry(ChunkIndex(1), 1, ChunkState::Data, true)])
+                .unwrap();
+        }
+        fs::remove_file(dir.path().join("state.json")).unwrap();
+        let e = StateDir::create(dir.path(), &header()).unwrap_err();
+        assert!(matches!(e, Error::StateCorrupt { .. }), "{e}");
+
+        // A crash while creating (no header, nothing recorded) starts afresh.
+        let dir = tempfile::tempdir().unwrap();
+        drop(StateDir::create(dir.path(), &header()).unwrap());
+        fs::remove_file(dir.path().join("state.json")).unwrap();
+        StateDir::create(dir.path(), &header()).unwrap();
+    }
+
+    #[test]
+    fn damaged_journal_header_is_refused_not_taken_for_stale() {
+        for damage in [0usize, 9] {
+            let dir = tempfile::tempdir().unwrap();
+            {
+                let (st, _) = StateDir::create(dir.path(), &header()).unwrap();
+                st.append(&[entry(ChunkIndex(1), 1, ChunkState::Data, true)])
+                    .unwrap();
+            }
+            let j = dir.path().join("journal");
+            let mut bytes = fs::read(&j).unwrap();
+            // The magic, or the generation made newer than the map's.
+            bytes[damage] ^= 0x40;
+            fs::write(&j, bytes).unwrap();
+            let e = StateDir::open(dir.path()).unwrap_err();
+            assert!(
+                matches!(e, Error::StateCorrupt { .. }),
+                "byte {damage}: {e}"
+            );
+        }
     }
 
     #[test]

@@ -471,7 +471,26 @@ impl<S: Source> Volume<S> {
         if s != r.start || e != r.end {
             return self.read_piece_first(g, s, e, started).await;
         }
-        let fetched = self.fetch_locked(&[g], Class::Foreground).await?;
+        let fetched = match self.fetch_locked(&[g], Class::Foreground).await {
+            Ok(f) => f,
+            // The target is full: the chunk stays absent (nothing was
+            // marked), but a read must not fail for want of room to cache
+            // it. Serve it from the source, under the same lock.
+            Err(err) if err.kind() == crate::error::ErrorKind::NoSpace => {
+                let data = self
+                    .source
+                    .read(s, (e - s) as usize, Class::Foreground)
+                    .await
+                    .map_err(|source| {
+                        Stats::add(&self.stats.source_errors, 1);
+                        Error::FetchChunk { index: c, source }
+                    })?;
+                Stats::add(&self.stats.bytes_fetched, e - s);
+                self.stats.foreground_fetch.record(started.elapsed());
+                return Ok(Piece::Data(data));
+            }
+            Err(err) => return Err(err),
+        };
         self.stats.foreground_fetch.record(started.elapsed());
         Ok(match fetched {
             Fetched::Zero => Piece::Zero(e - s),

@@ -610,10 +610,12 @@ impl Info {
 /// `ERROR_OFFSET` is returned separately by [`decode_error_chunk`].
 pub fn encode_error_chunk(errno: Errno, message: &str, offset: Option<u64>) -> Vec<u8> {
     // Messages are for humans; keep them within the string limit.
-    let mut msg = message.as_bytes();
-    if msg.len() > MAX_STRING {
-        msg = &msg[..MAX_STRING];
+    // Cut at a character boundary: the message must stay UTF-8.
+    let mut cut = message.len().min(MAX_STRING);
+    while !message.is_char_boundary(cut) {
+        cut -= 1;
     }
+    let msg = &message.as_bytes()[..cut];
     let mut v = Vec::with_capacity(6 + msg.len() + 8);
     v.extend_from_slice(&errno.code().to_be_bytes());
     v.extend_from_slice(&(msg.len() as u16).to_be_bytes());
@@ -640,12 +642,13 @@ pub fn decode_error_chunk(kind: u16, data: &[u8]) -> Result<ErrorChunk, OptionPa
     let msg = c.take(len as usize)?;
     let message = String::from_utf8_lossy(msg).into_owned();
     let offset = if kind == REPLY_TYPE_ERROR_OFFSET {
-        let off = be_u64(c.take(8)?);
-        c.end()?;
-        Some(off)
+        Some(be_u64(c.take(8)?))
     } else {
         None
     };
+    // The message length accounts for every byte: anything after it is a
+    // malformed chunk, not a longer message.
+    c.end()?;
     Ok(ErrorChunk {
         error,
         message,
@@ -668,6 +671,34 @@ pub(crate) fn be_u64(b: &[u8]) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn error_chunk_with_trailing_bytes_is_refused() {
+        let mut v = encode_error_chunk(Errno::Io, "bad", None);
+        assert!(decode_error_chunk(REPLY_TYPE_ERROR, &v).is_ok());
+        v.push(0);
+        assert!(decode_error_chunk(REPLY_TYPE_ERROR, &v).is_err());
+        let mut v = encode_error_chunk(Errno::Io, "bad", Some(7));
+        assert_eq!(
+            decode_error_chunk(REPLY_TYPE_ERROR_OFFSET, &v)
+                .unwrap()
+                .offset,
+            Some(7)
+        );
+        v.push(0);
+        assert!(decode_error_chunk(REPLY_TYPE_ERROR_OFFSET, &v).is_err());
+    }
+
+    #[test]
+    fn long_error_message_is_cut_at_a_character_boundary() {
+        // 4095 ASCII bytes then a 3-byte character across the 4096 limit.
+        let message = format!("{}€", "a".repeat(MAX_STRING - 1));
+        let v = encode_error_chunk(Errno::Io, &message, None);
+        let len = u16::from_be_bytes([v[4], v[5]]) as usize;
+        assert_eq!(len, MAX_STRING - 1);
+        let back = decode_error_chunk(REPLY_TYPE_ERROR, &v).unwrap();
+        assert_eq!(back.message, "a".repeat(MAX_STRING - 1));
+    }
 
     #[test]
     fn request_header_round_trips() {

@@ -11,6 +11,9 @@
 //!   [`memdisk::MemDisk`]; the server must neither panic nor hang.
 //! - [`codecs`]: `option_parsing`: the option payload and reply decoders
 //!   must never panic, and what they accept must re-encode to itself.
+//! - [`client_session`]: `client_replies`: the bytes are everything a
+//!   server sends; the async client negotiates and runs a fixed request
+//!   sequence on a unix socketpair; it must neither panic nor hang.
 //! - [`memdisk`]: a 1 MiB in-memory block device with every capability.
 //! - [`spec_seeds`]: hand-built byte sequences from the NBD spec, the
 //!   seeds the captured client sessions do not cover.
@@ -19,6 +22,7 @@
 //! `tests/replay.rs` runs every corpus file through the same functions on
 //! stable, so CI replays the corpus without a fuzzer.
 
+pub mod client_session;
 pub mod codecs;
 pub mod memdisk;
 pub mod session;

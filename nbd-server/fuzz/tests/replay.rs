@@ -10,7 +10,7 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use nbd_server_fuzz::{codecs, session, spec_seeds};
+use nbd_server_fuzz::{client_session, codecs, session, spec_seeds};
 
 fn corpus(target: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -42,6 +42,33 @@ fn handshake_and_requests_corpus_replays_cleanly() {
 #[test]
 fn option_parsing_corpus_replays_cleanly() {
     replay("option_parsing", codecs::run);
+}
+
+#[test]
+fn client_replies_corpus_replays_cleanly() {
+    replay("client_replies", client_session::run);
+}
+
+/// The recorded server side of the client's request sequence is in the
+/// corpus and current (rewrite with `WRITE_SPEC_SEEDS=1`), and every
+/// prefix of it (a server that hung up at that byte) ends cleanly.
+#[test]
+fn client_replies_seed_is_current_and_its_prefixes_end_cleanly() {
+    let seed = client_session::record();
+    let path = corpus("client_replies").join("ours-requests-0");
+    if std::env::var_os("WRITE_SPEC_SEEDS").is_some() {
+        fs::create_dir_all(path.parent().unwrap()).unwrap();
+        fs::write(&path, &seed).unwrap();
+    }
+    assert_eq!(
+        fs::read(&path).ok().as_deref(),
+        Some(&seed[..]),
+        "{} is stale: WRITE_SPEC_SEEDS=1 cargo test --release",
+        path.display()
+    );
+    for cut in (0..seed.len()).step_by(97) {
+        client_session::run(&seed[..cut]);
+    }
 }
 
 /// Every prefix of a real session is a session whose client vanished at

@@ -148,6 +148,13 @@ impl Client {
         }
     }
 
+    /// Negotiate `export` on an already connected unix stream (a
+    /// socketpair, an inherited descriptor; the fuzz target attaches its
+    /// scripted server this way). Not bounded by a timeout.
+    pub async fn over_unix_stream(s: UnixStream, export: &str) -> Result<Client, ClientError> {
+        over_unix_stream(s, export).await
+    }
+
     /// Export size in bytes.
     pub fn size(&self) -> u64 {
         self.info().size
