@@ -129,25 +129,60 @@ pub async fn register(
         return Ok(None);
     }
     let base = entry.id.clone();
-    for n in 1.. {
+    let mut n = 1;
+    let mut replaced = 0;
+    let path = loop {
         if n > 1 {
             entry.id = format!("{base}-{n}");
         }
         let path = entry_path(run_dir, &entry.id);
-        let Some(holder) = live_holder(&path, &entry.state_dir).await else {
-            break;
-        };
-        if explicit || n >= 100 {
-            anyhow::bail!(
-                "the migration id {:?} is taken in {} by the running migration of {} (pid {}); \
-                 give this one another --id",
-                entry.id,
-                run_dir.display(),
-                holder.state_dir.display(),
-                holder.pid
-            );
+        if let Some(holder) = live_holder(&path, &entry.state_dir).await {
+            if explicit || n >= 100 {
+                anyhow::bail!(
+                    "the migration id {:?} is taken in {} by the running migration of {} (pid {}); \
+                     give this one another --id",
+                    entry.id,
+                    run_dir.display(),
+                    holder.state_dir.display(),
+                    holder.pid
+                );
+            }
+            n += 1;
+            continue;
         }
-    }
+        // Claim the name atomically: a complete file is hard-linked under
+        // it, which fails if another `stream start` got there first (tests
+        // and scripts start several at once with the same target name).
+        static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = run_dir.join(format!(
+            ".{}.{}-{seq}.json.tmp",
+            entry.id,
+            std::process::id()
+        ));
+        std::fs::write(&tmp, serde_json::to_vec_pretty(entry)?)
+            .with_context(|| format!("cannot register the migration in {}", tmp.display()))?;
+        let linked = std::fs::hard_link(&tmp, &path);
+        let _ = std::fs::remove_file(&tmp);
+        match linked {
+            Ok(()) => break path,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && replaced < 3 => {
+                // Live (a racer that just registered): take the next name.
+                // Stale (its process is gone) or ours from before: replace.
+                if live_holder(&path, &entry.state_dir).await.is_some() {
+                    n += 1;
+                } else {
+                    replaced += 1;
+                    let _ = std::fs::remove_file(&path);
+                }
+            }
+            Err(e) => {
+                return Err(e).with_context(|| {
+                    format!("cannot register the migration in {}", path.display())
+                });
+            }
+        }
+    };
     if entry.id != base {
         tracing::info!(
             "migration id {base:?} is taken by another running migration: registered as {:?} \
@@ -155,11 +190,6 @@ pub async fn register(
             entry.id
         );
     }
-    let path = entry_path(run_dir, &entry.id);
-    let tmp = run_dir.join(format!(".{}.json.tmp", entry.id));
-    std::fs::write(&tmp, serde_json::to_vec_pretty(entry)?)
-        .and_then(|()| std::fs::rename(&tmp, &path))
-        .with_context(|| format!("cannot register the migration in {}", path.display()))?;
     Ok(Some(Registration { path }))
 }
 
@@ -236,6 +266,53 @@ mod tests {
         assert_eq!(default_id(Path::new("/srv/disks/db01.raw")), "db01.raw");
         assert_eq!(default_id(Path::new("/dev/vg0/mig-db01")), "vg0-mig-db01");
         assert_eq!(default_id(Path::new("/x/a b")), "a_b");
+    }
+
+    /// Many `stream start`s registering the same default id at once (as
+    /// parallel tests do) each get their own name; none fails or is lost.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn racing_registrations_each_get_a_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let run_dir = dir.path().join("run");
+        let mut tasks = Vec::new();
+        let mut listeners = Vec::new();
+        for i in 0..8 {
+            let state_dir = dir.path().join(format!("state{i}"));
+            std::fs::create_dir_all(&state_dir).unwrap();
+            let control_socket = state_dir.join("control.sock");
+            listeners.push(std::os::unix::net::UnixListener::bind(&control_socket).unwrap());
+            let run_dir = run_dir.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut entry = Entry {
+                    schema: 1,
+                    id: "target.img".into(),
+                    pid: std::process::id(),
+                    state_dir,
+                    control_socket,
+                    source: "s".into(),
+                    target: "t".into(),
+                    export_uri: "nbd://".into(),
+                    metrics: None,
+                    started_at: 0,
+                };
+                register(&run_dir, &mut entry, false)
+                    .await
+                    .map(|r| (entry.id, r))
+            }));
+        }
+        let mut ids = Vec::new();
+        let mut kept = Vec::new();
+        for t in tasks {
+            let (id, reg) = t.await.unwrap().unwrap();
+            ids.push(id);
+            kept.push(reg);
+        }
+        ids.sort();
+        ids.dedup();
+        assert_eq!(ids.len(), 8, "{ids:?}");
+        assert_eq!(list(&run_dir).unwrap().len(), 8);
+        drop(kept);
+        drop(listeners);
     }
 
     #[test]
