@@ -34,6 +34,18 @@ pub struct Proxy {
 }
 
 impl Proxy {
+    /// `stream export` of `path` over TCP with a proxy in front of it: the
+    /// source whose connections a test cuts, holds or refuses. Stop the
+    /// proxy before the export (drop order: declare the export first).
+    pub fn in_front_of_export(path: &std::path::Path) -> (crate::server::Server, Proxy) {
+        let export = crate::Export::new(path).spawn();
+        let crate::server::Addr::Tcp(upstream) = export.addr else {
+            panic!("stream export on TCP printed {}", export.uri);
+        };
+        let proxy = Proxy::start(upstream);
+        (export, proxy)
+    }
+
     /// Listens on `127.0.0.1:0` and forwards every connection to `upstream`.
     pub fn start(upstream: SocketAddr) -> Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind proxy");

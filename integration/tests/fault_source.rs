@@ -6,13 +6,13 @@
 
 use std::time::{Duration, Instant};
 
+use integration::Start;
 use integration::fault::Nbdkit;
 use integration::image::{assert_same_bytes, assert_same_file};
 use integration::proxy::Proxy;
 use integration::server::Addr;
 use integration::start::{mixed_image, read_export};
 use integration::wire::EIO;
-use integration::{Export, Start};
 
 const STOP: Duration = Duration::from_secs(30);
 
@@ -27,11 +27,7 @@ const PROBES: [(u64, u64); 3] = [
 fn source_reset_repeatedly_mid_hydration_ends_identical() {
     let dir = tempfile::tempdir().unwrap();
     let img = mixed_image(dir.path());
-    let export = Export::new(&img.path).spawn();
-    let Addr::Tcp(upstream) = export.addr else {
-        panic!("stream export on TCP printed {}", export.uri);
-    };
-    let proxy = Proxy::start(upstream);
+    let (_export, proxy) = Proxy::in_front_of_export(&img.path);
     // About 5 MiB of data at 256 KiB/s: twenty seconds to cut into.
     let start = Start::new(proxy.uri(""), dir.path().join("target.img"), dir.path())
         .chunk_size("64K")
@@ -81,11 +77,7 @@ fn source_reset_repeatedly_mid_hydration_ends_identical() {
 fn source_stall_short_and_past_the_stall_timeout_ends_identical() {
     let dir = tempfile::tempdir().unwrap();
     let img = mixed_image(dir.path());
-    let export = Export::new(&img.path).spawn();
-    let Addr::Tcp(upstream) = export.addr else {
-        panic!("stream export on TCP printed {}", export.uri);
-    };
-    let proxy = Proxy::start(upstream);
+    let (_export, proxy) = Proxy::in_front_of_export(&img.path);
     let start = Start::new(proxy.uri(""), dir.path().join("target.img"), dir.path())
         .chunk_size("64K")
         .rate_limit(Some("512K"));

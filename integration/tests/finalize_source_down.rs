@@ -4,22 +4,17 @@
 
 use std::time::{Duration, Instant};
 
+use integration::Start;
 use integration::finalize::{self, Finalize};
 use integration::image::{KIB, MIB, assert_same_bytes, assert_same_file};
 use integration::proxy::Proxy;
-use integration::server::Addr;
 use integration::start::{mixed_image, read_export};
-use integration::{Export, Start};
 
 #[test]
 fn finalize_without_the_source_fails_cleanly_then_succeeds() {
     let dir = tempfile::tempdir().unwrap();
     let img = mixed_image(dir.path());
-    let export = Export::new(&img.path).spawn();
-    let Addr::Tcp(upstream) = export.addr else {
-        panic!("stream export on TCP printed {}", export.uri);
-    };
-    let proxy = Proxy::start(upstream);
+    let (export, proxy) = Proxy::in_front_of_export(&img.path);
     let start = Start::new(proxy.uri(""), dir.path().join("target.img"), dir.path())
         .chunk_size("64K")
         .no_hydrate(true);

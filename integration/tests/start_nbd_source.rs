@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use integration::image::{assert_same_bytes, assert_same_file};
 use integration::proxy::Proxy;
-use integration::server::Addr;
 use integration::start::{mixed_image, read_export};
 use integration::{Export, Start, require_tool, run};
 
@@ -45,11 +44,7 @@ fn source_over_nbd_unix_reads_equal() {
 fn source_over_nbd_survives_a_cut() {
     let dir = tempfile::tempdir().unwrap();
     let img = mixed_image(dir.path());
-    let export = Export::new(&img.path).spawn();
-    let Addr::Tcp(upstream) = export.addr else {
-        panic!("stream export on TCP printed {}", export.uri);
-    };
-    let proxy = Proxy::start(upstream);
+    let (export, proxy) = Proxy::in_front_of_export(&img.path);
     // About 5 MiB of data at 2 MiB/s: a few seconds of hydration to cut into.
     let start = Start::new(proxy.uri(""), dir.path().join("target.img"), dir.path())
         .chunk_size("64K")
