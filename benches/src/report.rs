@@ -86,3 +86,26 @@ pub fn loadavg() -> String {
         .collect::<Vec<_>>()
         .join(" ")
 }
+
+/// The opening lines of a generated section: its begin marker, title, the
+/// command that produced it (`cargo run --release -p stream-benches --bin
+/// BIN --` and this process's arguments), the date and the machine.
+pub fn write_header(out: &mut String, begin: &str, title: &str, bin: &str) {
+    use std::fmt::Write;
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let _ = writeln!(out, "{begin}");
+    let _ = writeln!(out, "## {title}\n");
+    let _ = writeln!(
+        out,
+        "- command: `cargo run --release -p stream-benches --bin {bin} -- {}`",
+        args.join(" ")
+    );
+    let _ = writeln!(
+        out,
+        "- date: {}",
+        shell_line("date", &["-u", "+%Y-%m-%d %H:%M UTC"])
+    );
+    for (k, v) in machine() {
+        let _ = writeln!(out, "- {k}: {v}");
+    }
+}

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use stream_benches::cpu::process_cpu_time;
 use stream_benches::fio::{self, FioResult, RAND_READ_4K, SEQ_READ_1M, Workload};
-use stream_benches::report::{machine, shell_line, write_between_markers};
+use stream_benches::report::{self, write_between_markers};
 use stream_benches::scratch::ScratchDir;
 use stream_benches::servers::{self, Binaries, ServerKind, Transport};
 use stream_benches::stats::{median, range};
@@ -278,22 +278,7 @@ fn report(
     elapsed: Duration,
 ) -> String {
     let mut out = String::new();
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let _ = writeln!(out, "{BEGIN_MARK}");
-    let _ = writeln!(out, "## Export benchmark\n");
-    let _ = writeln!(
-        out,
-        "- command: `cargo run --release -p stream-benches --bin export-bench -- {}`",
-        args.join(" ")
-    );
-    let _ = writeln!(
-        out,
-        "- date: {}",
-        shell_line("date", &["-u", "+%Y-%m-%d %H:%M UTC"])
-    );
-    for (k, v) in machine() {
-        let _ = writeln!(out, "- {k}: {v}");
-    }
+    report::write_header(&mut out, BEGIN_MARK, "Export benchmark", "export-bench");
     let _ = writeln!(
         out,
         "- method: {} MiB pseudo-random file, page-cache hot; servers one at a time, \

@@ -44,7 +44,7 @@ use stream_benches::fio::{self, FioResult, RAND_READ_4K, RAND_READ_4K_QD1, Workl
 use stream_benches::lazy::{StartSpec, StreamStart, counter};
 use stream_benches::mem;
 use stream_benches::peers;
-use stream_benches::report::{loadavg, machine, shell_line, write_between_markers};
+use stream_benches::report::{self, loadavg, shell_line, write_between_markers};
 use stream_benches::scratch::ScratchDir;
 use stream_benches::servers::{self, Binaries, ServerKind, Transport};
 use stream_benches::stats::{median, range};
@@ -790,22 +790,12 @@ fn memory(opts: &Options, dir: &Path, f: &mut Findings) -> io::Result<()> {
 
 fn report(opts: &Options, f: &Findings, elapsed: Duration) -> String {
     let mut out = String::new();
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let _ = writeln!(out, "{BEGIN_MARK}");
-    let _ = writeln!(out, "## Start benchmark (`stream start`, issue 3)\n");
-    let _ = writeln!(
-        out,
-        "- command: `cargo run --release -p stream-benches --bin start-bench -- {}`",
-        args.join(" ")
+    report::write_header(
+        &mut out,
+        BEGIN_MARK,
+        "Start benchmark (`stream start`, issue 3)",
+        "start-bench",
     );
-    let _ = writeln!(
-        out,
-        "- date: {}",
-        shell_line("date", &["-u", "+%Y-%m-%d %H:%M UTC"])
-    );
-    for (k, v) in machine() {
-        let _ = writeln!(out, "- {k}: {v}");
-    }
     let _ = writeln!(out, "- nbdcopy: {}", shell_line("nbdcopy", &["--version"]));
     let _ = writeln!(
         out,
