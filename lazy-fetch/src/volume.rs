@@ -130,6 +130,12 @@ struct Readahead {
     running: bool,
 }
 
+/// An in-place change to a present chunk (see [`Volume::change_in_place`]).
+enum InPlace {
+    Write(Vec<u8>),
+    Zero { len: u64, allocate: bool },
+}
+
 /// What a fetch brought in.
 pub enum Fetched {
     Zero,
@@ -652,6 +658,29 @@ impl<S: Source> Volume<S> {
         Error::WriteTarget { index, source }
     }
 
+    /// The one way a present chunk's bytes change in place (a write, or
+    /// zeroing part or all of it): the change is logged first and applied
+    /// while its log generation is held, so a crash in the middle of the
+    /// target write is replayed whole (invariant 3, `wal`). `c` is the first
+    /// chunk touched, locked by the caller with every other one.
+    async fn change_in_place(&self, c: ChunkIndex, offset: u64, change: InPlace) -> Result<()> {
+        let logged = self.wal.hold().await;
+        let record = match &change {
+            InPlace::Write(data) => Change::Write(data),
+            &InPlace::Zero { len, allocate } => Change::Zero { len, allocate },
+        };
+        logged
+            .log(offset, record)
+            .await
+            .map_err(|source| self.wal_error(source))?;
+        let done = match change {
+            InPlace::Write(data) => self.target.write_at(offset, data).await.map(drop),
+            InPlace::Zero { len, allocate } => self.target.zero(offset, len, allocate).await,
+        };
+        drop(logged);
+        done.map_err(|source| self.target_error(c, source))
+    }
+
     /// Set the state of `c` and record it for the journal (under its lock,
     /// after the target write).
     fn mark(&self, c: ChunkIndex, state: ChunkState, written: bool) {
@@ -669,25 +698,20 @@ impl<S: Source> Volume<S> {
         if !self.sparse_target || allocate || any_present {
             let s = self.geometry.bytes(ChunkIndex(run.start)).start;
             let e = self.geometry.bytes(ChunkIndex(run.end - 1)).end;
-            // Zeroing a present chunk changes it in place: log it first.
-            let _logged = match any_present {
-                true => Some(self.wal.hold().await),
-                false => None,
-            };
+            let first = ChunkIndex(run.start);
             if any_present {
-                let change = Change::Zero {
+                // Zeroing a present chunk changes it in place.
+                let change = InPlace::Zero {
                     len: e - s,
                     allocate,
                 };
-                self.wal
-                    .log(s, change)
+                self.change_in_place(first, s, change).await?;
+            } else {
+                self.target
+                    .zero(s, e - s, allocate)
                     .await
-                    .map_err(|source| self.wal_error(source))?;
+                    .map_err(|source| self.target_error(first, source))?;
             }
-            self.target
-                .zero(s, e - s, allocate)
-                .await
-                .map_err(|source| self.target_error(ChunkIndex(run.start), source))?;
         }
         for i in run {
             self.mark(ChunkIndex(i), ChunkState::Zero, written);
@@ -730,15 +754,8 @@ impl<S: Source> Volume<S> {
             // The target holds the chunk (data, or zeros for a zero chunk):
             // write in place.
             ChunkState::Data | ChunkState::Zero => {
-                let _logged = self.wal.hold().await;
-                self.wal
-                    .log(offset, Change::Write(&data))
-                    .await
-                    .map_err(|source| self.wal_error(source))?;
-                self.target
-                    .write_at(offset, data)
-                    .await
-                    .map_err(|source| self.target_error(c, source))?;
+                self.change_in_place(c, offset, InPlace::Write(data))
+                    .await?;
                 if self.map.state(c) == ChunkState::Zero || !self.map.is_written(c) {
                     self.mark(c, ChunkState::Data, true);
                 }
@@ -846,19 +863,11 @@ impl<S: Source> Volume<S> {
             match self.map.state(c) {
                 ChunkState::Zero => self.mark(c, ChunkState::Zero, true),
                 ChunkState::Data => {
-                    let _logged = self.wal.hold().await;
-                    let change = Change::Zero {
+                    let change = InPlace::Zero {
                         len: e - s,
                         allocate: true,
                     };
-                    self.wal
-                        .log(s, change)
-                        .await
-                        .map_err(|source| self.wal_error(source))?;
-                    self.target
-                        .zero(s, e - s, true)
-                        .await
-                        .map_err(|source| self.target_error(c, source))?;
+                    self.change_in_place(c, s, change).await?;
                     self.mark(c, ChunkState::Data, true);
                 }
                 ChunkState::Absent => {

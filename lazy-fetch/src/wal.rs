@@ -38,8 +38,13 @@ use tokio::sync::{RwLock, RwLockReadGuard};
 
 use crate::target::Target;
 
-const RECORD_MAGIC: u32 = 0x5752_4543; // "WREC"
-const HEADER_LEN: usize = 4 + 1 + 8 + 4;
+/// Records since the length became 64 bits ("WRE2").
+const RECORD_MAGIC: u32 = 0x5752_4532;
+/// Records of earlier releases, whose length was 32 bits ("WREC"): still
+/// replayed, so an upgrade after a crash loses nothing.
+const RECORD_MAGIC_V1: u32 = 0x5752_4543;
+const HEADER_LEN: usize = 4 + 1 + 8 + 8;
+const HEADER_LEN_V1: usize = 4 + 1 + 8 + 4;
 const HASH_LEN: usize = 16;
 
 /// What a record does.
@@ -55,8 +60,17 @@ struct Current {
     generation: u64,
 }
 
-/// A change is between its log record and its target write.
-pub struct Held<'a>(#[allow(dead_code)] RwLockReadGuard<'a, Current>);
+/// A change is between its log record and its target write: the current
+/// generation cannot rotate while this lives.
+///
+/// The record is appended through the guard itself ([`Held::log`]), never
+/// by taking the lock a second time: tokio's `RwLock` is fair, so a second
+/// `read()` queues behind a waiting `rotate()`, which waits for the first
+/// guard — the FLUSH that never returned (issue 12, case 1).
+pub struct Held<'a> {
+    current: RwLockReadGuard<'a, Current>,
+    end: &'a Arc<Mutex<u64>>,
+}
 
 #[derive(Debug)]
 pub struct Wal {
@@ -104,7 +118,7 @@ fn encode(offset: u64, change: Change<'_>) -> Vec<u8> {
     v.extend_from_slice(&RECORD_MAGIC.to_le_bytes());
     v.push(kind);
     v.extend_from_slice(&offset.to_le_bytes());
-    v.extend_from_slice(&(len as u32).to_le_bytes());
+    v.extend_from_slice(&len.to_le_bytes());
     v.extend_from_slice(data);
     let h = hash16(&[&v]);
     v.extend_from_slice(&h);
@@ -136,24 +150,12 @@ impl Wal {
             .open(dir.join(name(generation)))
     }
 
-    /// Hold this from before [`Wal::log`] until the target change is done.
+    /// Hold this from before [`Held::log`] until the target change is done.
     pub async fn hold(&self) -> Held<'_> {
-        Held(self.current.read().await)
-    }
-
-    /// Append a record for `change` at `offset` (blocking I/O on the pool).
-    pub async fn log(&self, offset: u64, change: Change<'_>) -> io::Result<()> {
-        let record = encode(offset, change);
-        let file = self.current.read().await.file.clone();
-        let end = self.end.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut at = end.lock().expect("poisoned");
-            file.write_all_at(&record, *at)?;
-            *at += record.len() as u64;
-            Ok(())
-        })
-        .await
-        .map_err(io::Error::other)?
+        Held {
+            current: self.current.read().await,
+            end: &self.end,
+        }
     }
 
     /// Bytes in the current generation.
@@ -191,6 +193,24 @@ impl Wal {
             }
         }
         Ok(())
+    }
+}
+
+impl Held<'_> {
+    /// Append a record for `change` at `offset` to the held generation
+    /// (blocking I/O on the pool).
+    pub async fn log(&self, offset: u64, change: Change<'_>) -> io::Result<()> {
+        let record = encode(offset, change);
+        let file = self.current.file.clone();
+        let end = self.end.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut at = end.lock().expect("poisoned");
+            file.write_all_at(&record, *at)?;
+            *at += record.len() as u64;
+            Ok(())
+        })
+        .await
+        .map_err(io::Error::other)?
     }
 }
 
@@ -237,21 +257,31 @@ pub fn remove_all(dir: &Path) -> io::Result<()> {
 }
 
 fn parse(bytes: &[u8], at: usize) -> Option<(u64, Change<'_>, usize)> {
-    let h = bytes.get(at..at + HEADER_LEN)?;
-    if u32::from_le_bytes(h[0..4].try_into().ok()?) != RECORD_MAGIC {
-        return None;
-    }
+    let magic = u32::from_le_bytes(bytes.get(at..at + 4)?.try_into().ok()?);
+    let header_len = match magic {
+        RECORD_MAGIC => HEADER_LEN,
+        RECORD_MAGIC_V1 => HEADER_LEN_V1,
+        _ => return None,
+    };
+    let h = bytes.get(at..at + header_len)?;
     let kind = h[4];
     let offset = u64::from_le_bytes(h[5..13].try_into().ok()?);
-    let len = u64::from(u32::from_le_bytes(h[13..17].try_into().ok()?));
-    let data_len = if kind == 0 { len as usize } else { 0 };
-    let body_end = at + HEADER_LEN + data_len;
+    let len = match magic {
+        RECORD_MAGIC => u64::from_le_bytes(h[13..21].try_into().ok()?),
+        _ => u64::from(u32::from_le_bytes(h[13..17].try_into().ok()?)),
+    };
+    let data_len = if kind == 0 {
+        usize::try_from(len).ok()?
+    } else {
+        0
+    };
+    let body_end = (at + header_len).checked_add(data_len)?;
     let hash = bytes.get(body_end..body_end + HASH_LEN)?;
     if hash16(&[&bytes[at..body_end]]) != hash {
         return None;
     }
     let change = match kind {
-        0 => Change::Write(&bytes[at + HEADER_LEN..body_end]),
+        0 => Change::Write(&bytes[at + header_len..body_end]),
         1 | 2 => Change::Zero {
             len,
             allocate: kind == 2,
@@ -291,5 +321,72 @@ mod tests {
         assert_eq!(end, bytes.len());
         bytes.truncate(bytes.len() - 1);
         assert!(parse(&bytes, next).is_none());
+    }
+
+    /// Issue 12, case 11: a length was 32 bits, so a zero record of 4 GiB
+    /// or more replayed a wrong (wrapped) range.
+    #[test]
+    fn a_zero_record_over_4_gib_keeps_its_length() {
+        let len = (5u64 << 30) + 4096;
+        let bytes = encode(
+            1 << 40,
+            Change::Zero {
+                len,
+                allocate: false,
+            },
+        );
+        let (off, c, end) = parse(&bytes, 0).unwrap();
+        assert_eq!(
+            (off, c, end),
+            (
+                1 << 40,
+                Change::Zero {
+                    len,
+                    allocate: false
+                },
+                bytes.len()
+            )
+        );
+    }
+
+    /// A log left by an earlier release (32-bit lengths) still replays.
+    #[test]
+    fn records_of_the_previous_format_still_parse() {
+        let mut v = Vec::new();
+        v.extend_from_slice(&RECORD_MAGIC_V1.to_le_bytes());
+        v.push(0);
+        v.extend_from_slice(&4096u64.to_le_bytes());
+        v.extend_from_slice(&3u32.to_le_bytes());
+        v.extend_from_slice(b"abc");
+        let h = hash16(&[&v]);
+        v.extend_from_slice(&h);
+        let (off, c, end) = parse(&v, 0).unwrap();
+        assert_eq!((off, c, end), (4096, Change::Write(b"abc"), v.len()));
+    }
+
+    /// Issue 12, case 1: a writer holding the generation appended its record
+    /// by taking the lock again, behind a queued `rotate` that waited for the
+    /// writer: a FLUSH that never returned. On a current-thread runtime the
+    /// order is exact: the writer holds, the rotation queues, the writer logs.
+    #[tokio::test(flavor = "current_thread")]
+    async fn logging_while_a_rotation_waits_does_not_deadlock() {
+        let dir = tempfile::tempdir().unwrap();
+        let wal = Arc::new(Wal::open(dir.path()).unwrap());
+        let held = wal.hold().await;
+        let w = wal.clone();
+        let rotation = tokio::spawn(async move { w.rotate().await });
+        // Let the rotation run until it waits for `held`.
+        tokio::task::yield_now().await;
+        assert!(!rotation.is_finished());
+        tokio::time::timeout(
+            std::time::Duration::from_secs(20),
+            held.log(0, Change::Write(b"x")),
+        )
+        .await
+        .expect("the append waited for the rotation that waits for it")
+        .unwrap();
+        drop(held);
+        assert_eq!(rotation.await.unwrap().unwrap(), 1);
+        assert_eq!(wal.len(), 0);
     }
 }
