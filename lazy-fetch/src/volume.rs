@@ -86,6 +86,23 @@ pub struct OpenOptions {
     pub allow_finalized: bool,
     /// Opened to serve clients (`stream start`), not to finish or check it.
     pub serving: bool,
+    /// An already open target (tests: in-memory or fault-injecting
+    /// backends); `target` then only names it.
+    pub target_device: Option<Target>,
+}
+
+/// The target `opts` names: the one given, or the file or device opened
+/// (and created, if `may_create`) at `opts.target`.
+fn open_target(opts: &OpenOptions, size: u64, may_create: bool) -> Result<(Target, bool)> {
+    match &opts.target_device {
+        Some(t) if t.size() < size => Err(Error::Invalid(format!(
+            "target {} holds {} bytes but the source has {size}",
+            t.path().display(),
+            t.size()
+        ))),
+        Some(t) => Ok((t.clone(), false)),
+        None => Target::open(&opts.target, size, may_create),
+    }
 }
 
 pub struct Volume<S> {
@@ -213,7 +230,7 @@ impl<S: Source> Volume<S> {
                     given: sid.size.to_string(),
                 });
             }
-            let (target, _) = Target::open(&opts.target, header.size, false)?;
+            let (target, _) = open_target(opts, header.size, false)?;
             let tid = target.id(header.target.created_sparse);
             let same_target = tid.path == header.target.path
                 && tid.kind == header.target.kind
@@ -241,7 +258,7 @@ impl<S: Source> Volume<S> {
             if geometry.size() == 0 {
                 return Err(Error::Invalid("the source is empty (0 bytes)".into()));
             }
-            let (target, created) = Target::open(&opts.target, sid.size, true)?;
+            let (target, created) = open_target(opts, sid.size, true)?;
             let header = Header {
                 format: state::FORMAT.into(),
                 version: state::VERSION,

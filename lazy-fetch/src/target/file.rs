@@ -2,28 +2,22 @@
 //! missing) or an existing block device at least as large as the source.
 //!
 //! It holds raw disk data only; everything else lives in the state
-//! directory. All I/O runs on the blocking pool.
+//! directory. [`Target::open`] checks it and wraps it in a [`FileBackend`].
 
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
+use super::{Backend, Target};
 use crate::error::{Error, Result};
-use crate::state::TargetId;
 
-#[derive(Clone, Debug)]
-pub struct Target {
-    inner: Arc<Inner>,
-}
-
+/// A regular file or a block device.
 #[derive(Debug)]
-struct Inner {
+pub struct FileBackend {
     file: File,
-    path: PathBuf,
     block_device: bool,
-    size: u64,
 }
 
 fn invalid(msg: String) -> Error {
@@ -91,102 +85,50 @@ impl Target {
             )));
         }
         let canonical = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+        let backend = Arc::new(FileBackend { file, block_device });
         Ok((
-            Target {
-                inner: Arc::new(Inner {
-                    file,
-                    path: canonical,
-                    block_device,
-                    size: actual,
-                }),
-            },
+            Target::with_backend(backend, canonical, actual, block_device),
             created,
         ))
     }
+}
 
-    pub fn id(&self, created_sparse: bool) -> TargetId {
-        let meta = self.inner.file.metadata().ok();
-        let (dev, ino) = match (&meta, self.inner.block_device) {
-            (Some(m), true) => (m.rdev(), 0),
-            (Some(m), false) => (m.dev(), m.ino()),
-            (None, _) => (0, 0),
-        };
-        TargetId {
-            path: self.inner.path.display().to_string(),
-            kind: if self.inner.block_device {
-                "block"
-            } else {
-                "file"
-            }
-            .into(),
-            size: self.inner.size,
-            dev,
-            ino,
-            created_sparse,
-        }
+impl Backend for FileBackend {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.file.read_exact_at(buf, offset)
     }
 
-    pub fn path(&self) -> &Path {
-        &self.inner.path
+    fn write_at(&self, data: &[u8], offset: u64) -> io::Result<()> {
+        self.file.write_all_at(data, offset)
     }
 
-    pub fn is_block_device(&self) -> bool {
-        self.inner.block_device
+    fn zero(&self, offset: u64, len: u64, allocate: bool) -> io::Result<()> {
+        nbd_server::file::zero_range(&self.file, self.block_device, offset, len, !allocate, false)
     }
 
-    async fn blocking<T, F>(&self, f: F) -> io::Result<T>
-    where
-        F: FnOnce(&Inner) -> io::Result<T> + Send + 'static,
-        T: Send + 'static,
-    {
-        let inner = self.inner.clone();
-        tokio::task::spawn_blocking(move || f(&inner))
-            .await
-            .map_err(io::Error::other)?
+    fn sync(&self) -> io::Result<()> {
+        self.file.sync_data()
     }
 
-    pub async fn read_at(&self, offset: u64, len: usize) -> io::Result<Vec<u8>> {
-        self.blocking(move |t| {
-            let mut buf = vec![0u8; len];
-            t.file.read_exact_at(&mut buf, offset)?;
-            Ok(buf)
-        })
-        .await
-    }
-
-    /// Write `data` at `offset` and hand the buffer back.
-    pub async fn write_at(&self, offset: u64, data: Vec<u8>) -> io::Result<Vec<u8>> {
-        self.blocking(move |t| {
-            t.file.write_all_at(&data, offset)?;
-            Ok(data)
-        })
-        .await
-    }
-
-    /// Make `[offset, offset + len)` read as zeros; `allocate` keeps it
-    /// provisioned (NBD's NO_HOLE).
-    pub async fn zero(&self, offset: u64, len: u64, allocate: bool) -> io::Result<()> {
-        self.blocking(move |t| {
-            nbd_server::file::zero_range(&t.file, t.block_device, offset, len, !allocate, false)
-        })
-        .await
-    }
-
-    pub async fn sync(&self) -> io::Result<()> {
-        self.blocking(|t| t.file.sync_data()).await
-    }
-
-    /// Data extents of `[offset, end)` (a block device is all data).
-    pub fn data_extents(&self, offset: u64, end: u64) -> io::Result<Vec<(u64, u64)>> {
-        if self.inner.block_device {
+    /// A block device is all data; a file's holes are found with SEEK_DATA.
+    fn data_extents(&self, offset: u64, end: u64) -> io::Result<Vec<(u64, u64)>> {
+        if self.block_device {
             return Ok(vec![(offset, end)]);
         }
         Ok(
-            nbd_server::file::extents(&self.inner.file, offset, end, usize::MAX)?
+            nbd_server::file::extents(&self.file, offset, end, usize::MAX)?
                 .into_iter()
                 .filter(|r| r.2)
                 .map(|r| (r.0, r.1))
                 .collect(),
         )
+    }
+
+    fn identity(&self) -> (u64, u64) {
+        match (self.file.metadata(), self.block_device) {
+            (Ok(m), true) => (m.rdev(), 0),
+            (Ok(m), false) => (m.dev(), m.ino()),
+            (Err(_), _) => (0, 0),
+        }
     }
 }

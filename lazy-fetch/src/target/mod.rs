@@ -1,5 +1,153 @@
-//! Where the native copy is written: a file or a block device.
+//! Where the native copy is written.
+//!
+//! [`Target`] is what the volume holds: a cheap handle that runs every I/O
+//! of its [`Backend`] on the blocking pool (rule: never block the runtime).
+//! A backend is positional reads and writes, a sync, zeroing, and, where it
+//! can tell, which ranges hold data. Backends:
+//!
+//! - `file.rs`: a regular file (created sparse) or a block device, the
+//!   only one `stream` serves from;
+//! - `memory.rs`: bytes in memory with a durable image taken at each sync,
+//!   for engine tests that crash without a disk;
+//! - `fault.rs`: any backend with failures (ENOSPC, EIO) and scheduling
+//!   delays injected, for the fault and randomized-schedule tests.
 
+pub mod fault;
 pub mod file;
+pub mod memory;
 
-pub use file::Target;
+use std::fmt::Debug;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::state::TargetId;
+
+/// Blocking I/O on the native copy. Every method takes `&self`: the
+/// backend serializes what needs it (positional I/O on a file needs
+/// nothing).
+pub trait Backend: Send + Sync + Debug + 'static {
+    /// Fill `buf` from `offset`; the range is inside the target.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    fn write_at(&self, data: &[u8], offset: u64) -> io::Result<()>;
+    /// Make `[offset, offset + len)` read as zeros; `allocate` keeps it
+    /// provisioned (NBD's NO_HOLE).
+    fn zero(&self, offset: u64, len: u64, allocate: bool) -> io::Result<()>;
+    /// Make every completed write durable.
+    fn sync(&self) -> io::Result<()>;
+    /// Ranges of `[offset, end)` that may hold data. The default, "all of
+    /// it", is always correct; a backend that knows its holes says so.
+    fn data_extents(&self, offset: u64, end: u64) -> io::Result<Vec<(u64, u64)>> {
+        Ok(vec![(offset, end)])
+    }
+    /// Device and inode (a file), or device number and 0 (a block device),
+    /// recorded in the state so a replaced target is caught; 0, 0 if none.
+    fn identity(&self) -> (u64, u64) {
+        (0, 0)
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Target {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    backend: Arc<dyn Backend>,
+    path: PathBuf,
+    block_device: bool,
+    size: u64,
+}
+
+impl Target {
+    /// A target of `size` bytes on `backend`, named `path` in the state.
+    pub fn with_backend(
+        backend: Arc<dyn Backend>,
+        path: PathBuf,
+        size: u64,
+        block_device: bool,
+    ) -> Target {
+        Target {
+            inner: Arc::new(Inner {
+                backend,
+                path,
+                block_device,
+                size,
+            }),
+        }
+    }
+
+    pub fn id(&self, created_sparse: bool) -> TargetId {
+        let (dev, ino) = self.inner.backend.identity();
+        TargetId {
+            path: self.inner.path.display().to_string(),
+            kind: if self.inner.block_device {
+                "block"
+            } else {
+                "file"
+            }
+            .into(),
+            size: self.inner.size,
+            dev,
+            ino,
+            created_sparse,
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    pub fn is_block_device(&self) -> bool {
+        self.inner.block_device
+    }
+
+    pub fn size(&self) -> u64 {
+        self.inner.size
+    }
+
+    async fn blocking<T, F>(&self, f: F) -> io::Result<T>
+    where
+        F: FnOnce(&dyn Backend) -> io::Result<T> + Send + 'static,
+        T: Send + 'static,
+    {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || f(inner.backend.as_ref()))
+            .await
+            .map_err(io::Error::other)?
+    }
+
+    pub async fn read_at(&self, offset: u64, len: usize) -> io::Result<Vec<u8>> {
+        self.blocking(move |b| {
+            let mut buf = vec![0u8; len];
+            b.read_at(&mut buf, offset)?;
+            Ok(buf)
+        })
+        .await
+    }
+
+    /// Write `data` at `offset` and hand the buffer back.
+    pub async fn write_at(&self, offset: u64, data: Vec<u8>) -> io::Result<Vec<u8>> {
+        self.blocking(move |b| {
+            b.write_at(&data, offset)?;
+            Ok(data)
+        })
+        .await
+    }
+
+    /// Make `[offset, offset + len)` read as zeros; `allocate` keeps it
+    /// provisioned (NBD's NO_HOLE).
+    pub async fn zero(&self, offset: u64, len: u64, allocate: bool) -> io::Result<()> {
+        self.blocking(move |b| b.zero(offset, len, allocate)).await
+    }
+
+    pub async fn sync(&self) -> io::Result<()> {
+        self.blocking(|b| b.sync()).await
+    }
+
+    /// Data extents of `[offset, end)` (blocking: call it off the runtime).
+    pub fn data_extents(&self, offset: u64, end: u64) -> io::Result<Vec<(u64, u64)>> {
+        self.inner.backend.data_extents(offset, end)
+    }
+}
