@@ -316,6 +316,7 @@ async fn open(
             chunk_size: None,
             allow_finalized,
             serving: false,
+            target_device: None,
         },
     )
     .await

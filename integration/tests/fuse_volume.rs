@@ -45,6 +45,7 @@ fn open_volume(rt: &tokio::runtime::Runtime, p: &Paths) -> Arc<Volume<FileSource
             chunk_size: None,
             allow_finalized: false,
             serving: true,
+            ..Default::default()
         },
     ))
     .unwrap_or_else(|e| panic!("open the volume: {e}"))
