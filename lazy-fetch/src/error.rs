@@ -114,45 +114,16 @@ impl Error {
         }
     }
 
-    /// The error as an `io::Error` with the errno a client should see.
+    /// The error as an `io::Error` with the errno a client should see
+    /// (read back by every frontend with `nbd_server::device::errno_of`).
     pub fn to_io(&self) -> io::Error {
         let errno = match self.kind() {
             ErrorKind::NoSpace => libc::ENOSPC,
             ErrorKind::Refused => libc::EINVAL,
             ErrorKind::Source | ErrorKind::Io => libc::EIO,
         };
-        io::Error::new(
-            io::Error::from_raw_os_error(errno).kind(),
-            ErrnoError {
-                errno,
-                message: self.to_string(),
-            },
-        )
+        nbd_server::device::with_errno(errno, self.to_string())
     }
-}
-
-/// An error message that keeps its errno through `io::Error::new`.
-#[derive(Debug)]
-struct ErrnoError {
-    errno: i32,
-    message: String,
-}
-
-impl std::fmt::Display for ErrnoError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.message)
-    }
-}
-
-impl std::error::Error for ErrnoError {}
-
-/// The errno of an `io::Error` made by [`Error::to_io`] (or a plain OS error).
-pub fn errno_of(e: &io::Error) -> Option<i32> {
-    e.raw_os_error().or_else(|| {
-        e.get_ref()
-            .and_then(|inner| inner.downcast_ref::<ErrnoError>())
-            .map(|x| x.errno)
-    })
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -370,8 +370,10 @@ macro_rules! refuse {
 }
 refuse!(ReplyData, ReplyWrite, ReplyEmpty, ReplyLseek);
 
+/// The same rule as the NBD frontend (`nbd_server::device::errno_of`): a
+/// full target is `ENOSPC` here too, not `EIO`.
 fn errno(e: &io::Error) -> Errno {
-    Errno::from_i32(e.raw_os_error().unwrap_or(libc::EIO))
+    Errno::from_i32(nbd_server::device::errno_of(e))
 }
 
 /// The file system fuser drives: one directory, one file, one device.
@@ -1025,6 +1027,29 @@ fn umount(dir: &Path, lazy: bool) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Issue 12, case 11: the FUSE frontend read only OS codes, so the
+    /// engine's "target full" reached a FUSE client as EIO (NBD said
+    /// ENOSPC). Both now read the errno by one rule.
+    #[test]
+    fn a_full_target_is_enospc_through_fuse_as_through_nbd() {
+        let full = crate::Error::WriteTarget {
+            index: crate::units::ChunkIndex(3),
+            source: io::Error::from_raw_os_error(libc::ENOSPC),
+        }
+        .to_io();
+        assert_eq!(i32::from(errno(&full)), libc::ENOSPC);
+        assert_eq!(
+            nbd_server::proto::Errno::from_io(&full),
+            nbd_server::proto::Errno::NoSpc
+        );
+        let source = crate::Error::FetchChunk {
+            index: crate::units::ChunkIndex(3),
+            source: io::Error::other("link down"),
+        }
+        .to_io();
+        assert_eq!(i32::from(errno(&source)), libc::EIO);
+    }
 
     #[test]
     fn a_missing_fuse_device_is_named_with_the_fix() {

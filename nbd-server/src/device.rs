@@ -3,8 +3,8 @@
 //! A device is a range of bytes with positional I/O and, optionally, an
 //! allocation map. It knows nothing of NBD: offsets are absolute byte
 //! offsets, lengths are already checked against [`BlockDevice::size`] by the
-//! frontend, and errors are plain `io::Error`s whose errno the frontend maps
-//! onto its own wire values. Every capability defaults to "no", as nbdkit's
+//! frontend, and errors are `io::Error`s whose errno every frontend reads
+//! with the one rule of [`errno_of`] and maps onto its own wire values. Every capability defaults to "no", as nbdkit's
 //! `can_*` callbacks do: a backend opts in to what it really does.
 //!
 //! Methods take `&self` and may run concurrently from many connections; a
@@ -121,6 +121,50 @@ pub struct ZeroFlags {
     pub fast: bool,
     /// Durable before returning.
     pub fua: bool,
+}
+
+/// An error that carries the errno a client should see beside a message
+/// for the log (an `io::Error` cannot hold both an OS code and a message).
+#[derive(Debug)]
+pub struct ErrnoError {
+    pub errno: i32,
+    pub message: String,
+}
+
+impl std::fmt::Display for ErrnoError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for ErrnoError {}
+
+/// An `io::Error` that frontends answer with `errno`, logged as `message`.
+pub fn with_errno(errno: i32, message: String) -> io::Error {
+    io::Error::new(
+        io::Error::from_raw_os_error(errno).kind(),
+        ErrnoError { errno, message },
+    )
+}
+
+/// The errno a client should see for a device error, the one rule every
+/// frontend (NBD, FUSE) applies: the OS's code, else the one it was made
+/// with ([`with_errno`]), else one of its kind; `EIO` when nothing says.
+pub fn errno_of(e: &io::Error) -> i32 {
+    if let Some(code) = e.raw_os_error() {
+        return code;
+    }
+    if let Some(x) = e.get_ref().and_then(|i| i.downcast_ref::<ErrnoError>()) {
+        return x.errno;
+    }
+    match e.kind() {
+        io::ErrorKind::PermissionDenied => libc::EPERM,
+        io::ErrorKind::InvalidInput => libc::EINVAL,
+        io::ErrorKind::OutOfMemory => libc::ENOMEM,
+        io::ErrorKind::Unsupported => libc::EOPNOTSUPP,
+        io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded => libc::ENOSPC,
+        _ => libc::EIO,
+    }
 }
 
 fn unsupported() -> io::Error {

@@ -185,23 +185,15 @@ impl Errno {
     /// `EFBIG` are `ENOSPC` as the spec asks; `EROFS`/`EACCES` are `EPERM`;
     /// anything unknown is `EIO`.
     pub fn from_io(err: &std::io::Error) -> Errno {
-        match err.raw_os_error() {
-            Some(libc::EPERM | libc::EACCES | libc::EROFS) => Errno::Perm,
-            Some(libc::ENOMEM) => Errno::NoMem,
-            Some(libc::EINVAL) => Errno::Inval,
-            Some(libc::ENOSPC | libc::EDQUOT | libc::EFBIG) => Errno::NoSpc,
-            Some(libc::EOVERFLOW) => Errno::Overflow,
-            Some(libc::EOPNOTSUPP) => Errno::NotSup,
-            Some(libc::ESHUTDOWN) => Errno::Shutdown,
-            Some(_) => Errno::Io,
-            None => match err.kind() {
-                std::io::ErrorKind::PermissionDenied => Errno::Perm,
-                std::io::ErrorKind::InvalidInput => Errno::Inval,
-                std::io::ErrorKind::OutOfMemory => Errno::NoMem,
-                std::io::ErrorKind::Unsupported => Errno::NotSup,
-                std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded => Errno::NoSpc,
-                _ => Errno::Io,
-            },
+        match crate::device::errno_of(err) {
+            libc::EPERM | libc::EACCES | libc::EROFS => Errno::Perm,
+            libc::ENOMEM => Errno::NoMem,
+            libc::EINVAL => Errno::Inval,
+            libc::ENOSPC | libc::EDQUOT | libc::EFBIG => Errno::NoSpc,
+            libc::EOVERFLOW => Errno::Overflow,
+            libc::EOPNOTSUPP => Errno::NotSup,
+            libc::ESHUTDOWN => Errno::Shutdown,
+            _ => Errno::Io,
         }
     }
 
