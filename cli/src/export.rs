@@ -73,7 +73,7 @@ pub async fn run(args: ExportArgs, activation: Option<OwnedFd>) -> anyhow::Resul
         tls,
     );
     let shutdown = Shutdown::new();
-    crate::shutdown_on_signals(shutdown.clone())?;
+    crate::shutdown_on_signals(shutdown.clone(), crate::DEFAULT_STOP_TIMEOUT, Vec::new)?;
     tracing::info!(
         "serving {} ({size} bytes, {}) at {uri}",
         args.path.display(),

@@ -181,8 +181,18 @@ fn main() -> ExitCode {
     }
 }
 
-/// Trigger `shutdown` on SIGINT or SIGTERM; a second signal exits at once.
-pub(crate) fn shutdown_on_signals(shutdown: nbd_server::Shutdown) -> anyhow::Result<()> {
+/// How long `stream export` waits after a signal for in-flight requests.
+pub(crate) const DEFAULT_STOP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Trigger `shutdown` on SIGINT or SIGTERM. A second signal exits at once;
+/// so does `stop_timeout` after the first, with what `stuck` names (the
+/// requests still in flight) logged: a stuck request must not keep the
+/// process from stopping.
+pub(crate) fn shutdown_on_signals(
+    shutdown: nbd_server::Shutdown,
+    stop_timeout: std::time::Duration,
+    stuck: impl Fn() -> Vec<String> + Send + 'static,
+) -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut int = signal(SignalKind::interrupt())?;
     let mut term = signal(SignalKind::terminate())?;
@@ -196,6 +206,16 @@ pub(crate) fn shutdown_on_signals(shutdown: nbd_server::Shutdown) -> anyhow::Res
         tokio::select! {
             _ = int.recv() => {}
             _ = term.recv() => {}
+            _ = tokio::time::sleep(stop_timeout) => {
+                for r in stuck() {
+                    tracing::error!("still in flight: {r}");
+                }
+                tracing::error!(
+                    "did not stop within {stop_timeout:?} of the signal: exiting without a clean \
+                     stop (flushed writes are safe; the next start recovers the rest)"
+                );
+                std::process::exit(1);
+            }
         }
         std::process::exit(130);
     });

@@ -73,6 +73,16 @@ pub struct StartArgs {
     /// instead of the bare URI, and no progress bar.
     #[arg(long)]
     json: bool,
+    /// Warn (once per request, with what it waits for) about a client
+    /// request unanswered this long.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = crate::finalize::parse_duration)]
+    warn_after: Duration,
+    /// After SIGINT/SIGTERM, wait this long for in-flight requests and the
+    /// final save, then exit anyway (status 1, listing what was stuck;
+    /// flushed writes are safe and the next start recovers). A second
+    /// signal exits at once.
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = crate::finalize::parse_duration)]
+    stop_timeout: Duration,
 }
 
 pub async fn run(args: StartArgs) -> anyhow::Result<()> {
@@ -110,6 +120,7 @@ pub async fn run(args: StartArgs) -> anyhow::Result<()> {
             chunk_size: args.chunk_size,
             allow_finalized: false,
             serving: true,
+            target_device: None,
         },
     )
     .await
@@ -164,7 +175,13 @@ pub async fn run(args: StartArgs) -> anyhow::Result<()> {
         tls,
     );
     let shutdown = Shutdown::new();
-    crate::shutdown_on_signals(shutdown.clone())?;
+    let requests = volume.requests().clone();
+    let stuck = {
+        let r = requests.clone();
+        move || r.snapshot().iter().map(|o| o.to_string()).collect()
+    };
+    crate::shutdown_on_signals(shutdown.clone(), args.stop_timeout, stuck)?;
+    let watchdog = tokio::spawn(lazy_fetch::watchdog::run(requests, args.warn_after));
 
     let hydration = hydrate::Options::limited(args.rate_limit);
     hydration
@@ -272,6 +289,7 @@ pub async fn run(args: StartArgs) -> anyhow::Result<()> {
     if let Some(task) = metrics {
         task.abort();
     }
+    watchdog.abort();
     // No FUSE request may reach a closed volume.
     if let Some(fuse) = fuse {
         fuse.unmount().await?;

@@ -277,7 +277,8 @@ fn render(r: &StatusReply) -> String {
          fetched    {} from the source: {} chunks on demand, {} hydrated, {} source holes skipped\n\
          hydration  {}/s, {}\n\
          latency    foreground fetch p50 {} p99 {} ({} fetches)\n\
-         clients    {} connected to {}\n",
+         clients    {} connected to {}\n\
+         requests   {} in flight{}\n",
         v["state_dir"].as_str().unwrap_or("?"),
         v["phase"].as_str().unwrap_or("?"),
         v["source"].as_str().unwrap_or("?"),
@@ -298,6 +299,11 @@ fn render(r: &StatusReply) -> String {
         n("foreground_fetches"),
         r.connected_clients,
         r.export_uri,
+        n("requests_in_flight"),
+        match v["oldest_request_secs"].as_f64() {
+            Some(age) => format!(", oldest {age:.1} s"),
+            None => String::new(),
+        },
     )
 }
 

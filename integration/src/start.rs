@@ -341,7 +341,7 @@ impl Running {
         }
     }
 
-    fn signal(&self, signal: i32) {
+    pub fn signal(&self, signal: i32) {
         let pid = self.pid() as libc::pid_t;
         // SAFETY: kill(2) with the PID of our own unreaped child, which
         // cannot have been recycled because we have not waited on it.

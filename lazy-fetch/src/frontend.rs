@@ -42,28 +42,51 @@ impl<S: Source> BlockDevice for VolumeDevice<S> {
     }
 
     async fn read(&self, offset: u64, len: u32) -> io::Result<Vec<Piece>> {
-        self.0
-            .read(offset, u64::from(len))
+        let v = &self.0;
+        let len = u64::from(len);
+        let read = v.read(offset, len);
+        v.requests()
+            .track("READ", offset, len, read)
             .await
             .map_err(|e| e.to_io())
     }
 
     async fn write(&self, offset: u64, data: Vec<u8>, fua: bool) -> io::Result<()> {
-        self.0.write(offset, data, fua).await.map_err(|e| e.to_io())
+        let len = data.len() as u64;
+        let write = self.0.write(offset, data, fua);
+        self.0
+            .requests()
+            .track("WRITE", offset, len, write)
+            .await
+            .map_err(|e| e.to_io())
     }
 
     async fn flush(&self) -> io::Result<()> {
-        self.0.flush().await.map_err(|e| e.to_io())
+        let flush = self.0.flush();
+        self.0
+            .requests()
+            .track("FLUSH", 0, 0, flush)
+            .await
+            .map_err(|e| e.to_io())
     }
 
     async fn trim(&self, offset: u64, len: u64, fua: bool) -> io::Result<()> {
-        self.0.trim(offset, len, fua).await.map_err(|e| e.to_io())
+        let trim = self.0.trim(offset, len, fua);
+        self.0
+            .requests()
+            .track("TRIM", offset, len, trim)
+            .await
+            .map_err(|e| e.to_io())
     }
 
     async fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> io::Result<()> {
+        let zero = self
+            .0
+            .write_zeroes(offset, len, !flags.may_trim, flags.fast, flags.fua);
         match self
             .0
-            .write_zeroes(offset, len, !flags.may_trim, flags.fast, flags.fua)
+            .requests()
+            .track("WRITE_ZEROES", offset, len, zero)
             .await
         {
             Ok(Ok(())) => Ok(()),
@@ -73,12 +96,19 @@ impl<S: Source> BlockDevice for VolumeDevice<S> {
     }
 
     async fn cache(&self, offset: u64, len: u64) -> io::Result<()> {
-        self.0.cache(offset, len).await.map_err(|e| e.to_io())
+        let cache = self.0.cache(offset, len);
+        self.0
+            .requests()
+            .track("CACHE", offset, len, cache)
+            .await
+            .map_err(|e| e.to_io())
     }
 
     async fn block_status(&self, offset: u64, len: u64) -> io::Result<Vec<Extent>> {
+        let status = self.0.block_status(offset, len);
         self.0
-            .block_status(offset, len)
+            .requests()
+            .track("BLOCK_STATUS", offset, len, status)
             .await
             .map_err(|e| e.to_io())
     }

@@ -71,7 +71,8 @@ impl ChunkLocks {
     /// Wait for and take the lock of chunk `c`.
     pub async fn lock(self: &Arc<Self>, c: ChunkIndex) -> ChunkGuard {
         let mut g = self.entry(c);
-        g.guard = Some(g.entry.clone().lock_owned().await);
+        let lock = g.entry.clone().lock_owned();
+        g.guard = Some(crate::watchdog::waiting(crate::watchdog::Wait::ChunkLock(c.0), lock).await);
         g
     }
 

@@ -23,6 +23,8 @@
 //!   order that makes the map durable only after the data.
 //! - [`source`]: where chunks come from (`source/file.rs`, `source/nbd.rs`).
 //! - [`target`]: where they go (`target/file.rs`: a file or block device).
+//! - [`watchdog`]: the client requests in flight, what each waits for, and
+//!   the warning for one unanswered too long.
 //! - [`units`], [`stats`], [`error`]: chunk geometry, counters, the error enum.
 
 pub mod error;
@@ -39,6 +41,7 @@ pub mod target;
 pub mod units;
 pub mod volume;
 pub mod wal;
+pub mod watchdog;
 
 pub use error::{Error, Result};
 pub use volume::{OpenOptions, Volume};

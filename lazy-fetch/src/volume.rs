@@ -69,6 +69,7 @@ use crate::stats::Stats;
 use crate::target::Target;
 use crate::units::{ChunkIndex, DEFAULT_CHUNK, Geometry};
 use crate::wal::{self, Change, Wal};
+use crate::watchdog::{Requests, Wait, waiting};
 
 /// Longest run of chunks one background fetch reads.
 pub const MAX_RUN: usize = 16;
@@ -131,6 +132,8 @@ pub struct Volume<S> {
     /// volume so a task drops its handle on the volume *before* it counts
     /// itself out; `idle` then means nobody holds it.
     readahead_alive: Arc<(AtomicUsize, tokio::sync::Notify)>,
+    /// Client requests in flight and what each waits for (`watchdog`).
+    requests: Arc<Requests>,
     opened: Instant,
 }
 
@@ -310,6 +313,7 @@ impl<S: Source> Volume<S> {
             fg_last: AtomicU64::new(0),
             readahead: Mutex::new(Readahead::default()),
             readahead_alive: Arc::new((AtomicUsize::new(0), tokio::sync::Notify::new())),
+            requests: Arc::new(Requests::default()),
             opened: Instant::now(),
         });
         volume.stats.resume(&volume.state.load_totals());
@@ -501,8 +505,7 @@ impl<S: Source> Volume<S> {
             // it. Serve it from the source, under the same lock.
             Err(err) if err.kind() == crate::error::ErrorKind::NoSpace => {
                 let data = self
-                    .source
-                    .read(s, (e - s) as usize, Class::Foreground)
+                    .source_read(s, (e - s) as usize, Class::Foreground)
                     .await
                     .map_err(|source| {
                         Stats::add(&self.stats.source_errors, 1);
@@ -556,8 +559,7 @@ impl<S: Source> Volume<S> {
         });
         let piece = {
             let _fg = ForegroundGuard::new(&self.fg_active);
-            self.source
-                .read(ps, (pe - ps) as usize, Class::Foreground)
+            self.source_read(ps, (pe - ps) as usize, Class::Foreground)
                 .await
         };
         match piece {
@@ -595,8 +597,7 @@ impl<S: Source> Volume<S> {
         let len = (range.end - range.start) as usize;
         let _fg = (class == Class::Foreground).then(|| ForegroundGuard::new(&self.fg_active));
         let data = self
-            .source
-            .read(range.start, len, class)
+            .source_read(range.start, len, class)
             .await
             .map_err(|source| {
                 Stats::add(&self.stats.source_errors, 1);
@@ -656,6 +657,20 @@ impl<S: Source> Volume<S> {
             data
         };
         Ok(Fetched::Data(data))
+    }
+
+    /// Read the source, noted as what the current request waits for.
+    async fn source_read(&self, offset: u64, len: usize, class: Class) -> std::io::Result<Vec<u8>> {
+        let wait = Wait::SourceRead {
+            offset,
+            len: len as u64,
+        };
+        waiting(wait, self.source.read(offset, len, class)).await
+    }
+
+    /// The client requests in flight, for the watchdog and `status`.
+    pub fn requests(&self) -> &Arc<Requests> {
+        &self.requests
     }
 
     fn wal_error(&self, source: std::io::Error) -> Error {
@@ -789,8 +804,7 @@ impl<S: Source> Volume<S> {
                 let started = Instant::now();
                 let _fg = ForegroundGuard::new(&self.fg_active);
                 let mut buf = self
-                    .source
-                    .read(r.start, (r.end - r.start) as usize, Class::Foreground)
+                    .source_read(r.start, (r.end - r.start) as usize, Class::Foreground)
                     .await
                     .map_err(|source| {
                         Stats::add(&self.stats.source_errors, 1);
@@ -917,7 +931,7 @@ impl<S: Source> Volume<S> {
     /// Make every write that completed before this call durable, with the
     /// map entries that describe it (invariant 3; order in `state`).
     pub async fn flush(&self) -> Result<()> {
-        let _one_at_a_time = self.persist.lock().await;
+        let _one_at_a_time = waiting(Wait::FlushQueue, self.persist.lock()).await;
         // Every in-place change logged so far reaches the target before the
         // sync below; the log that covers them can go once it is done.
         let retired = self
@@ -935,7 +949,7 @@ impl<S: Source> Volume<S> {
             return Err(Error::SyncTarget(e));
         }
         let st = self.state.clone();
-        tokio::task::spawn_blocking(move || {
+        let journal = tokio::task::spawn_blocking(move || {
             if let Err(e) = st.append(&entries) {
                 st.restore_pending(entries);
                 return Err(e);
@@ -944,12 +958,13 @@ impl<S: Source> Volume<S> {
                 Some(s) => st.checkpoint(&s),
                 None => Ok(()),
             }
-        })
-        .await
-        .map_err(|e| Error::PersistMap {
-            dir: self.state.path().to_path_buf(),
-            source: std::io::Error::other(e),
-        })??;
+        });
+        waiting(Wait::Journal, journal)
+            .await
+            .map_err(|e| Error::PersistMap {
+                dir: self.state.path().to_path_buf(),
+                source: std::io::Error::other(e),
+            })??;
         self.wal
             .remove(retired)
             .map_err(|source| self.wal_error(source))?;
@@ -1259,6 +1274,10 @@ pub struct Status {
     pub target_errors: u64,
     pub hydration_complete: bool,
     pub uptime_secs: f64,
+    /// Client requests in flight now.
+    pub requests_in_flight: u64,
+    /// Age of the oldest of them (a stuck request shows here).
+    pub oldest_request_secs: Option<f64>,
 }
 
 impl<S: Source> Volume<S> {
@@ -1297,6 +1316,8 @@ impl<S: Source> Volume<S> {
             target_errors: Stats::get(&s.target_errors),
             hydration_complete: self.map.is_complete(),
             uptime_secs: self.opened.elapsed().as_secs_f64(),
+            requests_in_flight: self.requests.len() as u64,
+            oldest_request_secs: self.requests.oldest_age().map(|d| d.as_secs_f64()),
         }
     }
 }

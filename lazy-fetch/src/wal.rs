@@ -37,6 +37,7 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::{RwLock, RwLockReadGuard};
 
 use crate::target::Target;
+use crate::watchdog::{Wait, waiting};
 
 /// Records since the length became 64 bits ("WRE2").
 const RECORD_MAGIC: u32 = 0x5752_4532;
@@ -153,7 +154,7 @@ impl Wal {
     /// Hold this from before [`Held::log`] until the target change is done.
     pub async fn hold(&self) -> Held<'_> {
         Held {
-            current: self.current.read().await,
+            current: waiting(Wait::Log, self.current.read()).await,
             end: &self.end,
         }
     }
@@ -171,7 +172,7 @@ impl Wal {
     /// generation. Returns the old one, to [`Wal::remove`] once the target
     /// is synced.
     pub async fn rotate(&self) -> io::Result<u64> {
-        let mut cur = self.current.write().await;
+        let mut cur = waiting(Wait::Log, self.current.write()).await;
         let old = cur.generation;
         let file = Self::create(&self.dir, old + 1)?;
         *cur = Current {
@@ -203,14 +204,13 @@ impl Held<'_> {
         let record = encode(offset, change);
         let file = self.current.file.clone();
         let end = self.end.clone();
-        tokio::task::spawn_blocking(move || {
+        let append = tokio::task::spawn_blocking(move || {
             let mut at = end.lock().expect("poisoned");
             file.write_all_at(&record, *at)?;
             *at += record.len() as u64;
             Ok(())
-        })
-        .await
-        .map_err(io::Error::other)?
+        });
+        waiting(Wait::Log, append).await.map_err(io::Error::other)?
     }
 }
 

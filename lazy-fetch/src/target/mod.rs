@@ -22,6 +22,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::state::TargetId;
+use crate::watchdog::{Wait, waiting};
 
 /// Blocking I/O on the native copy. Every method takes `&self`: the
 /// backend serializes what needs it (positional I/O on a file needs
@@ -113,9 +114,8 @@ impl Target {
         T: Send + 'static,
     {
         let inner = self.inner.clone();
-        tokio::task::spawn_blocking(move || f(inner.backend.as_ref()))
-            .await
-            .map_err(io::Error::other)?
+        let io = tokio::task::spawn_blocking(move || f(inner.backend.as_ref()));
+        waiting(Wait::Target, io).await.map_err(io::Error::other)?
     }
 
     pub async fn read_at(&self, offset: u64, len: usize) -> io::Result<Vec<u8>> {
@@ -143,7 +143,11 @@ impl Target {
     }
 
     pub async fn sync(&self) -> io::Result<()> {
-        self.blocking(|b| b.sync()).await
+        let inner = self.inner.clone();
+        let io = tokio::task::spawn_blocking(move || inner.backend.sync());
+        waiting(Wait::TargetSync, io)
+            .await
+            .map_err(io::Error::other)?
     }
 
     /// Data extents of `[offset, end)` (blocking: call it off the runtime).
