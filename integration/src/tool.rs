@@ -7,6 +7,7 @@
 
 use std::ffi::OsStr;
 use std::io::Read;
+use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::thread;
@@ -93,7 +94,11 @@ fn command_line(cmd: &Command) -> String {
 /// is still running after `timeout`.
 pub fn run(cmd: &mut Command, timeout: Duration) -> Output {
     let command = command_line(cmd);
+    // Its own process group, so a timeout ends what it forked too (fio's
+    // job processes hold the output pipes: killing only the parent left
+    // the drain below waiting for them forever).
     let mut child = cmd
+        .process_group(0)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -102,6 +107,11 @@ pub fn run(cmd: &mut Command, timeout: Duration) -> Output {
     let stdout = drain(child.stdout.take().expect("piped stdout"));
     let stderr = drain(child.stderr.take().expect("piped stderr"));
     let status = wait_deadline(&mut child, timeout);
+    if status.is_none() {
+        // SAFETY: killpg(2) of the group our own child leads; the child is
+        // reaped but the group id is not reused while members remain.
+        unsafe { libc::killpg(child.id() as libc::pid_t, libc::SIGKILL) };
+    }
     let stdout = stdout.join().expect("stdout reader");
     let stderr = stderr.join().expect("stderr reader");
     match status {
@@ -163,6 +173,20 @@ mod tests {
     #[should_panic(expected = "install the Debian package `no-such-package`")]
     fn a_missing_tool_names_its_debian_package() {
         require_tool("no-such-tool-for-stream-tests", "no-such-package");
+    }
+
+    /// fio with several jobs forks; its children hold the output pipes.
+    #[test]
+    fn a_forking_tool_past_its_deadline_is_killed_with_its_children() {
+        let started = std::time::Instant::now();
+        let result = std::panic::catch_unwind(|| {
+            run(
+                Command::new("sh").args(["-c", "sleep 30 & sleep 30"]),
+                Duration::from_millis(200),
+            )
+        });
+        assert!(result.is_err(), "a 30 s sleep finished within 200 ms");
+        assert!(started.elapsed() < Duration::from_secs(10));
     }
 
     #[test]

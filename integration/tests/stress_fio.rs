@@ -18,7 +18,7 @@ use serde_json::Value;
 
 /// One round's fio run; far more than it takes (seconds), far less than
 /// the suite's patience.
-const ROUND_BOUND: Duration = Duration::from_secs(240);
+const ROUND_BOUND: Duration = Duration::from_secs(120);
 const STOP_TIMEOUT: Duration = Duration::from_secs(30);
 
 fn rounds() -> usize {
