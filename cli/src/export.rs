@@ -33,6 +33,8 @@ pub struct ExportArgs {
     writable: bool,
     #[command(flatten)]
     tls: crate::tls_args::TlsArgs,
+    #[command(flatten)]
+    limits: crate::limits::LimitArgs,
     /// When ready, print one JSON object (schema in docs/json-schema.md)
     /// instead of the bare URI.
     #[arg(long)]
@@ -64,13 +66,14 @@ pub async fn run(args: ExportArgs, activation: Option<OwnedFd>) -> anyhow::Resul
         })?,
     };
     let uri = crate::tls_args::client_uri(listener.uri(&args.name)?, tls.as_ref());
-    let server = Server::with_tls(
+    let server = Server::with_limits(
         vec![Export {
             name: args.name.clone(),
             description: args.description.clone(),
             device,
         }],
         tls,
+        args.limits.limits(),
     );
     let shutdown = Shutdown::new();
     crate::shutdown_on_signals(shutdown.clone(), crate::DEFAULT_STOP_TIMEOUT, Vec::new)?;

@@ -26,6 +26,7 @@ mod control;
 mod demo;
 mod export;
 mod finalize;
+mod limits;
 mod metrics;
 mod mount;
 mod notify;

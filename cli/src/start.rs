@@ -60,6 +60,8 @@ pub struct StartArgs {
     mount: crate::mount::MountArgs,
     #[command(flatten)]
     tls: crate::tls_args::TlsArgs,
+    #[command(flatten)]
+    limits: crate::limits::LimitArgs,
     /// Name of this migration in the run directory, for `stream status`
     /// and the metrics' `migration` label [default: the target's file name;
     /// /dev/vg/lv gives vg-lv].
@@ -166,13 +168,14 @@ pub async fn run(args: StartArgs) -> anyhow::Result<()> {
         (None, Some(f)) => f.display().to_string(),
         (None, None) => unreachable!("--mount-only requires --mount"),
     };
-    let server = Server::with_tls(
+    let server = Server::with_limits(
         vec![Export {
             name: args.name.clone(),
             description: Some(format!("stream of {}", volume.header().source.location)),
             device: VolumeDevice(volume.clone()),
         }],
         tls,
+        args.limits.limits(),
     );
     let shutdown = Shutdown::new();
     let requests = volume.requests().clone();

@@ -73,6 +73,8 @@ use crate::watchdog::{Requests, Wait, waiting};
 
 /// Longest run of chunks one background fetch reads.
 pub const MAX_RUN: usize = 16;
+/// CACHE requests fetching at once on a volume (each holds one run).
+pub const CACHE_SLOTS: usize = 4;
 /// Largest readahead window, in chunks.
 const MAX_READAHEAD: u64 = 32;
 
@@ -134,6 +136,8 @@ pub struct Volume<S> {
     readahead_alive: Arc<(AtomicUsize, tokio::sync::Notify)>,
     /// Client requests in flight and what each waits for (`watchdog`).
     requests: Arc<Requests>,
+    /// Runs CACHE requests may fetch at once (bounds their memory).
+    cache_slots: tokio::sync::Semaphore,
     opened: Instant,
 }
 
@@ -314,6 +318,7 @@ impl<S: Source> Volume<S> {
             readahead: Mutex::new(Readahead::default()),
             readahead_alive: Arc::new((AtomicUsize::new(0), tokio::sync::Notify::new())),
             requests: Arc::new(Requests::default()),
+            cache_slots: tokio::sync::Semaphore::new(CACHE_SLOTS),
             opened: Instant::now(),
         });
         volume.stats.resume(&volume.state.load_totals());
@@ -1124,18 +1129,39 @@ impl<S: Source> Volume<S> {
         Ok(out)
     }
 
-    /// Prefetch `[offset, offset + len)` (NBD CACHE).
+    /// Prefetch `[offset, offset + len)` (NBD CACHE): fetch the absent
+    /// chunks into the target and drop the bytes. Memory is bounded
+    /// whatever the length and however many CACHE requests run: runs of at
+    /// most [`MAX_RUN`] chunks, at most [`CACHE_SLOTS`] runs at a time on
+    /// the volume (issue 13: one 512 MiB CACHE held 512 MiB, once per
+    /// request in flight).
     pub async fn cache(self: &Arc<Self>, offset: u64, len: u64) -> Result<()> {
         let chunks = self.geometry.chunks_of(offset, len);
-        let mut parts = Vec::new();
-        for i in chunks {
+        let mut i = chunks.start;
+        while i < chunks.end {
             let c = ChunkIndex(i);
-            if self.map.state(c) == ChunkState::Absent {
-                let r = self.geometry.bytes(c);
-                parts.push(self.read_absent(c, r.start, r.end));
+            if self.map.state(c) != ChunkState::Absent {
+                i += 1;
+                continue;
             }
+            let _slot = self.cache_slots.acquire().await.expect("never closed");
+            let max = ((chunks.end - i) as usize).min(MAX_RUN);
+            let mut guards = self.lock_run(c, max);
+            if guards.is_empty() {
+                // Someone else is changing it: wait for them, then look again.
+                let g = self.locks.lock(c).await;
+                if self.map.state(c) != ChunkState::Absent {
+                    i += 1;
+                    continue;
+                }
+                guards.push(g);
+            }
+            let n = guards.len();
+            self.fetch_locked(&guards, Class::Background).await?;
+            Stats::add(&self.stats.chunks_fetched_on_demand, n as u64);
+            i += n as u64;
         }
-        try_join_all(parts).await.map(|_| ())
+        Ok(())
     }
 
     /// Sequential reads of absent data (a booting OS) start readahead of the

@@ -19,6 +19,16 @@
 //! The reader waits for permits before reading a payload, which pushes back
 //! on a client that sends faster than the device serves.
 //!
+//! Across connections, payload bytes (a WRITE's data until it is stored, a
+//! READ's reply until it is written to the socket) also come out of the
+//! server's [`Budget`]: each connection first uses a reserve of its own
+//! ([`RESERVE_BYTES`]), enough for a guest's small requests at depth, and
+//! only what does not fit there waits for the shared budget. A client that
+//! never reads its replies therefore holds at most its reserve plus what it
+//! took of the budget, and the reader loops of the connections it starves
+//! wait instead of allocating (backpressure); small requests of others
+//! still run out of their reserves.
+//!
 //! A request that fails its checks gets an error reply and the stream goes
 //! on; a rejected WRITE still has its payload read and dropped, or the next
 //! header would be read from the middle of it. Only a bad request magic, an
@@ -41,7 +51,48 @@ use crate::server::Shutdown;
 pub const INFLIGHT_PERMITS: u32 = 1024;
 const PERMIT_BYTES: u32 = 64 * 1024;
 
-type Queued = (Reply, tokio::sync::OwnedSemaphorePermit);
+/// Payload bytes a connection may hold without touching the shared budget.
+pub const RESERVE_BYTES: u32 = 2 << 20;
+
+/// Payload bytes all connections of a server may hold beyond their
+/// reserves, in [`PERMIT_BYTES`] units.
+#[derive(Debug)]
+pub struct Budget {
+    units: Arc<Semaphore>,
+}
+
+impl Budget {
+    /// A budget of `bytes`, at least one largest request.
+    pub fn new(bytes: u64) -> Arc<Budget> {
+        let min = u64::from(crate::proto::MAX_PAYLOAD);
+        let units = bytes.max(min).div_ceil(u64::from(PERMIT_BYTES));
+        Arc::new(Budget {
+            units: Arc::new(Semaphore::new(
+                usize::try_from(units).unwrap_or(Semaphore::MAX_PERMITS),
+            )),
+        })
+    }
+
+    /// Unused bytes of the budget now.
+    pub fn available(&self) -> u64 {
+        self.units.available_permits() as u64 * u64::from(PERMIT_BYTES)
+    }
+}
+
+/// What a queued reply holds until it is written.
+struct Held {
+    _inflight: tokio::sync::OwnedSemaphorePermit,
+    _bytes: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+type Queued = (Reply, Held);
+
+fn payload_units(cmd: &Command) -> u32 {
+    match *cmd {
+        Command::Read { len, .. } | Command::Write { len, .. } => len.div_ceil(PERMIT_BYTES),
+        _ => 0,
+    }
+}
 
 fn cost(cmd: &Command) -> u32 {
     let payload = match *cmd {
@@ -59,6 +110,7 @@ pub async fn transmit<R, W, D>(
     n: Negotiated,
     shutdown: Shutdown,
     peer: &str,
+    budget: Arc<Budget>,
 ) -> io::Result<()>
 where
     R: AsyncRead + Unpin + Send,
@@ -66,6 +118,7 @@ where
     D: BlockDevice,
 {
     let permits = Arc::new(Semaphore::new(INFLIGHT_PERMITS as usize));
+    let reserve = Arc::new(Semaphore::new((RESERVE_BYTES / PERMIT_BYTES) as usize));
     let (tx, rx) = mpsc::unbounded_channel::<Queued>();
     let writer = tokio::spawn(write_replies(wr, rx));
     let mut rd = BufReader::with_capacity(64 * 1024, rd);
@@ -108,9 +161,13 @@ where
                 tracing::debug!(%peer, cmd = proto::command_name(h.command), h.offset, h.length,
                     errno = %refusal.errno, "refused: {}", refusal.message);
                 let permit = permits.clone().acquire_owned().await.expect("never closed");
+                let held = Held {
+                    _inflight: permit,
+                    _bytes: None,
+                };
                 let _ = tx.send((
                     reply::error(h.cookie, n.structured, refusal.errno, refusal.message),
-                    permit,
+                    held,
                 ));
                 continue;
             }
@@ -120,6 +177,24 @@ where
             .acquire_many_owned(cost(&cmd))
             .await
             .expect("semaphore is never closed");
+        let units = payload_units(&cmd);
+        let bytes = if units == 0 {
+            None
+        } else if let Ok(p) = reserve.clone().try_acquire_many_owned(units) {
+            Some(p)
+        } else {
+            let shared = budget.units.clone().acquire_many_owned(units);
+            let p = tokio::select! {
+                biased;
+                _ = shutdown.wait() => break Ok(()),
+                p = shared => p.expect("semaphore is never closed"),
+            };
+            Some(p)
+        };
+        let permit = Held {
+            _inflight: permit,
+            _bytes: bytes,
+        };
         let payload = match cmd {
             Command::Write { len, .. } => {
                 let mut data = vec![0u8; len as usize];

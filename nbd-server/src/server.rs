@@ -78,12 +78,48 @@ pub struct Export<D> {
     pub device: D,
 }
 
+/// What one server lets its clients take (issue 13: one process serves
+/// one volume to whoever reaches it; a hostile client must not take the
+/// process, the host or the other clients down).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Sessions at once (handshake or transmission). Beyond it a new
+    /// connection is accepted and closed at once, and the refusal logged:
+    /// accepting frees the kernel's queue and keeps file descriptors for
+    /// the clients already served and the control plane.
+    pub max_connections: usize,
+    /// Request and reply payload bytes held at once across connections
+    /// beyond each connection's own reserve (see [`crate::connection`]).
+    pub buffer_budget: u64,
+}
+
+/// Sessions at once unless configured.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 128;
+/// Payload bytes held across connections unless configured.
+pub const DEFAULT_BUFFER_BUDGET: u64 = 256 << 20;
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            buffer_budget: DEFAULT_BUFFER_BUDGET,
+        }
+    }
+}
+
 /// An NBD server over a fixed set of exports of one device type. The first
 /// export is the default (the empty name selects it).
 pub struct Server<D> {
     devices: Vec<Arc<D>>,
     infos: Vec<ExportInfo>,
     clients: AtomicUsize,
+    /// Sessions accepted and not yet ended (handshake or transmission).
+    sessions: Arc<AtomicUsize>,
+    /// Connections refused at the cap, and when that was last logged.
+    refused: AtomicUsize,
+    refusal_logged: std::sync::Mutex<Option<tokio::time::Instant>>,
+    limits: Limits,
+    budget: Arc<crate::connection::Budget>,
     tls: Option<ServerTls>,
 }
 
@@ -95,6 +131,15 @@ impl<D: BlockDevice> Server<D> {
 
     /// A server offering (or requiring, per its mode) TLS with `tls`.
     pub fn with_tls(exports: Vec<Export<D>>, tls: Option<ServerTls>) -> Arc<Self> {
+        Server::with_limits(exports, tls, Limits::default())
+    }
+
+    /// A server with `tls` and `limits`.
+    pub fn with_limits(
+        exports: Vec<Export<D>>,
+        tls: Option<ServerTls>,
+        limits: Limits,
+    ) -> Arc<Self> {
         let infos = exports
             .iter()
             .map(|e| ExportInfo {
@@ -109,6 +154,11 @@ impl<D: BlockDevice> Server<D> {
             devices: exports.into_iter().map(|e| Arc::new(e.device)).collect(),
             infos,
             clients: AtomicUsize::new(0),
+            sessions: Arc::new(AtomicUsize::new(0)),
+            refused: AtomicUsize::new(0),
+            refusal_logged: std::sync::Mutex::new(None),
+            budget: crate::connection::Budget::new(limits.buffer_budget),
+            limits,
             tls,
         })
     }
@@ -127,9 +177,16 @@ impl<D: BlockDevice> Server<D> {
                 Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
                 accepted = listener.accept() => match accepted {
                     Ok((stream, peer)) => {
+                        let Some(session) = self.admit(&peer) else {
+                            drop(stream);
+                            continue;
+                        };
                         let server = self.clone();
                         let shutdown = shutdown.clone();
-                        tasks.spawn(async move { server.serve_stream(stream, peer, shutdown).await });
+                        tasks.spawn(async move {
+                            server.serve_stream(stream, peer, shutdown).await;
+                            drop(session);
+                        });
                     }
                     Err(e) => {
                         // EMFILE and friends: log and breathe instead of spinning.
@@ -142,6 +199,40 @@ impl<D: BlockDevice> Server<D> {
         drop(listener);
         while tasks.join_next().await.is_some() {}
         Ok(())
+    }
+
+    /// Sessions in progress (handshake or transmission).
+    pub fn sessions(&self) -> usize {
+        self.sessions.load(Ordering::Relaxed)
+    }
+
+    /// Connections refused at the cap so far.
+    pub fn refused_connections(&self) -> usize {
+        self.refused.load(Ordering::Relaxed)
+    }
+
+    /// Count a new session in, or refuse it at the cap (logged at most once
+    /// a second, with the count since).
+    fn admit(&self, peer: &str) -> Option<SessionSlot> {
+        let n = self.sessions.fetch_add(1, Ordering::AcqRel);
+        let slot = SessionSlot(self.sessions.clone());
+        if n < self.limits.max_connections {
+            return Some(slot);
+        }
+        drop(slot);
+        let refused = self.refused.fetch_add(1, Ordering::Relaxed) + 1;
+        let mut last = self.refusal_logged.lock().expect("poisoned");
+        let now = tokio::time::Instant::now();
+        if last.is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1)) {
+            *last = Some(now);
+            tracing::warn!(
+                %peer,
+                "refused a connection: {} sessions already (the limit, --max-connections); \
+                 {refused} refused so far",
+                self.limits.max_connections
+            );
+        }
+        None
     }
 
     /// Run one whole client session on `stream`.
@@ -241,14 +332,30 @@ impl<D: BlockDevice> Server<D> {
             flags = format_args!("{:#06x}", n.transmission_flags), "client connected");
         self.clients.fetch_add(1, Ordering::Relaxed);
         let (rd, wr) = tokio::io::split(stream);
-        let r =
-            crate::connection::transmit(rd, wr, self.devices[export].clone(), n, shutdown, &peer)
-                .await;
+        let r = crate::connection::transmit(
+            rd,
+            wr,
+            self.devices[export].clone(),
+            n,
+            shutdown,
+            &peer,
+            self.budget.clone(),
+        )
+        .await;
         self.clients.fetch_sub(1, Ordering::Relaxed);
         match r {
             Ok(()) => tracing::info!(%peer, "client disconnected"),
             Err(e) => tracing::info!(%peer, "connection ended: {e}"),
         }
+    }
+}
+
+/// One session counted in [`Server::sessions`] until dropped.
+struct SessionSlot(Arc<AtomicUsize>);
+
+impl Drop for SessionSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
