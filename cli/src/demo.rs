@@ -145,7 +145,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let state = dir.join("state");
     let _ = std::fs::remove_file(&target);
     let _ = std::fs::remove_dir_all(&state);
-    println!(
+    crate::outln!(
         "1. generating a {} MiB legacy disk at {}",
         args.size_mib,
         legacy.display()
@@ -159,7 +159,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         "--socket",
         legacy_sock.to_str().context("path is not UTF-8")?,
     ])?;
-    println!("2. legacy host: `stream export` serves it read-only at {legacy_uri}");
+    crate::outln!("2. legacy host: `stream export` serves it read-only at {legacy_uri}");
 
     let volume_sock = dir.join("volume.sock");
     let t0 = Instant::now();
@@ -176,7 +176,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         "--rate-limit",
         &args.rate_limit,
     ])?;
-    println!(
+    crate::outln!(
         "3. cloud side: `stream start` serves the new volume at {volume_uri} after {:?}",
         t0.elapsed()
     );
@@ -194,7 +194,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         if got != expect {
             bail!("{what} read through the volume differs from the legacy disk");
         }
-        println!(
+        crate::outln!(
             "4. the instance reads at once: 1 MiB of {what} (offset {at}) in {:?}, equal to the legacy disk",
             t1.elapsed()
         );
@@ -203,7 +203,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let at = size / 3 + 12345;
     client.write(at, note, false).await?;
     client.flush().await?;
-    println!(
+    crate::outln!(
         "5. it writes too: {} bytes at offset {at}, flushed",
         note.len()
     );
@@ -224,7 +224,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             .with_context(|| String::from_utf8_lossy(&out.stderr).into_owned())?;
         let v = &reply["volume"];
         let present = v["bytes_present"].as_u64().unwrap_or(0);
-        println!(
+        crate::outln!(
             "   hydrating: {:5.1}% present, {} on demand, {} source holes skipped",
             100.0 * present as f64 / size as f64,
             v["chunks_fetched_on_demand"],
@@ -239,7 +239,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     let status = Command::new(&exe).args(status_args).output()?;
-    println!(
+    crate::outln!(
         "6. hydration complete:\n{}",
         String::from_utf8_lossy(&status.stdout)
     );
@@ -263,7 +263,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     if !out.status.success() {
         bail!("stream finalize failed ({})", out.status);
     }
-    println!(
+    crate::outln!(
         "7. `stream finalize --verify`:\n{}",
         String::from_utf8_lossy(&out.stdout)
     );
@@ -278,12 +278,12 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     if got != expected {
         bail!("the target differs from the legacy disk plus the client's write");
     }
-    println!(
+    crate::outln!(
         "8. the native target equals the legacy disk plus the instance's write (blake3 {}; legacy {})",
         &blake3_file(&target)?.to_hex()[..16],
         &blake3_file(&legacy)?.to_hex()[..16]
     );
-    println!("demo complete in {:?}", t0.elapsed());
+    crate::outln!("demo complete in {:?}", t0.elapsed());
     Ok(())
 }
 

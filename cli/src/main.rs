@@ -139,7 +139,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Command::Completions { shell } = cli.command {
         use clap::CommandFactory;
-        clap_complete::generate(shell, &mut Cli::command(), "stream", &mut std::io::stdout());
+        let mut script = Vec::new();
+        clap_complete::generate(shell, &mut Cli::command(), "stream", &mut script);
+        output::stdout(format_args!("{}", String::from_utf8_lossy(&script)));
         return ExitCode::SUCCESS;
     }
     rundir::set(cli.run_dir.clone());

@@ -161,3 +161,43 @@ pub fn note(line: &str) {
         _ => eprintln!("{line}"),
     }
 }
+
+/// Write to stdout; when its reader is gone (`stream status | head -0`),
+/// end quietly as Unix tools do, killed by SIGPIPE, instead of panicking
+/// as `println!` does.
+pub fn stdout(args: std::fmt::Arguments<'_>) {
+    let mut out = std::io::stdout().lock();
+    let done = out.write_fmt(args).and_then(|()| out.flush());
+    match done {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => die_of_sigpipe(),
+        // Another failure to print a result is worth saying on stderr.
+        Err(e) => {
+            eprintln!("stream: cannot write to stdout: {e}");
+            std::process::exit(1);
+        }
+    }
+}
+
+fn die_of_sigpipe() -> ! {
+    // SAFETY: restoring the default disposition and raising the signal in
+    // our own process; Rust's runtime had set SIGPIPE to ignored.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        libc::raise(libc::SIGPIPE);
+    }
+    std::process::exit(141)
+}
+
+/// `print!` to stdout through [`stdout`].
+#[macro_export]
+macro_rules! out {
+    ($($t:tt)*) => { $crate::output::stdout(format_args!($($t)*)) };
+}
+
+/// `println!` to stdout through [`stdout`].
+#[macro_export]
+macro_rules! outln {
+    () => { $crate::output::stdout(format_args!("\n")) };
+    ($($t:tt)*) => { $crate::output::stdout(format_args!("{}\n", format_args!($($t)*))) };
+}

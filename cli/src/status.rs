@@ -46,7 +46,7 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
     loop {
         let line = control::request(&sock, &Request::Status).await?;
         if args.json {
-            println!("{}", line.trim());
+            crate::outln!("{}", line.trim());
         } else {
             let reply: StatusReply = serde_json::from_str(&line).with_context(|| {
                 format!(
@@ -57,7 +57,7 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
             if bars {
                 // The details once, then one bar that follows the progress.
                 let b = bar.get_or_insert_with(|| {
-                    print!("{}", render(&reply));
+                    crate::out!("{}", render(&reply));
                     crate::output::byte_bar_with_msg(
                         reply.volume["size"].as_u64().unwrap_or(0),
                         "present",
@@ -66,7 +66,7 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
                 b.set_position(reply.volume["bytes_present"].as_u64().unwrap_or(0));
                 b.set_message(rate_eta(&reply));
             } else {
-                print!("{}", render(&reply));
+                crate::out!("{}", render(&reply));
             }
         }
         if !args.watch {
@@ -74,7 +74,7 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
         if !args.json && !bars {
-            println!();
+            crate::outln!();
         }
     }
 }
@@ -129,7 +129,7 @@ async fn list(args: &StatusArgs) -> anyhow::Result<()> {
                 "run_dir": run_dir,
                 "migrations": listed,
             });
-            println!("{doc}");
+            crate::outln!("{doc}");
         } else if use_bars {
             for l in &listed {
                 let b = bars.entry(l.id.clone()).or_insert_with(|| {
@@ -149,14 +149,14 @@ async fn list(args: &StatusArgs) -> anyhow::Result<()> {
                 }
             }
         } else {
-            print!("{}", table(&run_dir, &listed));
+            crate::out!("{}", table(&run_dir, &listed));
         }
         if !args.watch {
             return Ok(());
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
         if !args.json && !use_bars {
-            println!();
+            crate::outln!();
         }
     }
 }

@@ -1,0 +1,62 @@
+//! `stream status`, `stream completions` (and the other commands that
+//! print results) end quietly when stdout's reader is gone, as Unix tools
+//! do (`stream status | head -0`), instead of panicking with exit 101
+//! (issue 13).
+
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::unix::process::ExitStatusExt;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use integration::binary::stream_bin;
+use integration::image::MIB;
+use integration::{SparseImage, Start, tool};
+
+/// Runs `args` with stdout a pipe whose read end is already closed.
+fn run_into_closed_pipe(args: &[&str]) -> (std::process::ExitStatus, String) {
+    let mut fds = [0; 2];
+    // SAFETY: pipe(2) into a local array; both fds are owned below.
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+    // SAFETY: fresh descriptors from pipe(2), owned once each.
+    let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    drop(read);
+    let mut child = Command::new(stream_bin())
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(write))
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let status = tool::wait_deadline(&mut child, Duration::from_secs(30))
+        .unwrap_or_else(|| panic!("stream {args:?} still running after 30 s"));
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut stderr, &mut err).unwrap();
+    (status, err)
+}
+
+fn assert_quiet(args: &[&str]) {
+    let (status, err) = run_into_closed_pipe(args);
+    assert!(
+        status.signal() == Some(libc::SIGPIPE),
+        "stream {args:?} into a closed pipe: {status}, stderr:\n{err}"
+    );
+    assert!(!err.contains("panicked"), "stream {args:?}: {err}");
+}
+
+#[test]
+fn completions_into_a_closed_pipe_end_quietly() {
+    assert_quiet(&["completions", "bash"]);
+}
+
+#[test]
+fn status_into_a_closed_pipe_ends_quietly() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = SparseImage::create(dir.path().join("source.img"), 4 * MIB, &[], 1);
+    let start = Start::new(&img.path, dir.path().join("target.img"), dir.path()).no_hydrate(true);
+    let running = start.spawn();
+    let state = start.state_dir().to_str().unwrap().to_string();
+    assert_quiet(&["status", "--state", &state]);
+    assert_quiet(&["status", "--state", &state, "--json"]);
+    running.sigterm_and_wait(Duration::from_secs(30));
+}
