@@ -185,6 +185,7 @@ pub async fn run(args: StartArgs) -> anyhow::Result<()> {
     };
     crate::shutdown_on_signals(shutdown.clone(), args.stop_timeout, stuck)?;
     let watchdog = tokio::spawn(lazy_fetch::watchdog::run(requests, args.warn_after));
+    let outages = tokio::spawn(lazy_fetch::health::log_source_outages(volume.clone()));
 
     let hydration = hydrate::Options::limited(args.rate_limit);
     hydration
@@ -293,6 +294,7 @@ pub async fn run(args: StartArgs) -> anyhow::Result<()> {
         task.abort();
     }
     watchdog.abort();
+    outages.abort();
     // No FUSE request may reach a closed volume.
     if let Some(fuse) = fuse {
         fuse.unmount().await?;

@@ -283,7 +283,10 @@ fn render(r: &StatusReply) -> String {
         v["phase"].as_str().unwrap_or("?"),
         v["source"].as_str().unwrap_or("?"),
         health,
-        v["target"].as_str().unwrap_or("?"),
+        match v["target_health"]["detail"].as_str() {
+            Some(d) => format!("{} [{d}]", v["target"].as_str().unwrap_or("?")),
+            None => v["target"].as_str().unwrap_or("?").to_string(),
+        },
         pct,
         human_bytes(present),
         human_bytes(size),

@@ -153,6 +153,20 @@ fn source_stall_short_and_past_the_stall_timeout_ends_identical() {
         proxy.accepted() > accepted,
         "no reconnect after a stall past the stall timeout"
     );
+    // Issue 13: both edges of the outage are in the log, with its length.
+    // (The end is seen at the next look, within a second of the reconnect.)
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let log = loop {
+        let log = running.log();
+        if log.contains("reachable again after an outage of") || Instant::now() > deadline {
+            break log;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(
+        log.contains("is unreachable, reconnecting") && log.contains("reachable again after an outage of"),
+        "the outage's start and end are logged:\n{log}"
+    );
     running.sigterm_and_wait(STOP);
     assert_same_file(start.target_path(), &img.path);
 }

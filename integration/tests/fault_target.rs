@@ -68,6 +68,18 @@ fn target_full_gives_enospc_keeps_state_and_resumes_when_space_is_made() {
         st["volume"]["chunks_present"].as_u64().unwrap() * CHUNK <= 4 * MIB,
         "more chunks marked present than the target holds: {st}"
     );
+    // Issue 13: the operator is told the target is full, where, and when.
+    let health = &st["volume"]["target_health"];
+    assert_eq!(health["state"], "down", "{st}");
+    assert!(
+        health["detail"].as_str().unwrap_or("").contains("ENOSPC"),
+        "target_health names ENOSPC: {st}"
+    );
+    let log = running.log();
+    assert!(
+        log.contains(&format!("target {}: a write failed", target.display())) && log.contains("ENOSPC"),
+        "the log names the full target:\n{log}"
+    );
 
     // Room is made: hydration resumes by itself and finishes, and the
     // refused write now succeeds.
@@ -85,6 +97,12 @@ fn target_full_gives_enospc_keeps_state_and_resumes_when_space_is_made() {
          hydration complete {:?} after the resize",
         st["volume"]["target_errors"],
         made.elapsed()
+    );
+    assert_eq!(st["volume"]["target_health"]["state"], "up", "{st}");
+    assert!(
+        running.log().contains("writes succeed again after"),
+        "the log tells the target recovered:\n{}",
+        running.log()
     );
     conn.write_request(0, 2, far, &data).expect("send WRITE");
     assert_eq!(

@@ -23,12 +23,14 @@
 //!   order that makes the map durable only after the data.
 //! - [`source`]: where chunks come from (`source/file.rs`, `source/nbd.rs`).
 //! - [`target`]: where they go (`target/file.rs`: a file or block device).
+//! - [`health`]: the source's outages told in the log as they start and end.
 //! - [`watchdog`]: the client requests in flight, what each waits for, and
 //!   the warning for one unanswered too long.
 //! - [`units`], [`stats`], [`error`]: chunk geometry, counters, the error enum.
 
 pub mod error;
 pub mod frontend;
+pub mod health;
 pub mod fuse;
 pub mod hydrate;
 pub mod inflight;

@@ -1296,6 +1296,8 @@ pub struct Status {
     pub foreground_fetch_p50_us: Option<u64>,
     pub foreground_fetch_p99_us: Option<u64>,
     pub source_health: crate::source::Health,
+    /// `down` with the error while target writes fail (a full target).
+    pub target_health: crate::source::Health,
     pub source_errors: u64,
     pub target_errors: u64,
     pub hydration_complete: bool,
@@ -1338,6 +1340,7 @@ impl<S: Source> Volume<S> {
             foreground_fetch_p50_us: s.foreground_fetch.quantile_us(0.5),
             foreground_fetch_p99_us: s.foreground_fetch.quantile_us(0.99),
             source_health: self.source.health(),
+            target_health: self.target.health(),
             source_errors: Stats::get(&s.source_errors),
             target_errors: Stats::get(&s.target_errors),
             hydration_complete: self.map.is_complete(),

@@ -59,6 +59,24 @@ struct Inner {
     path: PathBuf,
     block_device: bool,
     size: u64,
+    /// Set while writes fail: since when, and the first error.
+    failing: std::sync::Mutex<Option<(std::time::Instant, String)>>,
+    failing_now: std::sync::atomic::AtomicBool,
+}
+
+/// The errno's name and what an operator does about it.
+fn advice(e: &io::Error) -> String {
+    match e.raw_os_error() {
+        Some(libc::ENOSPC) => format!(
+            "{e} (ENOSPC: the target is full; make room on its file system or give a larger \
+             device: hydration pauses and retries, client writes to chunks not yet copied \
+             fail with ENOSPC until then)"
+        ),
+        Some(libc::EDQUOT) => format!("{e} (EDQUOT: a disk quota is exhausted)"),
+        Some(libc::EIO) => format!("{e} (EIO: the device failed; check the kernel log)"),
+        Some(libc::EROFS) => format!("{e} (EROFS: the file system went read-only)"),
+        _ => e.to_string(),
+    }
 }
 
 impl Target {
@@ -75,7 +93,52 @@ impl Target {
                 path,
                 block_device,
                 size,
+                failing: std::sync::Mutex::new(None),
+                failing_now: std::sync::atomic::AtomicBool::new(false),
             }),
+        }
+    }
+
+    /// How the target's writes are doing, for `stream status`: `Down` with
+    /// the error and since when while writes fail.
+    pub fn health(&self) -> crate::source::Health {
+        match &*self.inner.failing.lock().expect("poisoned") {
+            None => crate::source::Health::Up,
+            Some((since, what)) => crate::source::Health::Down(format!(
+                "writes failing for {:.0} s: {what}",
+                since.elapsed().as_secs_f64()
+            )),
+        }
+    }
+
+    /// Log both edges of a run of failing writes, with the cause and the
+    /// duration (issue 13: a full target was invisible in the log).
+    fn note<T>(&self, op: &str, r: &io::Result<T>) {
+        use std::sync::atomic::Ordering;
+        match r {
+            Ok(_) => {
+                if !self.inner.failing_now.load(Ordering::Relaxed) {
+                    return;
+                }
+                let mut f = self.inner.failing.lock().expect("poisoned");
+                if let Some((since, what)) = f.take() {
+                    self.inner.failing_now.store(false, Ordering::Relaxed);
+                    tracing::info!(
+                        "target {}: writes succeed again after {:.1} s of failures (the first: {what})",
+                        self.inner.path.display(),
+                        since.elapsed().as_secs_f64()
+                    );
+                }
+            }
+            Err(e) => {
+                let mut f = self.inner.failing.lock().expect("poisoned");
+                if f.is_none() {
+                    let what = format!("{op} failed: {}", advice(e));
+                    tracing::warn!("target {}: {what}", self.inner.path.display());
+                    *f = Some((std::time::Instant::now(), what));
+                    self.inner.failing_now.store(true, Ordering::Relaxed);
+                }
+            }
         }
     }
 
@@ -129,25 +192,33 @@ impl Target {
 
     /// Write `data` at `offset` and hand the buffer back.
     pub async fn write_at(&self, offset: u64, data: Vec<u8>) -> io::Result<Vec<u8>> {
-        self.blocking(move |b| {
-            b.write_at(&data, offset)?;
-            Ok(data)
-        })
-        .await
+        let r = self
+            .blocking(move |b| {
+                b.write_at(&data, offset)?;
+                Ok(data)
+            })
+            .await;
+        self.note("a write", &r);
+        r
     }
 
     /// Make `[offset, offset + len)` read as zeros; `allocate` keeps it
     /// provisioned (NBD's NO_HOLE).
     pub async fn zero(&self, offset: u64, len: u64, allocate: bool) -> io::Result<()> {
-        self.blocking(move |b| b.zero(offset, len, allocate)).await
+        let r = self.blocking(move |b| b.zero(offset, len, allocate)).await;
+        self.note("zeroing", &r);
+        r
     }
 
     pub async fn sync(&self) -> io::Result<()> {
         let inner = self.inner.clone();
         let io = tokio::task::spawn_blocking(move || inner.backend.sync());
-        waiting(Wait::TargetSync, io)
+        let r = waiting(Wait::TargetSync, io)
             .await
-            .map_err(io::Error::other)?
+            .map_err(io::Error::other)
+            .and_then(|r| r);
+        self.note("a sync", &r);
+        r
     }
 
     /// Data extents of `[offset, end)` (blocking: call it off the runtime).
