@@ -164,7 +164,8 @@ fn source_stall_short_and_past_the_stall_timeout_ends_identical() {
         std::thread::sleep(Duration::from_millis(100));
     };
     assert!(
-        log.contains("is unreachable, reconnecting") && log.contains("reachable again after an outage of"),
+        log.contains("is unreachable, reconnecting")
+            && log.contains("reachable again after an outage of"),
         "the outage's start and end are logged:\n{log}"
     );
     running.sigterm_and_wait(STOP);

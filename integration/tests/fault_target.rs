@@ -77,7 +77,8 @@ fn target_full_gives_enospc_keeps_state_and_resumes_when_space_is_made() {
     );
     let log = running.log();
     assert!(
-        log.contains(&format!("target {}: a write failed", target.display())) && log.contains("ENOSPC"),
+        log.contains(&format!("target {}: a write failed", target.display()))
+            && log.contains("ENOSPC"),
         "the log names the full target:\n{log}"
     );
 

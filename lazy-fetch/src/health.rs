@@ -35,12 +35,17 @@ fn edge(
             };
             Some((
                 false,
-                format!("source {source} is reachable again after an outage of {took:.1} s ({cause})"),
+                format!(
+                    "source {source} is reachable again after an outage of {took:.1} s ({cause})"
+                ),
             ))
         }
         Health::Reconnecting(d) => {
             since.get_or_insert_with(Instant::now);
-            Some((true, format!("source {source} is unreachable, reconnecting: {d}")))
+            Some((
+                true,
+                format!("source {source} is unreachable, reconnecting: {d}"),
+            ))
         }
         Health::Down(d) => {
             since.get_or_insert_with(Instant::now);
@@ -89,7 +94,10 @@ mod tests {
         assert!(bad && m.contains("connection refused"), "{m}");
         assert!(edge("s", &down, &down, &mut since).is_none());
         let (bad, m) = edge("s", &down, &Health::Up, &mut since).unwrap();
-        assert!(!bad && m.contains("after an outage of") && m.contains("refused"), "{m}");
+        assert!(
+            !bad && m.contains("after an outage of") && m.contains("refused"),
+            "{m}"
+        );
         assert!(since.is_none());
     }
 }

@@ -30,8 +30,8 @@
 
 pub mod error;
 pub mod frontend;
-pub mod health;
 pub mod fuse;
+pub mod health;
 pub mod hydrate;
 pub mod inflight;
 pub mod manifest;

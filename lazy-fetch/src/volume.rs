@@ -75,6 +75,8 @@ use crate::watchdog::{Requests, Wait, waiting};
 pub const MAX_RUN: usize = 16;
 /// CACHE requests fetching at once on a volume (each holds one run).
 pub const CACHE_SLOTS: usize = 4;
+/// A client request within this window makes CACHE yield (as hydration).
+const CACHE_YIELD_WINDOW: std::time::Duration = std::time::Duration::from_millis(20);
 /// Largest readahead window, in chunks.
 const MAX_READAHEAD: u64 = 32;
 
@@ -1144,7 +1146,22 @@ impl<S: Source> Volume<S> {
                 i += 1;
                 continue;
             }
-            let _slot = self.cache_slots.acquire().await.expect("never closed");
+            // A prefetch hint yields to clients as hydration does: while
+            // they are busy, one run at a time on the volume, after giving
+            // their requests a head start.
+            let busy = self.foreground_busy(CACHE_YIELD_WINDOW);
+            if busy {
+                let deadline = Instant::now() + CACHE_YIELD_WINDOW;
+                while self.foreground_busy(CACHE_YIELD_WINDOW) && Instant::now() < deadline {
+                    tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+                }
+            }
+            let slots = if busy { CACHE_SLOTS as u32 } else { 1 };
+            let _slot = self
+                .cache_slots
+                .acquire_many(slots)
+                .await
+                .expect("never closed");
             let max = ((chunks.end - i) as usize).min(MAX_RUN);
             let mut guards = self.lock_run(c, max);
             if guards.is_empty() {
