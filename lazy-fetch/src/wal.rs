@@ -30,8 +30,10 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::{RwLock, RwLockReadGuard};
@@ -130,8 +132,10 @@ impl Wal {
     /// Start a new log in `dir` after any generation already there (which
     /// the caller has replayed, or removed with [`remove_all`]).
     pub fn open(dir: &Path) -> io::Result<Wal> {
+        warn_if_short_of_room(dir);
         let generation = generations(dir)?.last().map_or(1, |g| g + 1);
         let file = Self::create(dir, generation)?;
+        reserve(&file, dir);
         Ok(Wal {
             dir: dir.to_path_buf(),
             current: RwLock::new(Current {
@@ -143,12 +147,13 @@ impl Wal {
     }
 
     fn create(dir: &Path, generation: u64) -> io::Result<File> {
-        OpenOptions::new()
+        let f = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(true)
-            .open(dir.join(name(generation)))
+            .open(dir.join(name(generation)))?;
+        Ok(f)
     }
 
     /// Hold this from before [`Held::log`] until the target change is done.
@@ -183,7 +188,9 @@ impl Wal {
         Ok(old)
     }
 
-    /// Remove generations up to `upto` (their changes are durable).
+    /// Remove generations up to `upto` (their changes are durable), then
+    /// move their reserve to the current one: reserving before the old one
+    /// is gone would need room for two.
     pub fn remove(&self, upto: u64) -> io::Result<()> {
         for g in generations(&self.dir)? {
             if g <= upto {
@@ -193,7 +200,70 @@ impl Wal {
                 }
             }
         }
+        if let Ok(cur) = self.current.try_read() {
+            reserve(&cur.file, &self.dir);
+        }
         Ok(())
+    }
+}
+
+/// Space reserved for the current generation, allocated when the log
+/// opens and moved to each new generation once the old one is removed. The state directory's file system is on
+/// the clients' write path (a write to a copied chunk is logged before it
+/// lands), so a full `/var/lib/stream` would turn into client ENOSPC; the
+/// reserve means the log never needs new blocks until it holds this much
+/// between two flushes (issue 13).
+pub const RESERVE: u64 = 64 << 20;
+
+static RESERVE_WARNED: AtomicBool = AtomicBool::new(false);
+
+/// Allocate [`RESERVE`] bytes for `f` without changing its size (replay
+/// reads only what was written). A file system that cannot is told once.
+fn reserve(f: &File, dir: &Path) {
+    // SAFETY: fallocate on an fd we own; no memory is passed.
+    let r = unsafe {
+        libc::fallocate64(
+            f.as_raw_fd(),
+            libc::FALLOC_FL_KEEP_SIZE,
+            0,
+            RESERVE as libc::off64_t,
+        )
+    };
+    if r == 0 {
+        return;
+    }
+    let e = io::Error::last_os_error();
+    let unsupported = matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::ENOSYS));
+    if !unsupported && !RESERVE_WARNED.swap(true, Ordering::Relaxed) {
+        tracing::warn!(
+            "state directory {}: cannot reserve {} MiB for the write-ahead log ({e}): client \
+             writes to copied chunks fail with ENOSPC once its file system is full; free space there",
+            dir.display(),
+            RESERVE >> 20
+        );
+    }
+}
+
+/// Warn at start when the state directory's file system has little room.
+fn warn_if_short_of_room(dir: &Path) {
+    let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()) else {
+        return;
+    };
+    // SAFETY: statvfs with a NUL-terminated path and a zeroed out-struct.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return;
+    }
+    let free = st.f_bavail as u64 * st.f_frsize as u64;
+    if free < 4 * RESERVE {
+        tracing::warn!(
+            "state directory {}: only {} MiB free; client writes to copied chunks are logged \
+             there before they land (up to {} MiB between flushes) and fail with ENOSPC when it \
+             fills: give it more room (see docs/operations.md)",
+            dir.display(),
+            free >> 20,
+            RESERVE >> 20
+        );
     }
 }
 
