@@ -31,7 +31,9 @@ pub fn stream_bin() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
         if let Some(bin) = std::env::var_os("STREAM_BIN") {
-            let bin = PathBuf::from(bin);
+            // Relative to the workspace root, where the README's commands
+            // run (tests themselves run in integration/).
+            let bin = workspace_root().join(PathBuf::from(bin));
             assert!(bin.is_file(), "STREAM_BIN={} is not a file", bin.display());
             return bin;
         }
