@@ -4,8 +4,15 @@ use std::io::Write;
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 
+use std::io;
+use std::sync::Arc;
+
 use anyhow::Context;
-use nbd_server::{BlockDevice, Export, FileDevice, Listener, Server, Shutdown};
+use lazy_fetch::proof::{self, HashDevice};
+use nbd_server::{
+    BlockDevice, Capabilities, Export, Extent, FileDevice, Listener, Piece, Server, Shutdown,
+    ZeroFlags,
+};
 
 #[derive(clap::Args)]
 pub struct ExportArgs {
@@ -66,12 +73,27 @@ pub async fn run(args: ExportArgs, activation: Option<OwnedFd>) -> anyhow::Resul
         })?,
     };
     let uri = crate::tls_args::client_uri(listener.uri(&args.name)?, tls.as_ref());
-    let server = Server::with_limits(
+    // Beside the disk, unlisted: the blake3 of its chunks for every chunk
+    // size a migration may use (`lazy_fetch::proof`), so the cloud side
+    // proves its copy with 32 bytes per chunk over the link.
+    let disk = Arc::new(device);
+    let hashes = proof::chunk_sizes()
+        .map(|chunk| Export {
+            name: proof::export_name(chunk, &args.name),
+            description: Some(format!(
+                "blake3 of each {chunk}-byte chunk of {}",
+                args.path.display()
+            )),
+            device: Served::Hashes(HashDevice::new(disk.clone(), chunk)),
+        })
+        .collect();
+    let server = Server::with_unlisted(
         vec![Export {
             name: args.name.clone(),
             description: args.description.clone(),
-            device,
+            device: Served::Disk(disk),
         }],
+        hashes,
         tls,
         args.limits.limits(),
     );
@@ -109,4 +131,82 @@ pub async fn run(args: ExportArgs, activation: Option<OwnedFd>) -> anyhow::Resul
     server.serve(listener, shutdown).await?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// What `stream export` serves: the disk, and the hashes of its chunks.
+enum Served {
+    Disk(Arc<FileDevice>),
+    Hashes(HashDevice<FileDevice>),
+}
+
+impl BlockDevice for Served {
+    fn size(&self) -> u64 {
+        match self {
+            Served::Disk(d) => d.size(),
+            Served::Hashes(h) => h.size(),
+        }
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        match self {
+            Served::Disk(d) => d.capabilities(),
+            Served::Hashes(h) => h.capabilities(),
+        }
+    }
+
+    fn block_sizes(&self) -> nbd_server::device::BlockSizes {
+        match self {
+            Served::Disk(d) => d.block_sizes(),
+            Served::Hashes(h) => h.block_sizes(),
+        }
+    }
+
+    async fn read(&self, offset: u64, len: u32) -> io::Result<Vec<Piece>> {
+        match self {
+            Served::Disk(d) => d.read(offset, len).await,
+            Served::Hashes(h) => h.read(offset, len).await,
+        }
+    }
+
+    async fn write(&self, offset: u64, data: Vec<u8>, fua: bool) -> io::Result<()> {
+        match self {
+            Served::Disk(d) => d.write(offset, data, fua).await,
+            Served::Hashes(h) => h.write(offset, data, fua).await,
+        }
+    }
+
+    async fn flush(&self) -> io::Result<()> {
+        match self {
+            Served::Disk(d) => d.flush().await,
+            Served::Hashes(h) => h.flush().await,
+        }
+    }
+
+    async fn trim(&self, offset: u64, len: u64, fua: bool) -> io::Result<()> {
+        match self {
+            Served::Disk(d) => d.trim(offset, len, fua).await,
+            Served::Hashes(h) => h.trim(offset, len, fua).await,
+        }
+    }
+
+    async fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> io::Result<()> {
+        match self {
+            Served::Disk(d) => d.write_zeroes(offset, len, flags).await,
+            Served::Hashes(h) => h.write_zeroes(offset, len, flags).await,
+        }
+    }
+
+    async fn cache(&self, offset: u64, len: u64) -> io::Result<()> {
+        match self {
+            Served::Disk(d) => d.cache(offset, len).await,
+            Served::Hashes(h) => h.cache(offset, len).await,
+        }
+    }
+
+    async fn block_status(&self, offset: u64, len: u64) -> io::Result<Vec<Extent>> {
+        match self {
+            Served::Disk(d) => d.block_status(offset, len).await,
+            Served::Hashes(h) => h.block_status(offset, len).await,
+        }
+    }
 }

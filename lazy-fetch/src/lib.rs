@@ -19,6 +19,8 @@
 //!   rate-limited and yielding to foreground fetches.
 //! - [`manifest`]: blake3 of every chunk and of the disk at finalize, and
 //!   the verifier that compares the target with source and manifest.
+//! - [`proof`]: the blake3 of every chunk of a disk as a small device,
+//!   served by `stream export` beside the disk (source-side proof).
 //! - [`state`]: the state directory: header, checkpoint, journal, lock; the
 //!   order that makes the map durable only after the data.
 //! - [`source`]: where chunks come from (`source/file.rs`, `source/nbd.rs`).
@@ -36,6 +38,7 @@ pub mod hydrate;
 pub mod inflight;
 pub mod manifest;
 pub mod presence;
+pub mod proof;
 pub mod source;
 pub mod state;
 pub mod stats;

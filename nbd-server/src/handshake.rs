@@ -53,6 +53,9 @@ pub struct ExportInfo {
     pub size: u64,
     pub capabilities: Capabilities,
     pub block_sizes: BlockSizes,
+    /// Shown by `NBD_OPT_LIST`; an unlisted export is still selected by
+    /// its exact name.
+    pub listed: bool,
 }
 
 /// How the handshake ended.
@@ -334,7 +337,7 @@ fn handle_option(
                 reply_error(out, option, REP_ERR_INVALID, "LIST takes no data");
                 return Ok(None);
             }
-            for e in exports {
+            for e in exports.iter().filter(|e| e.listed) {
                 let mut payload = (e.name.len() as u32).to_be_bytes().to_vec();
                 payload.extend_from_slice(e.name.as_bytes());
                 if let Some(d) = &e.description {
@@ -524,6 +527,7 @@ mod tests {
                 rotational: false,
             },
             block_sizes: BlockSizes::default(),
+            listed: true,
         }]
     }
 

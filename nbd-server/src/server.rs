@@ -140,14 +140,29 @@ impl<D: BlockDevice> Server<D> {
         tls: Option<ServerTls>,
         limits: Limits,
     ) -> Arc<Self> {
+        Server::with_unlisted(exports, Vec::new(), tls, limits)
+    }
+
+    /// A server whose `unlisted` exports are selected by exact name only
+    /// (`NBD_OPT_LIST` shows `exports` alone).
+    pub fn with_unlisted(
+        exports: Vec<Export<D>>,
+        unlisted: Vec<Export<D>>,
+        tls: Option<ServerTls>,
+        limits: Limits,
+    ) -> Arc<Self> {
+        let listed = exports.len();
+        let exports: Vec<Export<D>> = exports.into_iter().chain(unlisted).collect();
         let infos = exports
             .iter()
-            .map(|e| ExportInfo {
+            .enumerate()
+            .map(|(i, e)| ExportInfo {
                 name: e.name.clone(),
                 description: e.description.clone(),
                 size: e.device.size(),
                 capabilities: e.device.capabilities(),
                 block_sizes: e.device.block_sizes(),
+                listed: i < listed,
             })
             .collect();
         Arc::new(Server {
