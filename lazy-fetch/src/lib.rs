@@ -25,6 +25,8 @@
 //!   order that makes the map durable only after the data.
 //! - [`source`]: where chunks come from (`source/file.rs`, `source/nbd.rs`).
 //! - [`target`]: where they go (`target/file.rs`: a file or block device).
+//! - [`hashes`]: the kept manifest, the blake3 of each chunk recorded as it
+//!   becomes present, and which records are stale.
 //! - [`health`]: the source's outages told in the log as they start and end.
 //! - [`watchdog`]: the client requests in flight, what each waits for, and
 //!   the warning for one unanswered too long.
@@ -33,6 +35,7 @@
 pub mod error;
 pub mod frontend;
 pub mod fuse;
+pub mod hashes;
 pub mod health;
 pub mod hydrate;
 pub mod inflight;
