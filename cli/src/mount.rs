@@ -1,5 +1,5 @@
 //! `stream start --mount DIR` and `--mount-only`: the volume also (or only)
-//! served as the file `DIR/disk.raw` through `lazy_fetch::fuse`. Wiring
+//! served as the file `DIR/disk.raw` through `fuse_frontend`. Wiring
 //! only: checks, mount and unmount off the async threads, messages.
 //!
 //! Order in `stream start`: [`preflight`] before the volume is opened (a
@@ -11,7 +11,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use lazy_fetch::fuse::{Mount, MountError, MountOptions};
+use fuse_frontend::{Mount, MountError, MountOptions};
 use nbd_server::BlockDevice;
 
 /// The FUSE options of `stream start` (flattened into its arguments).
@@ -32,7 +32,7 @@ pub struct MountArgs {
 
 /// Check the mount point and FUSE itself, before anything is started.
 pub fn preflight(dir: &Path) -> anyhow::Result<()> {
-    lazy_fetch::fuse::preflight(dir)
+    fuse_frontend::preflight(dir)
         .with_context(|| format!("cannot use --mount {}", dir.display()))
 }
 

@@ -161,7 +161,7 @@ pub async fn run(args: StartArgs) -> anyhow::Result<()> {
         .mount
         .mount
         .as_ref()
-        .map(|d| d.join(lazy_fetch::fuse::FILE_NAME));
+        .map(|d| d.join(fuse_frontend::FILE_NAME));
     // What clients use: the NBD URI, or with --mount-only the file.
     let uri = match (&listener, &file) {
         (Some(l), _) => crate::tls_args::client_uri(l.uri(&args.name)?, tls.as_ref()),

@@ -15,7 +15,7 @@ use std::time::Duration;
 use integration::fuse::{StaleMount, Watchdog, require_fuse};
 use integration::image::{KIB, MIB, read_at};
 use integration::{SparseImage, require_tool, run};
-use lazy_fetch::fuse::{FILE_NAME, Mount, MountError, MountOptions, mounted_at, preflight};
+use fuse_frontend::{FILE_NAME, Mount, MountError, MountOptions, mounted_at, preflight};
 use nbd_server::{BlockDevice, Capabilities, Extent, FileDevice, Piece, ZeroFlags};
 
 const DEADLINE: Duration = Duration::from_secs(120);

@@ -8,7 +8,6 @@
 //! - [`frontend`]: the thin adapter that lets the NBD server (and the FUSE
 //!   frontend) serve a [`volume::Volume`] as a `BlockDevice`. The engine
 //!   below knows nothing of either protocol.
-//! - [`fuse`]: the FUSE frontend, any `BlockDevice` as the file `DIR/disk.raw`.
 //! - [`volume`]: reads, writes, trims and flushes on the virtual disk; the
 //!   chunk state machine and where each engine invariant is enforced.
 //! - [`presence`]: the atomic bitmaps (present, zero, written) of each chunk.
@@ -34,7 +33,6 @@
 
 pub mod error;
 pub mod frontend;
-pub mod fuse;
 pub mod hashes;
 pub mod health;
 pub mod hydrate;

@@ -1033,8 +1033,8 @@ mod tests {
     /// ENOSPC). Both now read the errno by one rule.
     #[test]
     fn a_full_target_is_enospc_through_fuse_as_through_nbd() {
-        let full = crate::Error::WriteTarget {
-            index: crate::units::ChunkIndex(3),
+        let full = lazy_fetch::Error::WriteTarget {
+            index: lazy_fetch::units::ChunkIndex(3),
             source: io::Error::from_raw_os_error(libc::ENOSPC),
         }
         .to_io();
@@ -1043,8 +1043,8 @@ mod tests {
             nbd_server::proto::Errno::from_io(&full),
             nbd_server::proto::Errno::NoSpc
         );
-        let source = crate::Error::FetchChunk {
-            index: crate::units::ChunkIndex(3),
+        let source = lazy_fetch::Error::FetchChunk {
+            index: lazy_fetch::units::ChunkIndex(3),
             source: io::Error::other("link down"),
         }
         .to_io();
