@@ -32,8 +32,7 @@ pub struct MountArgs {
 
 /// Check the mount point and FUSE itself, before anything is started.
 pub fn preflight(dir: &Path) -> anyhow::Result<()> {
-    fuse_frontend::preflight(dir)
-        .with_context(|| format!("cannot use --mount {}", dir.display()))
+    fuse_frontend::preflight(dir).with_context(|| format!("cannot use --mount {}", dir.display()))
 }
 
 /// A mounted `DIR/disk.raw`. Dropping it unmounts too (without waiting

@@ -12,10 +12,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use fuse_frontend::{FILE_NAME, Mount, MountError, MountOptions, mounted_at, preflight};
 use integration::fuse::{StaleMount, Watchdog, require_fuse};
 use integration::image::{KIB, MIB, read_at};
 use integration::{SparseImage, require_tool, run};
-use fuse_frontend::{FILE_NAME, Mount, MountError, MountOptions, mounted_at, preflight};
 use nbd_server::{BlockDevice, Capabilities, Extent, FileDevice, Piece, ZeroFlags};
 
 const DEADLINE: Duration = Duration::from_secs(120);

@@ -11,11 +11,11 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
+use fuse_frontend::{Mount, MountOptions};
 use integration::fuse::{FsMount, LoopDevice, Watchdog, ext4_image, require_fuse};
 use integration::image::{MIB, bytes_hash, file_hash, pattern, read_at};
 use integration::{SparseImage, require_tool, run};
 use lazy_fetch::frontend::VolumeDevice;
-use fuse_frontend::{Mount, MountOptions};
 use lazy_fetch::source::file::FileSource;
 use lazy_fetch::{OpenOptions as VolumeOptions, Volume};
 use nbd_server::{Export, Listener, Server, Shutdown};

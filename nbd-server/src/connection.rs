@@ -45,7 +45,7 @@ use crate::device::{BlockDevice, ZeroFlags};
 use crate::proto::{self, Errno, RequestHeader};
 use crate::reply::{self, Reply};
 use crate::request::{self, Command, Negotiated};
-use crate::server::Shutdown;
+use crate::shutdown::Shutdown;
 
 /// In-flight budget of one connection (see the module docs).
 pub const INFLIGHT_PERMITS: u32 = 1024;

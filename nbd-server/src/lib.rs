@@ -14,7 +14,8 @@
 //! - [`connection`]: the transmission phase: requests read in order, served
 //!   concurrently, replied to out of order through one writer.
 //! - [`server`]: listeners (TCP, unix, systemd socket activation), the
-//!   export table and shutdown.
+//!   export table, and what clients may take ([`server::Limits`]).
+//! - [`shutdown`]: the "stop now" broadcast shared by all of them.
 //! - [`device`]: the [`device::BlockDevice`] trait every backend implements;
 //!   [`file`](mod@file) is the file / block-device backend.
 //! - [`client`]: an async client (used by `lazy-fetch` for NBD sources) with
@@ -36,6 +37,7 @@ pub mod proto;
 pub mod reply;
 pub mod request;
 pub mod server;
+pub mod shutdown;
 pub mod tls;
 pub mod uri;
 

@@ -22,54 +22,15 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
-use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::device::BlockDevice;
 use crate::handshake::{self, ExportInfo, Outcome, TlsPhase};
+pub use crate::shutdown::Shutdown;
 use crate::tls::ServerTls;
 
 /// How long a client may take to finish the handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// A broadcast "stop now" shared by the accept loop and every connection.
-#[derive(Clone, Debug)]
-pub struct Shutdown {
-    tx: Arc<watch::Sender<bool>>,
-    rx: watch::Receiver<bool>,
-}
-
-impl Default for Shutdown {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl Shutdown {
-    pub fn new() -> Self {
-        let (tx, rx) = watch::channel(false);
-        Shutdown {
-            tx: Arc::new(tx),
-            rx,
-        }
-    }
-
-    pub fn trigger(&self) {
-        self.tx.send_replace(true);
-    }
-
-    pub fn is_triggered(&self) -> bool {
-        *self.rx.borrow()
-    }
-
-    /// Resolves once [`Shutdown::trigger`] has been called (at once if it was).
-    pub async fn wait(&self) {
-        let mut rx = self.rx.clone();
-        // The sender lives as long as any clone of `self`, so this only
-        // returns Err if it was dropped, which cannot happen while we hold one.
-        let _ = rx.wait_for(|stop| *stop).await;
-    }
-}
 
 /// One export: a name clients select and the device behind it.
 pub struct Export<D> {
