@@ -393,6 +393,67 @@ mod tests {
         assert!(parse(&bytes, next).is_none());
     }
 
+    use proptest::prelude::*;
+
+    fn change() -> impl Strategy<Value = (u64, Option<Vec<u8>>, u64, bool)> {
+        (
+            any::<u64>(),
+            proptest::option::of(proptest::collection::vec(any::<u8>(), 0..300)),
+            any::<u64>(),
+            any::<bool>(),
+        )
+    }
+
+    proptest! {
+        /// Any sequence of records parses back as written, and cutting the
+        /// log anywhere loses only the records from the cut on.
+        #[test]
+        fn any_log_parses_back_and_a_cut_keeps_the_whole_records_before_it(
+            records in proptest::collection::vec(change(), 1..20),
+            cut in any::<prop::sample::Index>(),
+        ) {
+            let mut bytes = Vec::new();
+            let mut ends = Vec::new();
+            for (off, data, len, allocate) in &records {
+                let c = match data {
+                    Some(d) => Change::Write(d),
+                    None => Change::Zero { len: *len, allocate: *allocate },
+                };
+                bytes.extend(encode(*off, c));
+                ends.push(bytes.len());
+            }
+            let mut at = 0;
+            for (i, (off, data, len, allocate)) in records.iter().enumerate() {
+                let (o, c, next) = parse(&bytes, at).expect("a whole record");
+                let want = match data {
+                    Some(d) => Change::Write(d),
+                    None => Change::Zero { len: *len, allocate: *allocate },
+                };
+                prop_assert_eq!((o, c, next), (*off, want, ends[i]));
+                at = next;
+            }
+            let cut = cut.index(bytes.len());
+            let whole = ends.iter().filter(|&&e| e <= cut).count();
+            let mut at = 0;
+            let mut n = 0;
+            while let Some((_, _, next)) = parse(&bytes[..cut], at) {
+                at = next;
+                n += 1;
+            }
+            prop_assert_eq!(n, whole);
+        }
+
+        /// Garbage never panics the parser.
+        #[test]
+        fn arbitrary_bytes_never_panic_the_parser(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let mut at = 0;
+            while let Some((_, _, next)) = parse(&bytes, at) {
+                prop_assert!(next > at);
+                at = next;
+            }
+        }
+    }
+
     /// Issue 12, case 11: a length was 32 bits, so a zero record of 4 GiB
     /// or more replayed a wrong (wrapped) range.
     #[test]
