@@ -173,6 +173,11 @@ impl<S: Source> Volume<S> {
     /// Create or resume the migration in `opts.state_dir`.
     pub async fn open(source: S, opts: &OpenOptions) -> Result<Arc<Volume<S>>> {
         let sid = source.id();
+        // The legacy disk is only ever read: refuse a target that is the
+        // source under another name (an NBD source names nothing local).
+        if sid.kind == "file" {
+            crate::target::identity::check_distinct(Path::new(&sid.location), &opts.target)?;
+        }
         let (state, header, map, target) = if StateDir::exists(&opts.state_dir) {
             let (state, header, map) = StateDir::open(&opts.state_dir)?;
             if header.phase == Phase::Finalized && !opts.allow_finalized {
