@@ -339,6 +339,74 @@ fn a_partition_and_its_disk_are_refused_two_partitions_are_not() {
     ok.sigterm_and_wait();
 }
 
+#[test]
+fn a_target_file_on_a_filesystem_on_the_source_device_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let backing = dir.path().join("fs.img");
+    std::fs::File::create(&backing)
+        .unwrap()
+        .set_len(64 * MIB)
+        .unwrap();
+    let mkfs = tool::require_tool("mkfs.ext4", "e2fsprogs");
+    tool::run_ok(
+        Command::new(mkfs).args(["-q", "-F"]).arg(&backing),
+        Duration::from_secs(60),
+    );
+    let lo = LoopDevice::attach(&backing);
+    let mnt = dir.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    // Dropped before `lo`: unmounted before the device is detached.
+    let _mounted = Mounted::new(&lo.path, &mnt);
+    // The target does not exist yet (it would be created there), and
+    // one that does.
+    let existing = mnt.join("existing.img");
+    std::fs::File::create(&existing)
+        .unwrap()
+        .set_len(64 * MIB)
+        .unwrap();
+    for (i, target) in [mnt.join("new.img"), existing].iter().enumerate() {
+        let d = case_dir(dir.path(), &format!("case-{i}"));
+        let out = Start::new(&lo.path, target, &d).refused();
+        says(&out, &["would overwrite the source", "filesystem on"]);
+        if i == 0 {
+            assert!(
+                !target.exists(),
+                "a refused start created {}",
+                target.display()
+            );
+        } else {
+            assert!(
+                read_file(target).iter().all(|&b| b == 0),
+                "a refused start wrote {}",
+                target.display()
+            );
+        }
+    }
+}
+
+/// `mount DEV DIR`; unmounted (that mount point) on drop.
+struct Mounted(PathBuf);
+
+impl Mounted {
+    fn new(dev: &Path, at: &Path) -> Mounted {
+        let mount = tool::require_tool("mount", "mount");
+        tool::run_ok(
+            Command::new(mount).arg(dev).arg(at),
+            Duration::from_secs(30),
+        );
+        Mounted(at.to_path_buf())
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let out = tool::run(Command::new("umount").arg(&self.0), Duration::from_secs(30));
+        if !out.status.success() {
+            eprintln!("umount {}: {}", self.0.display(), out.describe());
+        }
+    }
+}
+
 fn write_flush(conn: &mut integration::wire::Conn, at: u64, byte: u8) -> Vec<u8> {
     let data = vec![byte; CHUNK as usize];
     conn.write_request(0, 1, at, &data).unwrap();

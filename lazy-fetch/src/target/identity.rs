@@ -245,7 +245,20 @@ fn describe(key: Key) -> String {
 pub fn check_distinct(source: &Path, target: &Path) -> Result<()> {
     let t = match footprint(target) {
         Ok(t) => t,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        // Not there yet: it will be created on the filesystem holding its
+        // directory, which may live on the source device.
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            let parent = target
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(Path::new("."));
+            let Ok(m) = fs::metadata(parent) else {
+                return Ok(()); // nowhere to create it; Target::open says so
+            };
+            let mut t = Vec::new();
+            disk_spans(major(m.dev()), minor(m.dev()), 0, u64::MAX, true, &mut t, 0);
+            t
+        }
         Err(e) => {
             return Err(Error::Invalid(format!(
                 "cannot identify the target {}: {e}",
@@ -544,4 +557,81 @@ pub fn first_nonzero(target: &Path) -> io::Result<(Option<u64>, bool)> {
         }
     }
     Ok((None, true))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(dir: &Path, name: &str, len: u64) -> PathBuf {
+        let p = dir.join(name);
+        File::create(&p).unwrap().set_len(len).unwrap();
+        p
+    }
+
+    #[test]
+    fn names_of_one_file_alias_and_two_files_do_not() {
+        let d = tempfile::tempdir().unwrap();
+        let a = file(d.path(), "a", 1 << 20);
+        let b = file(d.path(), "b", 1 << 20);
+        let sym = d.path().join("sym");
+        std::os::unix::fs::symlink(&a, &sym).unwrap();
+        let hard = d.path().join("hard");
+        fs::hard_link(&a, &hard).unwrap();
+        check_distinct(&a, &b).unwrap();
+        check_distinct(&a, &d.path().join("missing")).unwrap();
+        for t in [&a, &sym, &hard] {
+            let e = check_distinct(&a, t).unwrap_err().to_string();
+            assert!(e.contains("would overwrite the source"), "{e}");
+        }
+    }
+
+    #[test]
+    fn nonzero_content_is_found_in_data_extents_only() {
+        let d = tempfile::tempdir().unwrap();
+        let sparse = file(d.path(), "sparse", 8 << 20);
+        assert_eq!(first_nonzero(&sparse).unwrap(), (None, false));
+        // Allocated zeros are data to SEEK_DATA, but not content.
+        File::options()
+            .write(true)
+            .open(&sparse)
+            .unwrap()
+            .write_all_at(&vec![0; 1 << 20], 1 << 20)
+            .unwrap();
+        assert_eq!(first_nonzero(&sparse).unwrap(), (None, false));
+        File::options()
+            .write(true)
+            .open(&sparse)
+            .unwrap()
+            .write_all_at(b"\0\0x", (5 << 20) + 7)
+            .unwrap();
+        assert_eq!(
+            first_nonzero(&sparse).unwrap(),
+            (Some((5 << 20) + 9), false)
+        );
+    }
+
+    #[test]
+    fn a_finalized_marker_is_not_replaced_by_a_streaming_one() {
+        let d = tempfile::tempdir().unwrap();
+        let t = file(d.path(), "t", 4096);
+        assert_eq!(read_marker(&t).unwrap(), None);
+        let mut m = Marker {
+            phase: "streaming".into(),
+            state_dir: "/s".into(),
+            source: "/src".into(),
+            at: 1,
+        };
+        let place = write_marker(&t, &m).unwrap();
+        assert_eq!(read_marker(&t).unwrap(), Some((m.clone(), place.clone())));
+        m.phase = "finalized".into();
+        write_marker(&t, &m).unwrap();
+        // It follows the inode through a rename.
+        let moved = d.path().join("moved");
+        fs::rename(&t, &moved).unwrap();
+        assert!(read_marker(&moved).unwrap().unwrap().0.is_finalized());
+        m.phase = "streaming".into();
+        write_marker(&moved, &m).unwrap_err();
+        assert!(read_marker(&moved).unwrap().unwrap().0.is_finalized());
+    }
 }
