@@ -21,12 +21,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use integration::Start;
 use integration::finalize::Finalize;
 use integration::image::{KIB, MIB, read_file};
 use integration::start::{LoopDevice, mixed_image, read_export};
 use integration::tool::{self, Output};
 use integration::wire::CMD_FLUSH;
-use integration::{Start, binary};
 
 const STOP: Duration = Duration::from_secs(30);
 const CHUNK: u64 = 64 * KIB;
@@ -84,14 +84,13 @@ impl Spawned {
             .unwrap();
         let ready =
             integration::server::read_uri_line(&mut child, integration::server::READY_TIMEOUT);
-        let mut s = Spawned {
+        let s = Spawned {
             child: Some(child),
             log,
         };
         if let Err(why) = ready {
             panic!("stream start did not get ready: {why}\n{}", s.log());
         }
-        s.child.as_mut().unwrap();
         s
     }
 
@@ -471,6 +470,28 @@ fn a_target_that_is_not_new_is_refused_unless_overwrite_target() {
     );
     let out = z.clone().state(dir.path().join("zeros-state-2")).refused();
     says(&out, &["belongs to a migration", "zeros"]);
+
+    // Taken over by a new migration with --overwrite-target: the old state
+    // no longer describes the target, and resuming it is refused.
+    let taken = z
+        .clone()
+        .state(dir.path().join("zeros-state-3"))
+        .args(&["--overwrite-target"]);
+    let running = taken.spawn();
+    let mut conn = running.open();
+    let data = write_flush(&mut conn, 4 * CHUNK, 0x91);
+    drop(conn);
+    running.sigterm_and_wait(STOP);
+    let out = z.refused();
+    says(&out, &["taken over by another migration", "zeros-state-3"]);
+    let running = taken.spawn();
+    let mut conn = running.open();
+    assert!(
+        read_export(&mut conn, 4 * CHUNK, CHUNK) == data,
+        "the new migration's flushed write after the refused resume"
+    );
+    drop(conn);
+    running.sigterm_and_wait(STOP);
 }
 
 #[test]
@@ -631,5 +652,4 @@ fn removing_the_lock_file_does_not_admit_a_second_start() {
     );
     drop(conn);
     running.sigterm_and_wait(STOP);
-    let _ = binary::stream_bin();
 }

@@ -459,6 +459,13 @@ impl StateDir {
         ))
     }
 
+    /// Mark the target with this migration and its phase (done at create
+    /// and at every header write; for a migration older than markers,
+    /// call it on resume).
+    pub fn mark_target(&self, header: &Header) {
+        mark_target(&self.dir, header);
+    }
+
     /// Replace the header (phase changes).
     pub fn write_header(&self, header: &Header) -> Result<()> {
         write_atomic(&self.dir, "state.json", &header.seal()).map_err(|e| self.io(e))?;
@@ -612,6 +619,7 @@ fn mark_target(dir: &Path, header: &Header) {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0),
+        created_at: header.created_at,
     };
     let target = Path::new(&header.target.path);
     if let Err(e) = crate::target::identity::write_marker(target, &marker) {

@@ -239,6 +239,29 @@ impl<S: Source> Volume<S> {
                     ),
                 });
             }
+            // The target's marker names the migration that last took it:
+            // another one (`stream start --overwrite-target` with another
+            // state) means this state describes a target that is gone.
+            match crate::target::identity::read_marker(&opts.target) {
+                Ok(Some((m, place)))
+                    if m.created_at != 0
+                        && (m.created_at, m.source.as_str())
+                            != (header.created_at, header.source.location.as_str()) =>
+                {
+                    return Err(Error::Invalid(format!(
+                        "the target {} was taken over by another migration since this one \
+                         last ran (its {place} names state {}, source {}, phase {}): this \
+                         state no longer describes it, and resuming would write over that \
+                         migration. Use that migration's state, or give this one another target",
+                        opts.target.display(),
+                        m.state_dir,
+                        m.source,
+                        m.phase
+                    )));
+                }
+                Ok(None) if opts.serving => state.mark_target(&header),
+                _ => {}
+            }
             (state, header, map, target)
         } else {
             let geometry = Geometry::new(sid.size, opts.chunk_size.unwrap_or(DEFAULT_CHUNK))
