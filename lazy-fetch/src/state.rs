@@ -109,6 +109,30 @@ pub struct Header {
     /// Progress of `stream finalize`, so an interrupted run resumes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub finalize: Option<FinalizeRecord>,
+    /// Names this migration apart from any other (see [`new_migration_id`]);
+    /// the target's marker carries it too. Absent in states made before
+    /// markers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration_id: Option<String>,
+}
+
+/// A new migration's identifier: 128 bits of blake3 over the time in
+/// nanoseconds, the pid, the state directory and a process-wide counter.
+/// Two migrations created in the same second still differ.
+pub fn new_migration_id(dir: &Path) -> String {
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let h = hash16(&[
+        &nanos.to_le_bytes(),
+        &std::process::id().to_le_bytes(),
+        &n.to_le_bytes(),
+        dir.as_os_str().as_encoded_bytes(),
+    ]);
+    h.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// What `stream finalize` has done so far. Steps are recorded after they
@@ -619,7 +643,7 @@ fn mark_target(dir: &Path, header: &Header) {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0),
-        created_at: header.created_at,
+        migration: header.migration_id.clone().unwrap_or_default(),
     };
     let target = Path::new(&header.target.path);
     if let Err(e) = crate::target::identity::write_marker(target, &marker) {
@@ -879,6 +903,7 @@ mod tests {
             created_at: 0,
             finalized_at: None,
             finalize: None,
+            migration_id: None,
         }
     }
 

@@ -244,9 +244,11 @@ impl<S: Source> Volume<S> {
             // state) means this state describes a target that is gone.
             match crate::target::identity::read_marker(&opts.target) {
                 Ok(Some((m, place)))
-                    if m.created_at != 0
-                        && (m.created_at, m.source.as_str())
-                            != (header.created_at, header.source.location.as_str()) =>
+                    if !m.migration.is_empty()
+                        && header
+                            .migration_id
+                            .as_ref()
+                            .is_some_and(|id| *id != m.migration) =>
                 {
                     return Err(Error::Invalid(format!(
                         "the target {} was taken over by another migration since this one \
@@ -281,6 +283,7 @@ impl<S: Source> Volume<S> {
                 created_at: now_secs(),
                 finalized_at: None,
                 finalize: None,
+                migration_id: Some(state::new_migration_id(&opts.state_dir)),
             };
             let (state, map) = StateDir::create(&opts.state_dir, &header)?;
             (state, header, map, target)

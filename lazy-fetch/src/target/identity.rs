@@ -303,10 +303,10 @@ pub struct Marker {
     pub source: String,
     /// Unix seconds.
     pub at: u64,
-    /// The migration's `created_at`: with `source`, which migration this
-    /// is, wherever its state directory moved (0: unknown).
+    /// The migration's `migration_id`: which migration this is, wherever
+    /// its state directory moved (empty: unknown).
     #[serde(default)]
-    pub created_at: u64,
+    pub migration: String,
 }
 
 impl Marker {
@@ -625,7 +625,7 @@ mod tests {
             state_dir: "/s".into(),
             source: "/src".into(),
             at: 1,
-            created_at: 1,
+            migration: "m1".into(),
         };
         let place = write_marker(&t, &m).unwrap();
         assert_eq!(read_marker(&t).unwrap(), Some((m.clone(), place.clone())));
