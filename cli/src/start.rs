@@ -1,7 +1,7 @@
 //! `stream start`: create or resume a migration, serve it, hydrate it.
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -10,6 +10,7 @@ use lazy_fetch::frontend::VolumeDevice;
 use lazy_fetch::source::nbd::{NbdOptions, NbdSource};
 use lazy_fetch::source::{AnySource, file::FileSource};
 use lazy_fetch::state::{self, StateDir};
+use lazy_fetch::target::identity;
 use lazy_fetch::units::parse_size;
 use lazy_fetch::{OpenOptions, Volume, hydrate};
 use nbd_server::{Export, Listener, Server, Shutdown};
@@ -85,6 +86,12 @@ pub struct StartArgs {
     /// signal exits at once.
     #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = crate::finalize::parse_duration)]
     stop_timeout: Duration,
+    /// Start a new migration even though the target is not new: it holds
+    /// non-zero data, or the marker of a migration whose state directory
+    /// is not the one given. Its content is overwritten with the source's.
+    /// A finalized target is refused even so.
+    #[arg(long)]
+    overwrite_target: bool,
 }
 
 pub async fn run(args: StartArgs) -> anyhow::Result<()> {
@@ -114,6 +121,15 @@ pub async fn run(args: StartArgs) -> anyhow::Result<()> {
         args.tls.check_listen(&args.listen)?;
     }
     let source = open_source(&args.source, expected).await?;
+    if !StateDir::exists(&state_dir) {
+        // A new migration: refuse before anything is created or written.
+        StateDir::check_creatable(&state_dir)
+            .with_context(|| format!("cannot start the migration in {}", state_dir.display()))?;
+        if !args.source.contains("://") {
+            identity::check_distinct(Path::new(&args.source), &args.target)?;
+        }
+        check_target_is_new(&args.target, &state_dir, args.overwrite_target)?;
+    }
     let volume = Volume::open(
         source,
         &OpenOptions {
@@ -337,6 +353,89 @@ fn progress_bar(
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
     })
+}
+
+/// A new migration overwrites its whole target, so it starts only on a
+/// target that is new: missing, or all zeros without another migration's
+/// marker (see `lazy_fetch::target::identity` for how both are checked),
+/// unless `overwrite` says its content may go. A finalized target is
+/// native storage and is refused even then.
+fn check_target_is_new(target: &Path, state_dir: &Path, overwrite: bool) -> anyhow::Result<()> {
+    match std::fs::metadata(target) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => anyhow::bail!("cannot open the target {}: {e}", target.display()),
+        Ok(_) => {}
+    }
+    let marker = identity::read_marker(target)
+        .with_context(|| format!("cannot read the marker of the target {}", target.display()))?;
+    if let Some((m, place)) = &marker
+        && m.is_finalized()
+    {
+        let remove = match place {
+            identity::MarkerPlace::Xattr => {
+                format!("setfattr -x {} {}", identity::XATTR, target.display())
+            }
+            identity::MarkerPlace::Registry(p) => format!("rm {}", p.display()),
+        };
+        anyhow::bail!(
+            "the target {} was finalized by the migration whose state is {} (source {}; found \
+             its {place}): it is native storage now, and `stream start` does not write it \
+             again, not even with --overwrite-target. If it really is to be reused, remove \
+             the marker first: {remove}",
+            target.display(),
+            m.state_dir,
+            m.source
+        );
+    }
+    let content = if overwrite {
+        None
+    } else {
+        let (at, sampled) = identity::first_nonzero(target)
+            .with_context(|| format!("cannot read the target {}", target.display()))?;
+        at.map(|at| (at, sampled))
+    };
+    if overwrite {
+        if let Some((m, place)) = &marker {
+            tracing::warn!(
+                "--overwrite-target: overwriting {}, the target of the migration whose state \
+                 is {} ({place})",
+                target.display(),
+                m.state_dir
+            );
+        }
+        return Ok(());
+    }
+    if let Some((m, place)) = &marker {
+        anyhow::bail!(
+            "the target {} belongs to a migration whose state is {} (source {}; found its \
+             {place}), not to the state given, {}, which holds no migration. To resume that \
+             migration, give --state {}. If its state is lost, the target holds that \
+             migration's data and clients' writes, and a new migration overwrites them all: \
+             add --overwrite-target only if they may be lost",
+            target.display(),
+            m.state_dir,
+            m.source,
+            state_dir.display(),
+            m.state_dir
+        );
+    }
+    if let Some((at, sampled)) = content {
+        anyhow::bail!(
+            "the target {} is not new: it holds non-zero data (at byte {at}{}), and no \
+             migration state was found for it in {}. A new migration overwrites the whole \
+             target with the source. If it is the target of a migration whose state \
+             directory is elsewhere, give that --state; add --overwrite-target only if its \
+             content may be lost",
+            target.display(),
+            if sampled {
+                ", found by sampling the device"
+            } else {
+                ""
+            },
+            state_dir.display()
+        );
+    }
+    Ok(())
 }
 
 /// The source named on the command line (or recorded in a state header):

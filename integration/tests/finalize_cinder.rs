@@ -34,6 +34,7 @@ fn cinder_manage_is_called_once() {
 
     let start = Start::new(&img.path, &lv.path, dir.path()).rate_limit(None);
     let state = start.state_dir().to_path_buf();
+    let _marker = ForgetMarker(state.clone());
     let mut running = start.spawn();
     running.wait_hydrated(Duration::from_secs(60));
     running.sigterm_and_wait(Duration::from_secs(30));
@@ -128,4 +129,44 @@ fn cinder_manage_is_called_once() {
     assert_same_bytes(&got, &img.expected_all(), 0, "the LV after finalize");
     drop(lv);
     drop(dev);
+}
+
+/// Removes, on drop, the registry entries (`stream start` marks a block
+/// device target there) that name the state directory `0`, so the test
+/// leaves nothing behind in /var/lib/stream/targets, pass or fail.
+struct ForgetMarker(std::path::PathBuf);
+
+impl ForgetMarker {
+    fn registry() -> std::path::PathBuf {
+        std::env::var_os("STREAM_TARGET_REGISTRY")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| "/var/lib/stream/targets".into())
+    }
+
+    /// The registry entries naming this state directory.
+    fn entries(&self) -> Vec<std::path::PathBuf> {
+        let Ok(state) = std::fs::canonicalize(&self.0) else {
+            return Vec::new();
+        };
+        let Ok(dir) = std::fs::read_dir(Self::registry()) else {
+            return Vec::new();
+        };
+        dir.flatten()
+            .map(|e| e.path())
+            .filter(|p| {
+                std::fs::read(p)
+                    .ok()
+                    .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+                    .is_some_and(|v| v["state_dir"] == state.display().to_string())
+            })
+            .collect()
+    }
+}
+
+impl Drop for ForgetMarker {
+    fn drop(&mut self) {
+        for p in self.entries() {
+            let _ = std::fs::remove_file(p);
+        }
+    }
 }

@@ -16,7 +16,12 @@ fn block_device_target() {
     let garbage = dense_file(&backing, img.size + 4 * MIB, 0xbad);
     let dev = LoopDevice::attach(&backing);
 
-    let start = Start::new(&img.path, &dev.path, dir.path()).rate_limit(None);
+    // The garbage is data a new migration would refuse to overwrite
+    // without being told (issue 12 case 4).
+    let start = Start::new(&img.path, &dev.path, dir.path())
+        .rate_limit(None)
+        .args(&["--overwrite-target"]);
+    let marker = ForgetMarker(start.state_dir().to_path_buf());
     let mut running = start.spawn();
     running.wait_hydrated(Duration::from_secs(60));
     running.sigterm_and_wait(Duration::from_secs(30));
@@ -31,4 +36,50 @@ fn block_device_target() {
         img.size,
         "device past the volume",
     );
+    assert_eq!(
+        marker.entries().len(),
+        1,
+        "the block device's marker in {}",
+        ForgetMarker::registry().display()
+    );
+}
+
+/// Removes, on drop, the registry entries (`stream start` marks a block
+/// device target there) that name the state directory `0`, so the test
+/// leaves nothing behind in /var/lib/stream/targets, pass or fail.
+struct ForgetMarker(std::path::PathBuf);
+
+impl ForgetMarker {
+    fn registry() -> std::path::PathBuf {
+        std::env::var_os("STREAM_TARGET_REGISTRY")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| "/var/lib/stream/targets".into())
+    }
+
+    /// The registry entries naming this state directory.
+    fn entries(&self) -> Vec<std::path::PathBuf> {
+        let Ok(state) = std::fs::canonicalize(&self.0) else {
+            return Vec::new();
+        };
+        let Ok(dir) = std::fs::read_dir(Self::registry()) else {
+            return Vec::new();
+        };
+        dir.flatten()
+            .map(|e| e.path())
+            .filter(|p| {
+                std::fs::read(p)
+                    .ok()
+                    .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+                    .is_some_and(|v| v["state_dir"] == state.display().to_string())
+            })
+            .collect()
+    }
+}
+
+impl Drop for ForgetMarker {
+    fn drop(&mut self) {
+        for p in self.entries() {
+            let _ = std::fs::remove_file(p);
+        }
+    }
 }

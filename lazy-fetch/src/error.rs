@@ -46,10 +46,18 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    // No "restore the state from a backup": an older copy of the state
+    // forgets every write flushed after it was taken, and would fetch the
+    // source's data over them without a word.
     #[error(
-        "state file {path} is damaged ({detail}); it is not trusted. If the target still \
-         holds the migration, restore the state from a backup; otherwise start the \
-         migration again with a new state directory"
+        "state file {path} is damaged ({detail}); it is not trusted, and nothing was \
+         changed. Keep this state directory and the target as they are, and do not restore \
+         an older copy of the state: it would forget the writes flushed since the copy was \
+         made and fetch the source's data over them. If the original file can be put back \
+         (moved, or on storage that recovers), put it back and run the same command. \
+         Otherwise this migration cannot be resumed without losing clients' writes; to \
+         start it again from the source, discarding them, use a new state directory and \
+         `stream start --overwrite-target`"
     )]
     StateCorrupt { path: PathBuf, detail: String },
     #[error(

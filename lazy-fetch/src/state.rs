@@ -32,7 +32,7 @@
 //! rather than trusted.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -109,6 +109,30 @@ pub struct Header {
     /// Progress of `stream finalize`, so an interrupted run resumes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub finalize: Option<FinalizeRecord>,
+    /// Names this migration apart from any other (see [`new_migration_id`]);
+    /// the target's marker carries it too. Absent in states made before
+    /// markers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration_id: Option<String>,
+}
+
+/// A new migration's identifier: 128 bits of blake3 over the time in
+/// nanoseconds, the pid, the state directory and a process-wide counter.
+/// Two migrations created in the same second still differ.
+pub fn new_migration_id(dir: &Path) -> String {
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let h = hash16(&[
+        &nanos.to_le_bytes(),
+        &std::process::id().to_le_bytes(),
+        &n.to_le_bytes(),
+        dir.as_os_str().as_encoded_bytes(),
+    ]);
+    h.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// What `stream finalize` has done so far. Steps are recorded after they
@@ -248,10 +272,17 @@ pub fn control_socket(dir: &Path) -> PathBuf {
 #[derive(Debug)]
 pub struct StateDir {
     dir: PathBuf,
-    _lock: File,
+    _lock: Lock,
     journal: Mutex<Journal>,
     /// Entries recorded since the last persist cycle took them.
     dirty: Mutex<Vec<u64>>,
+}
+
+/// The two `flock`s held while a state directory is open.
+#[derive(Debug)]
+struct Lock {
+    _dir: File,
+    _file: File,
 }
 
 #[derive(Debug)]
@@ -318,31 +349,49 @@ impl StateDir {
         }
     }
 
-    fn lock(dir: &Path) -> Result<File> {
+    /// Lock the state directory for this process: `flock` on the
+    /// directory itself, which cannot be unlinked from under us while it
+    /// holds the state (a `lock` file can: deleting it let a second
+    /// `stream start` lock a new file of the same name), then on the
+    /// `lock` file, which holds the pid for the refusal message and is what
+    /// `stream finalize` and `status` probe.
+    fn lock(dir: &Path) -> Result<Lock> {
+        let io = |source| Error::StateIo {
+            dir: dir.to_path_buf(),
+            source,
+        };
+        let holder = || {
+            fs::read_to_string(dir.join("lock"))
+                .map(|s| format!("pid {}", s.trim()))
+                .unwrap_or_else(|_| "its lock file was removed".into())
+        };
+        let d = File::open(dir).map_err(io)?;
+        // SAFETY: flock on an fd we own.
+        if unsafe { libc::flock(d.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            return Err(Error::Locked {
+                dir: dir.to_path_buf(),
+                holder: holder(),
+            });
+        }
         let path = dir.join("lock");
-        let mut f = OpenOptions::new()
+        let f = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
             .open(&path)
-            .map_err(|source| Error::StateIo {
-                dir: dir.to_path_buf(),
-                source,
-            })?;
+            .map_err(io)?;
         // SAFETY: flock on an fd we own.
         let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
         if r != 0 {
-            let mut holder = String::new();
-            let _ = f.read_to_string(&mut holder);
             return Err(Error::Locked {
                 dir: dir.to_path_buf(),
-                holder: format!("pid {}", holder.trim()),
+                holder: holder(),
             });
         }
         f.set_len(0).ok();
         let _ = f.write_all_at(std::process::id().to_string().as_bytes(), 0);
-        Ok(f)
+        Ok(Lock { _dir: d, _file: f })
     }
 
     /// Whether `dir` holds a migration's state.
@@ -361,14 +410,10 @@ impl StateDir {
         Header::unseal(&path, &bytes)
     }
 
-    /// Create a new state directory for a fresh migration.
-    pub fn create(dir: &Path, header: &Header) -> Result<(StateDir, PresenceMap)> {
-        let io = |source| Error::StateIo {
-            dir: dir.to_path_buf(),
-            source,
-        };
-        fs::create_dir_all(dir).map_err(io)?;
-        let lock = Self::lock(dir)?;
+    /// Refuse to create a migration in `dir` when it already holds one, or
+    /// the map or journal of one whose header was lost. A missing `dir` is
+    /// fine.
+    pub fn check_creatable(dir: &Path) -> Result<()> {
         if Self::exists(dir) {
             return Err(Error::Invalid(format!(
                 "{} already holds a migration",
@@ -385,6 +430,18 @@ impl StateDir {
                 detail: format!("missing, but {what}"),
             });
         }
+        Ok(())
+    }
+
+    /// Create a new state directory for a fresh migration.
+    pub fn create(dir: &Path, header: &Header) -> Result<(StateDir, PresenceMap)> {
+        let io = |source| Error::StateIo {
+            dir: dir.to_path_buf(),
+            source,
+        };
+        fs::create_dir_all(dir).map_err(io)?;
+        let lock = Self::lock(dir)?;
+        Self::check_creatable(dir)?;
         let map = PresenceMap::new(header.geometry().chunks());
         // An empty payload stands for "every bit clear": a new 1 TiB
         // migration need not write (and sync) megabytes of zeros.
@@ -392,6 +449,10 @@ impl StateDir {
         let journal = Journal::create(dir, 1).map_err(io)?;
         // The header last: a directory without it is not a migration yet.
         write_atomic(dir, "state.json", &header.seal()).map_err(io)?;
+        // Then the target's marker, so a later `stream start` without this
+        // state recognises it (a crash before it leaves a state that
+        // resumes; the marker is written again at each phase change).
+        mark_target(dir, header);
         Ok((
             StateDir {
                 dir: dir.to_path_buf(),
@@ -422,9 +483,18 @@ impl StateDir {
         ))
     }
 
+    /// Mark the target with this migration and its phase (done at create
+    /// and at every header write; for a migration older than markers,
+    /// call it on resume).
+    pub fn mark_target(&self, header: &Header) {
+        mark_target(&self.dir, header);
+    }
+
     /// Replace the header (phase changes).
     pub fn write_header(&self, header: &Header) -> Result<()> {
-        write_atomic(&self.dir, "state.json", &header.seal()).map_err(|e| self.io(e))
+        write_atomic(&self.dir, "state.json", &header.seal()).map_err(|e| self.io(e))?;
+        mark_target(&self.dir, header);
+        Ok(())
     }
 
     /// Record that chunk `c` became `state`. Call under the chunk's lock,
@@ -554,6 +624,38 @@ fn write_checkpoint(dir: &Path, bitmaps: &[u8], generation: u64) -> io::Result<(
 
 /// What in `dir` shows a migration made progress there: a map with bits,
 /// a journal with batches, or a write-ahead log with records.
+/// Mark the target with the migration's phase (see `target::identity`).
+/// A marker that cannot be written weakens only the check of a later
+/// `stream start` without this state, so it is a warning, not a failure.
+fn mark_target(dir: &Path, header: &Header) {
+    let marker = crate::target::identity::Marker {
+        phase: match header.phase {
+            Phase::Finalized => "finalized",
+            Phase::Streaming | Phase::Finalizing => "streaming",
+        }
+        .into(),
+        state_dir: fs::canonicalize(dir)
+            .unwrap_or_else(|_| dir.to_path_buf())
+            .display()
+            .to_string(),
+        source: header.source.location.clone(),
+        at: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+        migration: header.migration_id.clone().unwrap_or_default(),
+    };
+    let target = Path::new(&header.target.path);
+    if let Err(e) = crate::target::identity::write_marker(target, &marker) {
+        tracing::warn!(
+            "cannot mark the target {} as {} (a `stream start` without this state will not \
+             recognise it by its marker): {e}",
+            target.display(),
+            marker.phase
+        );
+    }
+}
+
 fn progress_without_header(dir: &Path) -> Option<String> {
     let len = |name: &str| fs::metadata(dir.join(name)).map(|m| m.len()).ok();
     if len("map").is_some_and(|n| n > 24 + HASH_LEN as u64) {
@@ -639,14 +741,27 @@ impl Journal {
             dir: dir.to_path_buf(),
             source,
         };
+        // `create` writes the journal, whole, before the header, and it is
+        // only ever replaced by rename; so once the header exists a missing
+        // or empty journal was lost after, never "not started yet", and
+        // the batches flushed since the last checkpoint went with it.
+        // Starting a new one would make the chunks they recorded absent
+        // (clients' writes refetched from the source over their data).
+        let lost = |what: &str| Error::StateCorrupt {
+            path: path.clone(),
+            detail: format!(
+                "{what}, but the header shows the migration was created, and every created \
+                 migration has a journal: the writes flushed since the last checkpoint of the \
+                 map (generation {generation}) were recorded only there"
+            ),
+        };
         let bytes = match fs::read(&path) {
             Ok(b) => b,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(lost("missing")),
             Err(e) => return Err(io(e)),
         };
         if bytes.is_empty() {
-            // Never started (a crash while the state was being created).
-            return Journal::create(dir, generation).map_err(io);
+            return Err(lost("empty"));
         }
         // The journal is only ever created whole (written and renamed into
         // place), so a short file or a wrong magic is damage, not a torn
@@ -788,6 +903,7 @@ mod tests {
             created_at: 0,
             finalized_at: None,
             finalize: None,
+            migration_id: None,
         }
     }
 
@@ -951,6 +1067,49 @@ mod tests {
             StateDir::open(dir.path()).unwrap_err(),
             Error::StateCorrupt { .. }
         ));
+    }
+
+    #[test]
+    fn missing_or_empty_journal_is_refused_not_recreated() {
+        for how in ["removed", "emptied"] {
+            let dir = tempfile::tempdir().unwrap();
+            {
+                let (st, _) = StateDir::create(dir.path(), &header()).unwrap();
+                st.append(&[entry(ChunkIndex(1), 1, ChunkState::Data, true)])
+                    .unwrap();
+            }
+            let j = dir.path().join("journal");
+            if how == "removed" {
+                fs::remove_file(&j).unwrap();
+            } else {
+                fs::write(&j, b"").unwrap();
+            }
+            let e = StateDir::open(dir.path()).unwrap_err();
+            assert!(matches!(e, Error::StateCorrupt { .. }), "{how}: {e}");
+            assert!(e.to_string().contains("journal"), "{how}: {e}");
+            // Refused, not replaced by a new journal.
+            assert_eq!(j.exists(), how == "emptied", "{how}");
+        }
+    }
+
+    #[test]
+    fn deleting_the_lock_file_does_not_admit_a_second_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_st, _) = StateDir::create(dir.path(), &header()).unwrap();
+        fs::remove_file(dir.path().join("lock")).unwrap();
+        let e = StateDir::open(dir.path()).unwrap_err();
+        assert!(matches!(e, Error::Locked { .. }), "{e}");
+    }
+
+    #[test]
+    fn damaged_state_advice_does_not_say_restore_a_backup() {
+        let e = Error::StateCorrupt {
+            path: "/s/map".into(),
+            detail: "x".into(),
+        }
+        .to_string();
+        assert!(!e.contains("from a backup"), "{e}");
+        assert!(e.contains("do not restore an older copy"), "{e}");
     }
 
     #[test]

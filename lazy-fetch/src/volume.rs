@@ -199,6 +199,11 @@ impl<S: Source> Volume<S> {
     /// Create or resume the migration in `opts.state_dir`.
     pub async fn open(source: S, opts: &OpenOptions) -> Result<Arc<Volume<S>>> {
         let sid = source.id();
+        // The legacy disk is only ever read: refuse a target that is the
+        // source under another name (an NBD source names nothing local).
+        if sid.kind == "file" {
+            crate::target::identity::check_distinct(Path::new(&sid.location), &opts.target)?;
+        }
         let (state, header, map, target) = if StateDir::exists(&opts.state_dir) {
             let (state, header, map) = StateDir::open(&opts.state_dir)?;
             if header.phase == Phase::Finalized && !opts.allow_finalized {
@@ -260,6 +265,31 @@ impl<S: Source> Volume<S> {
                     ),
                 });
             }
+            // The target's marker names the migration that last took it:
+            // another one (`stream start --overwrite-target` with another
+            // state) means this state describes a target that is gone.
+            match crate::target::identity::read_marker(&opts.target) {
+                Ok(Some((m, place)))
+                    if !m.migration.is_empty()
+                        && header
+                            .migration_id
+                            .as_ref()
+                            .is_some_and(|id| *id != m.migration) =>
+                {
+                    return Err(Error::Invalid(format!(
+                        "the target {} was taken over by another migration since this one \
+                         last ran (its {place} names state {}, source {}, phase {}): this \
+                         state no longer describes it, and resuming would write over that \
+                         migration. Use that migration's state, or give this one another target",
+                        opts.target.display(),
+                        m.state_dir,
+                        m.source,
+                        m.phase
+                    )));
+                }
+                Ok(None) if opts.serving => state.mark_target(&header),
+                _ => {}
+            }
             (state, header, map, target)
         } else {
             let geometry = Geometry::new(sid.size, opts.chunk_size.unwrap_or(DEFAULT_CHUNK))
@@ -279,6 +309,7 @@ impl<S: Source> Volume<S> {
                 created_at: now_secs(),
                 finalized_at: None,
                 finalize: None,
+                migration_id: Some(state::new_migration_id(&opts.state_dir)),
             };
             let (state, map) = StateDir::create(&opts.state_dir, &header)?;
             (state, header, map, target)

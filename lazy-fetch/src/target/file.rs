@@ -84,6 +84,23 @@ impl Target {
                 path.display()
             )));
         }
+        if !block_device {
+            // One process writes a target file at a time, whatever state
+            // directory each was given (`flock` follows the inode, so a
+            // symlink or hard link is the same lock). Not on block devices:
+            // udev takes a shared `flock` while it probes a device, which
+            // would refuse a start for a moment after each change.
+            use std::os::fd::AsRawFd;
+            // SAFETY: flock on an fd we own; released when it is closed.
+            let r = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+            if r != 0 {
+                return Err(invalid(format!(
+                    "target {} is in use by another `stream` process; stop it first \
+                     (`stream status` lists the running migrations)",
+                    path.display()
+                )));
+            }
+        }
         let canonical = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
         let backend = Arc::new(FileBackend { file, block_device });
         Ok((

@@ -15,6 +15,7 @@
 pub mod fault;
 pub mod file;
 pub mod memory;
+pub mod identity;
 
 use std::fmt::Debug;
 use std::io;
