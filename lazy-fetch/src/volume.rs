@@ -83,6 +83,8 @@ pub struct OpenOptions {
     /// Required to match an existing state; the default for a new one.
     pub chunk_size: Option<u64>,
     /// Open a finalized migration too (for `stream verify`; never to serve).
+    /// Its target belongs to the new instance: it is opened read-only, never
+    /// marked running, recovered or replayed onto ([`Volume::read_only`]).
     pub allow_finalized: bool,
     /// Opened to serve clients (`stream start`), not to finish or check it.
     pub serving: bool,
@@ -115,6 +117,8 @@ pub struct Volume<S> {
     /// itself out; `idle` then means nobody holds it.
     readahead_alive: Arc<(AtomicUsize, tokio::sync::Notify)>,
     opened: Instant,
+    /// A finalized migration: the target is open `O_RDONLY`.
+    read_only: bool,
 }
 
 /// Readahead state. One task at a time fetches chunks `at..until`; a
@@ -173,7 +177,7 @@ impl<S: Source> Volume<S> {
     /// Create or resume the migration in `opts.state_dir`.
     pub async fn open(source: S, opts: &OpenOptions) -> Result<Arc<Volume<S>>> {
         let sid = source.id();
-        let (state, header, map, target) = if StateDir::exists(&opts.state_dir) {
+        let (state, header, map, target, read_only) = if StateDir::exists(&opts.state_dir) {
             let (state, header, map) = StateDir::open(&opts.state_dir)?;
             if header.phase == Phase::Finalized && !opts.allow_finalized {
                 return Err(Error::Finalized {
@@ -213,7 +217,14 @@ impl<S: Source> Volume<S> {
                     given: sid.size.to_string(),
                 });
             }
-            let (target, _) = Target::open(&opts.target, header.size, false)?;
+            // A finalized target belongs to the new instance: nothing here
+            // may write to it again, so it is not even opened for writing.
+            let read_only = header.phase == Phase::Finalized;
+            let target = if read_only {
+                Target::open_read_only(&opts.target, header.size)?
+            } else {
+                Target::open(&opts.target, header.size, false)?.0
+            };
             let tid = target.id(header.target.created_sparse);
             let same_target = tid.path == header.target.path
                 && tid.kind == header.target.kind
@@ -234,7 +245,7 @@ impl<S: Source> Volume<S> {
                     ),
                 });
             }
-            (state, header, map, target)
+            (state, header, map, target, read_only)
         } else {
             let geometry = Geometry::new(sid.size, opts.chunk_size.unwrap_or(DEFAULT_CHUNK))
                 .map_err(Error::Invalid)?;
@@ -255,14 +266,17 @@ impl<S: Source> Volume<S> {
                 finalize: None,
             };
             let (state, map) = StateDir::create(&opts.state_dir, &header)?;
-            (state, header, map, target)
+            (state, header, map, target, false)
         };
-        let unclean = state.mark_running()?;
+        // Read-only: no running marker, so no recovery and no replay, ever.
+        let unclean = !read_only && state.mark_running()?;
         let state_io = |source| Error::StateIo {
             dir: opts.state_dir.clone(),
             source,
         };
-        if unclean {
+        if read_only {
+            // Leave every file as it is: nothing is replayed onto the target.
+        } else if unclean {
             // Make every logged in-place change whole before anything else
             // looks at the target.
             let n = wal::replay(&opts.state_dir, &target)
@@ -294,6 +308,7 @@ impl<S: Source> Volume<S> {
             readahead: Mutex::new(Readahead::default()),
             readahead_alive: Arc::new((AtomicUsize::new(0), tokio::sync::Notify::new())),
             opened: Instant::now(),
+            read_only,
         });
         volume.stats.resume(&volume.state.load_totals());
         if unclean {
@@ -320,6 +335,11 @@ impl<S: Source> Volume<S> {
 
     pub fn state_dir(&self) -> &Path {
         self.state.path()
+    }
+
+    /// Opened read-only: a finalized migration (see [`OpenOptions`]).
+    pub fn read_only(&self) -> bool {
+        self.read_only
     }
 
     pub fn header(&self) -> Header {
