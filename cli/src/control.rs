@@ -178,7 +178,10 @@ async fn handover<S: Source, W: tokio::io::AsyncWrite + Unpin>(
     timeout: Option<Duration>,
     wr: &mut W,
 ) -> anyhow::Result<()> {
-    let Some(_active) = HandoverActive::take() else {
+    // A finalize killed a moment ago still owns its handover until its next
+    // progress event fails (within a second): wait for that, not for a
+    // live one.
+    let Some(_active) = HandoverActive::take_within(Duration::from_secs(5)).await else {
         let message = "another `stream finalize` is already handing this volume over; \
                        wait for it to end (or stop it) and run finalize again"
             .to_string();
@@ -340,6 +343,19 @@ impl HandoverActive {
             )
             .is_ok()
             .then_some(HandoverActive)
+    }
+
+    async fn take_within(wait: Duration) -> Option<HandoverActive> {
+        let deadline = Instant::now() + wait;
+        loop {
+            if let Some(active) = HandoverActive::take() {
+                return Some(active);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 }
 
