@@ -17,6 +17,8 @@
 //!   chunks whole across a crash.
 //! - [`hydrate`]: the background pass that fetches every absent chunk,
 //!   rate-limited and yielding to foreground fetches.
+//! - [`fingerprint`]: blake3 of sampled source chunks, checked on resume
+//!   and on every reconnect so a different disk is never fetched.
 //! - [`manifest`]: blake3 of every chunk and of the disk at finalize, and
 //!   the verifier that compares the target with source and manifest.
 //! - [`state`]: the state directory: header, checkpoint, journal, lock; the
@@ -26,6 +28,7 @@
 //! - [`units`], [`stats`], [`error`]: chunk geometry, counters, the error enum.
 
 pub mod error;
+pub mod fingerprint;
 pub mod frontend;
 pub mod fuse;
 pub mod hydrate;

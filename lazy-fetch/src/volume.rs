@@ -61,6 +61,7 @@ use futures_util::future::{BoxFuture, try_join_all};
 use nbd_server::{Extent, Piece};
 
 use crate::error::{Error, Result};
+use crate::fingerprint::Fingerprint;
 use crate::inflight::{ChunkGuard, ChunkLocks};
 use crate::presence::{ChunkState, PresenceMap};
 use crate::source::{Class, Source};
@@ -117,6 +118,9 @@ pub struct Volume<S> {
     /// itself out; `idle` then means nobody holds it.
     readahead_alive: Arc<(AtomicUsize, tokio::sync::Notify)>,
     opened: Instant,
+    /// Samples of the source, checked on resume and reconnect (see
+    /// `fingerprint`); fetches add to it.
+    fingerprint: Arc<Fingerprint>,
     /// A finalized migration: the target is open `O_RDONLY`.
     read_only: bool,
 }
@@ -268,6 +272,12 @@ impl<S: Source> Volume<S> {
             let (state, map) = StateDir::create(&opts.state_dir, &header)?;
             (state, header, map, target, false)
         };
+        // The source must still be the disk the chunks came from.
+        let fingerprint = Arc::new(Fingerprint::load(&opts.state_dir, header.geometry())?);
+        source
+            .install_fingerprint(fingerprint.clone())
+            .await
+            .map_err(|e| Error::Invalid(e.to_string()))?;
         // Read-only: no running marker, so no recovery and no replay, ever.
         let unclean = !read_only && state.mark_running()?;
         let state_io = |source| Error::StateIo {
@@ -308,6 +318,7 @@ impl<S: Source> Volume<S> {
             readahead: Mutex::new(Readahead::default()),
             readahead_alive: Arc::new((AtomicUsize::new(0), tokio::sync::Notify::new())),
             opened: Instant::now(),
+            fingerprint,
             read_only,
         });
         volume.stats.resume(&volume.state.load_totals());
@@ -614,6 +625,8 @@ impl<S: Source> Volume<S> {
                 source: std::io::Error::other("source returned a short read"),
             });
         }
+        // Durable before the chunk can be marked present.
+        self.fingerprint.offer_async(first.0, &data).await?;
         Stats::add(&self.stats.bytes_fetched, len as u64);
         let zero: Vec<bool> = guards
             .iter()
@@ -799,6 +812,8 @@ impl<S: Source> Volume<S> {
                         Stats::add(&self.stats.source_errors, 1);
                         Error::FetchChunk { index: c, source }
                     })?;
+                // The source's bytes, before the client's overlay.
+                self.fingerprint.offer_async(c.0, &buf).await?;
                 Stats::add(&self.stats.bytes_fetched, r.end - r.start);
                 Stats::add(&self.stats.chunks_fetched_on_demand, 1);
                 self.stats.foreground_fetch.record(started.elapsed());
