@@ -67,10 +67,11 @@ impl std::fmt::Display for Mismatch {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "source {} is not the disk this migration started from: chunk {} (bytes {}..) \
-             hashes {} now but {} when it was fetched. Nothing more is fetched from it. Put the \
-             original disk back behind this source and run the command again; to migrate the \
-             other disk, start a new migration (another --target and --state)",
+            "source {} is not the disk this migration started from (another disk, or this one \
+             written since): chunk {} (bytes {}..) hashes {} now but {} when it was fetched. \
+             Nothing more is fetched from it. Put the original, unmodified disk back behind this \
+             source and run the command again; to migrate the other disk, start a new migration \
+             (another --target and --state)",
             self.location,
             self.chunk,
             self.offset,
