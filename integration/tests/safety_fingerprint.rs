@@ -167,3 +167,57 @@ fn another_disk_swapped_in_during_a_run_is_never_fetched() {
     );
     drop(kit);
 }
+
+/// A client's partial write into a chunk not yet fetched is overlaid on
+/// the source's bytes: the sample is of the source's bytes, so the same
+/// disk still resumes, and another one is still refused.
+#[test]
+fn client_writes_do_not_enter_the_fingerprint() {
+    let qemu_io = integration::require_tool("qemu-io", "qemu-utils");
+    let dir = tempfile::tempdir().unwrap();
+    let a = dense_file(&dir.path().join("a.img"), SIZE, 0xa);
+    let _b = dense_file(&dir.path().join("b.img"), SIZE, 0xb);
+    let kit = Nbdkit::file(dir.path(), &dir.path().join("a.img"), &[]);
+    let start = Start::new(kit.uri(), dir.path().join("target.img"), dir.path())
+        .chunk_size("64K")
+        .no_hydrate(true);
+    let running = start.spawn();
+    // 512 bytes into the first chunk of each of two regions: fetched,
+    // overlaid, written whole.
+    for offset in [1000u64, SIZE / 2 + 3000] {
+        integration::run_ok(
+            std::process::Command::new(&qemu_io)
+                .args(["-f", "raw", "-c"])
+                .arg(format!("write -P 0x5a {offset} 512"))
+                .arg(&running.uri),
+            Duration::from_secs(60),
+        );
+    }
+    running.sigterm_and_wait(Duration::from_secs(30));
+    let fp = std::fs::read_to_string(start.state_dir().join("fingerprint.json")).unwrap();
+    let fp: serde_json::Value = serde_json::from_str(&fp).unwrap();
+    let samples = fp["samples"].as_array().expect("samples");
+    assert_eq!(samples.len(), 2, "{fp}");
+    for s in samples {
+        let c = s["chunk"].as_u64().unwrap() as usize;
+        let chunk = &a[c * CHUNK as usize..(c + 1) * CHUNK as usize];
+        assert_eq!(
+            s["blake3"].as_str().unwrap(),
+            blake3::hash(chunk).to_hex().as_str(),
+            "chunk {c}'s sample is not disk A's bytes (the client's write leaked in?)"
+        );
+    }
+    // The same disk resumes...
+    let running = start.spawn();
+    running.sigterm_and_wait(Duration::from_secs(30));
+    // ...another one does not.
+    let kit = swap(kit, dir.path(), &dir.path().join("b.img"));
+    let out = start.refused();
+    assert!(
+        out.stderr_lossy()
+            .contains("is not the disk this migration started from"),
+        "{}",
+        out.describe()
+    );
+    drop(kit);
+}
