@@ -166,6 +166,19 @@ impl Fingerprint {
         Ok(fp)
     }
 
+    /// Forget the fingerprint file of `dir` (a new migration there: a file
+    /// left by an earlier one describes another disk).
+    pub fn discard(dir: &Path) -> Result<()> {
+        match fs::remove_file(dir.join(FILE)) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(Error::StateIo {
+                dir: dir.to_path_buf(),
+                source,
+            }),
+        }
+    }
+
     fn update_full(&self) {
         let s = self.samples.lock().expect("poisoned");
         let regions = REGIONS.min(self.geometry.chunks()).max(1);
@@ -347,6 +360,39 @@ mod tests {
         assert_eq!(
             again.samples().iter().map(|s| s.chunk).collect::<Vec<_>>(),
             [0, 31]
+        );
+    }
+
+    #[tokio::test]
+    async fn check_names_the_first_chunk_that_differs() {
+        let dir = tempfile::tempdir().unwrap();
+        let g = Geometry::new(1 << 20, 64 << 10).unwrap(); // 16 chunks
+        let a: Vec<u8> = (0..1u32 << 20).map(|i| (i % 251) as u8 + 1).collect();
+        let fp = Fingerprint::load(dir.path(), g).unwrap();
+        for c in 0..16u64 {
+            let r = (c << 16) as usize..((c + 1) << 16) as usize;
+            fp.offer(c, &a[r]).unwrap();
+        }
+        assert_eq!(fp.samples().len(), 16);
+        let read = |disk: Vec<u8>| {
+            move |o: u64, n: usize| {
+                let d = disk[o as usize..o as usize + n].to_vec();
+                async move { Ok(d) }
+            }
+        };
+        let same = Fingerprint::check(&fp.samples(), g, "a", read(a.clone())).await;
+        assert!(same.unwrap().is_none());
+        let mut b = a.clone();
+        b[(5 << 16) + 17] ^= 1;
+        let m = Fingerprint::check(&fp.samples(), g, "b", read(b))
+            .await
+            .unwrap();
+        let m = m.expect("a changed byte is noticed");
+        assert_eq!((m.chunk, m.offset), (5, 5 << 16));
+        let text = m.to_string();
+        assert!(
+            text.contains("chunk 5") && text.contains("Put the original"),
+            "{text}"
         );
     }
 

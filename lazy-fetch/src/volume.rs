@@ -270,6 +270,7 @@ impl<S: Source> Volume<S> {
                 finalize: None,
             };
             let (state, map) = StateDir::create(&opts.state_dir, &header)?;
+            Fingerprint::discard(&opts.state_dir)?;
             (state, header, map, target, false)
         };
         // The source must still be the disk the chunks came from.
