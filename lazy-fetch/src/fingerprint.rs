@@ -308,8 +308,9 @@ impl Fingerprint {
             .map_err(io)
     }
 
-    /// Compare `samples` with chunks read by `read(offset, len)`; the first
-    /// chunk that differs is returned.
+    /// Compare `samples` with chunks read by `read(offset, len)` (four
+    /// requests in flight); the first chunk that differs is
+    /// returned.
     pub async fn check<F, Fut>(
         samples: &[Sample],
         geometry: Geometry,
@@ -320,10 +321,25 @@ impl Fingerprint {
         F: Fn(u64, usize) -> Fut,
         Fut: std::future::Future<Output = io::Result<Vec<u8>>>,
     {
-        for s in samples {
+        use futures_util::{StreamExt, TryStreamExt};
+        // A few at once: not one round trip per sample on a far source, and
+        // at most four chunks in memory.
+        let ranges: Vec<(u64, usize)> = samples
+            .iter()
+            .map(|s| {
+                let r = geometry.bytes(crate::units::ChunkIndex(s.chunk));
+                (r.start, (r.end - r.start) as usize)
+            })
+            .collect();
+        let hash = |data: Vec<u8>| blake3::hash(&data).to_hex().to_string();
+        let found: Vec<String> = futures_util::stream::iter(ranges)
+            .map(|(o, n)| read(o, n))
+            .buffered(4)
+            .map_ok(hash)
+            .try_collect()
+            .await?;
+        for (s, found) in samples.iter().zip(found) {
             let r = geometry.bytes(crate::units::ChunkIndex(s.chunk));
-            let data = read(r.start, (r.end - r.start) as usize).await?;
-            let found = blake3::hash(&data).to_hex().to_string();
             if found != s.blake3 {
                 return Ok(Some(Mismatch {
                     location: location.to_string(),
