@@ -845,11 +845,14 @@ impl Source for NbdSource {
                 break;
             }
         }
-        for slot in std::iter::once(&self.foreground).chain(self.background.iter()) {
-            if let Err(why) = check_slot(&self.common, slot).await {
-                self.common.notify_changed();
-                return Err(io::Error::other(why));
-            }
+        // Every open connection, together.
+        let checks = std::iter::once(&self.foreground)
+            .chain(self.background.iter())
+            .map(|slot| check_slot(&self.common, slot));
+        let results = futures_util::future::join_all(checks).await;
+        if let Some(Err(why)) = results.into_iter().find(|r| r.is_err()) {
+            self.common.notify_changed();
+            return Err(io::Error::other(why));
         }
         // A connection that connected (and was checked) during the wait.
         match self.common.refused() {
