@@ -178,11 +178,22 @@ async fn handover<S: Source, W: tokio::io::AsyncWrite + Unpin>(
     timeout: Option<Duration>,
     wr: &mut W,
 ) -> anyhow::Result<()> {
-    use std::sync::atomic::Ordering;
+    // A finalize killed a moment ago still owns its handover until its next
+    // progress event fails (within a second): wait for that, not for a
+    // live one.
+    let Some(_active) = HandoverActive::take_within(Duration::from_secs(5)).await else {
+        let message = "another `stream finalize` is already handing this volume over; \
+                       wait for it to end (or stop it) and run finalize again"
+            .to_string();
+        return send(wr, &Event::Error { message }).await;
+    };
     let deadline = timeout.map(|t| Instant::now() + t);
     let expired = || deadline.is_some_and(|d| Instant::now() > d);
-    ctx.hydration.rate_limit.store(0, Ordering::Relaxed);
-    ctx.hydration.enabled.store(true, Ordering::Relaxed);
+    // Full speed while finalize waits; the operator's --rate-limit and
+    // --no-hydrate come back on every way out but the stop itself (an
+    // error, a timeout, a client still connected, finalize killed or its
+    // connection dropped: the next send fails and drops this guard).
+    let lifted = LiftedLimits::lift(&ctx.hydration);
     tracing::info!("finalize: hydrating the rest at full speed");
     let mut last = (Instant::now(), 0u64);
     loop {
@@ -250,8 +261,108 @@ async fn handover<S: Source, W: tokio::io::AsyncWrite + Unpin>(
         },
     )
     .await?;
+    // Stopping: what is left of the hydration runs at full speed until the
+    // export is down; the limits of this run no longer matter.
+    lifted.keep();
     ctx.shutdown.trigger();
     Ok(())
+}
+
+/// The hydration limits of `stream start` (`--rate-limit`, `--no-hydrate`)
+/// while a handover lifts them; restored when dropped unless [`kept`].
+///
+/// [`kept`]: LiftedLimits::keep
+struct LiftedLimits<'a> {
+    hydration: &'a lazy_fetch::hydrate::Options,
+    rate_limit: u64,
+    enabled: bool,
+    keep: bool,
+}
+
+impl<'a> LiftedLimits<'a> {
+    fn lift(hydration: &'a lazy_fetch::hydrate::Options) -> LiftedLimits<'a> {
+        use std::sync::atomic::Ordering;
+        let saved = LiftedLimits {
+            hydration,
+            rate_limit: hydration.rate_limit.load(Ordering::Relaxed),
+            enabled: hydration.enabled.load(Ordering::Relaxed),
+            keep: false,
+        };
+        hydration.rate_limit.store(0, Ordering::Relaxed);
+        hydration.enabled.store(true, Ordering::Relaxed);
+        saved
+    }
+
+    fn keep(mut self) {
+        self.keep = true;
+    }
+}
+
+impl Drop for LiftedLimits<'_> {
+    fn drop(&mut self) {
+        use std::sync::atomic::Ordering;
+        if self.keep {
+            return;
+        }
+        self.hydration
+            .rate_limit
+            .store(self.rate_limit, Ordering::Relaxed);
+        self.hydration
+            .enabled
+            .store(self.enabled, Ordering::Relaxed);
+        tracing::info!(
+            "finalize did not complete the handover: hydration back to {} ({})",
+            if self.enabled {
+                "on"
+            } else {
+                "off (--no-hydrate)"
+            },
+            if self.rate_limit == 0 {
+                "no rate limit".to_string()
+            } else {
+                format!("--rate-limit {} bytes/s", self.rate_limit)
+            }
+        );
+    }
+}
+
+/// One handover at a time per `stream start`: a second one would save the
+/// first one's lifted limits as the ones to restore.
+static HANDOVER_ACTIVE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+struct HandoverActive;
+
+impl HandoverActive {
+    fn take() -> Option<HandoverActive> {
+        HANDOVER_ACTIVE
+            .compare_exchange(
+                false,
+                true,
+                std::sync::atomic::Ordering::AcqRel,
+                std::sync::atomic::Ordering::Acquire,
+            )
+            .is_ok()
+            .then_some(HandoverActive)
+    }
+
+    async fn take_within(wait: Duration) -> Option<HandoverActive> {
+        let deadline = Instant::now() + wait;
+        loop {
+            if let Some(active) = HandoverActive::take() {
+                return Some(active);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for HandoverActive {
+    fn drop(&mut self) {
+        HANDOVER_ACTIVE.store(false, std::sync::atomic::Ordering::Release);
+    }
 }
 
 /// Bind the control socket of `state_dir` (a stale one from a crashed run

@@ -335,8 +335,7 @@ pub async fn run(args: FinalizeArgs) -> anyhow::Result<()> {
     }
     let header = StateDir::read_header(&dir)?;
     if header.phase == Phase::Finalized {
-        let m = Manifest::load(&dir)?;
-        return report(&args, &header, m, None);
+        return already_finalized(&dir, &header, &args).await;
     }
     if handover(&dir, &args).await? {
         say(
@@ -411,6 +410,63 @@ pub async fn run(args: FinalizeArgs) -> anyhow::Result<()> {
     let header = volume.update_header(|h| h.phase = Phase::Finalized)?;
     volume.close().await?;
     report(&args, &header, manifest, verify)
+}
+
+/// `stream finalize` of a migration finalized already: its target belongs
+/// to the new instance and is never written again. `--verify` verifies it
+/// read-only (chunks the instance wrote since differ from the manifest, and
+/// are reported as such); `--cinder-manage` is done if it was done, and
+/// refused otherwise (the instance may be running from the target).
+async fn already_finalized(
+    dir: &std::path::Path,
+    header: &Header,
+    args: &FinalizeArgs,
+) -> anyhow::Result<()> {
+    let m = Manifest::load(dir)?;
+    let when = header
+        .finalized_at
+        .map(|t| format!(" (at {t}, unix seconds)"))
+        .unwrap_or_default();
+    if let Some(host) = &args.cinder_manage {
+        let done = header.finalize.as_ref().and_then(|f| f.cinder.as_ref());
+        match done {
+            Some(c) if c.volume_id.is_some() && &c.host == host => {}
+            Some(c) => bail!(
+                "this migration was finalized{when} into Cinder on {}, not {host}: the target                  {} is Cinder volume {} now; nothing was changed",
+                c.host,
+                header.target.path,
+                c.volume_id.as_deref().unwrap_or("(unknown id)")
+            ),
+            None => bail!(
+                "this migration was finalized{when} without --cinder-manage: the target {}                  belongs to the new instance now and may be in use, so `stream finalize` will                  not hand it to Cinder afterwards (Cinder renames the LV). Once nothing uses it,                  adopt it with `cinder manage {host} {}`; nothing was changed",
+                header.target.path,
+                header.target.path,
+            ),
+        }
+    }
+    let verify = if args.verify {
+        let volume = open(dir, header, true).await?;
+        anyhow::ensure!(
+            volume.read_only(),
+            "internal error: a finalized target was not opened read-only; nothing was verified"
+        );
+        let step = Step::chunks("verify", args.json);
+        let r = manifest::verify(&volume, &m, &|d, t| step.update("chunks", d, t, None)).await?;
+        drop(step);
+        // Read-only: no close (nothing to save, and nothing may be written).
+        drop(volume);
+        if !r.ok() {
+            print_mismatches(&r);
+            bail!(
+                "verification failed: {} mismatching range(s). The migration was finalized{when}                  and its target left as it was; if the new instance has written to it since,                  its chunks differ from the manifest and this is expected",
+                r.mismatches.len()
+            );
+        }
+        Some(r)
+    } else {
+        None
+    };
+    report(args, header, m, verify)
 }
 
 /// Adopt the target LV into Cinder, in the order that makes a re-run safe
@@ -647,14 +703,23 @@ pub async fn verify(args: VerifyArgs) -> anyhow::Result<()> {
             dir.display()
         )
     })?;
+    // A finalized target is opened read-only (see `Volume::open`): an
+    // interrupted verify leaves nothing to recover, and never changes it.
     let volume = open(&dir, &header, true).await?;
+    anyhow::ensure!(
+        header.phase != Phase::Finalized || volume.read_only(),
+        "internal error: a finalized target was not opened read-only; nothing was verified"
+    );
     let step = Step::chunks("verify", args.json);
     let r = manifest::verify(&volume, &manifest, &|d, t| {
         step.update("chunks", d, t, None)
     })
     .await?;
     drop(step);
-    volume.close().await?;
+    if !volume.read_only() {
+        volume.close().await?;
+    }
+    drop(volume);
     if args.json {
         #[derive(Serialize)]
         struct Versioned<'a> {

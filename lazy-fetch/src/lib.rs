@@ -16,6 +16,8 @@
 //!   chunks whole across a crash.
 //! - [`hydrate`]: the background pass that fetches every absent chunk,
 //!   rate-limited and yielding to foreground fetches.
+//! - [`fingerprint`]: blake3 of sampled source chunks, checked on resume
+//!   and on every reconnect so a different disk is never fetched.
 //! - [`manifest`]: blake3 of every chunk and of the disk at finalize, and
 //!   the verifier that compares the target with source and manifest.
 //! - [`proof`]: the blake3 of every chunk of a disk as a small device,
@@ -32,6 +34,7 @@
 //! - [`units`], [`stats`], [`error`]: chunk geometry, counters, the error enum.
 
 pub mod error;
+pub mod fingerprint;
 pub mod frontend;
 pub mod hashes;
 pub mod health;

@@ -9,6 +9,9 @@
 //! | `map`        | checkpoint: the three bitmaps, a generation, a checksum     |
 //! | `journal`    | batches of chunk state changes since the checkpoint         |
 //! | `lock`       | `flock`ed by the running `stream start` (holds its pid)     |
+//! | `fingerprint.json` | blake3 of sampled source chunks (one per 1/16 of the disk), checked on resume and reconnect |
+//! | `wal.N`      | the write-ahead log of in-place changes (see `wal`)         |
+//! | `hashes`     | the kept manifest's records (see `hashes`)                  |
 //!
 //! Durability order (invariant 1: a chunk marked present in the durable
 //! state has its correct data durable in the target):

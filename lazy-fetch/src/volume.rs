@@ -61,6 +61,7 @@ use futures_util::future::{BoxFuture, try_join_all};
 use nbd_server::{Extent, Piece};
 
 use crate::error::{Error, Result};
+use crate::fingerprint::Fingerprint;
 use crate::inflight::{ChunkGuard, ChunkLocks};
 use crate::presence::{ChunkState, PresenceMap};
 use crate::source::{Class, Source};
@@ -88,6 +89,8 @@ pub struct OpenOptions {
     /// Required to match an existing state; the default for a new one.
     pub chunk_size: Option<u64>,
     /// Open a finalized migration too (for `stream verify`; never to serve).
+    /// Its target belongs to the new instance: it is opened read-only, never
+    /// marked running, recovered or replayed onto ([`Volume::read_only`]).
     pub allow_finalized: bool,
     /// Opened to serve clients (`stream start`), not to finish or check it.
     pub serving: bool,
@@ -141,6 +144,11 @@ pub struct Volume<S> {
     /// Runs CACHE requests may fetch at once (bounds their memory).
     cache_slots: tokio::sync::Semaphore,
     opened: Instant,
+    /// Samples of the source, checked on resume and reconnect (see
+    /// `fingerprint`); fetches add to it.
+    fingerprint: Arc<Fingerprint>,
+    /// A finalized migration: the target is open `O_RDONLY`.
+    read_only: bool,
 }
 
 /// Readahead state. One task at a time fetches chunks `at..until`; a
@@ -204,7 +212,7 @@ impl<S: Source> Volume<S> {
         if sid.kind == "file" {
             crate::target::identity::check_distinct(Path::new(&sid.location), &opts.target)?;
         }
-        let (state, header, map, target) = if StateDir::exists(&opts.state_dir) {
+        let (state, header, map, target, read_only) = if StateDir::exists(&opts.state_dir) {
             let (state, header, map) = StateDir::open(&opts.state_dir)?;
             if header.phase == Phase::Finalized && !opts.allow_finalized {
                 return Err(Error::Finalized {
@@ -244,7 +252,14 @@ impl<S: Source> Volume<S> {
                     given: sid.size.to_string(),
                 });
             }
-            let (target, _) = open_target(opts, header.size, false)?;
+            // A finalized target belongs to the new instance: nothing here
+            // may write to it again, so it is not even opened for writing.
+            let read_only = header.phase == Phase::Finalized;
+            let target = if read_only && opts.target_device.is_none() {
+                Target::open_read_only(&opts.target, header.size)?
+            } else {
+                open_target(opts, header.size, false)?.0
+            };
             let tid = target.id(header.target.created_sparse);
             let same_target = tid.path == header.target.path
                 && tid.kind == header.target.kind
@@ -290,7 +305,7 @@ impl<S: Source> Volume<S> {
                 Ok(None) if opts.serving => state.mark_target(&header),
                 _ => {}
             }
-            (state, header, map, target)
+            (state, header, map, target, read_only)
         } else {
             let geometry = Geometry::new(sid.size, opts.chunk_size.unwrap_or(DEFAULT_CHUNK))
                 .map_err(Error::Invalid)?;
@@ -312,14 +327,24 @@ impl<S: Source> Volume<S> {
                 migration_id: Some(state::new_migration_id(&opts.state_dir)),
             };
             let (state, map) = StateDir::create(&opts.state_dir, &header)?;
-            (state, header, map, target)
+            Fingerprint::discard(&opts.state_dir)?;
+            (state, header, map, target, false)
         };
-        let unclean = state.mark_running()?;
+        // The source must still be the disk the chunks came from.
+        let fingerprint = Arc::new(Fingerprint::load(&opts.state_dir, header.geometry())?);
+        source
+            .install_fingerprint(fingerprint.clone())
+            .await
+            .map_err(|e| Error::Invalid(e.to_string()))?;
+        // Read-only: no running marker, so no recovery and no replay, ever.
+        let unclean = !read_only && state.mark_running()?;
         let state_io = |source| Error::StateIo {
             dir: opts.state_dir.clone(),
             source,
         };
-        if unclean {
+        if read_only {
+            // Leave every file as it is: nothing is replayed onto the target.
+        } else if unclean {
             // Make every logged in-place change whole before anything else
             // looks at the target.
             let n = wal::replay(&opts.state_dir, &target)
@@ -333,7 +358,7 @@ impl<S: Source> Volume<S> {
         } else {
             wal::remove_all(&opts.state_dir).map_err(state_io)?;
         }
-        let wal = Wal::open(&opts.state_dir).map_err(state_io)?;
+        let wal = Wal::open(&opts.state_dir, !read_only).map_err(state_io)?;
         let volume = Arc::new(Volume {
             geometry: header.geometry(),
             source,
@@ -353,6 +378,8 @@ impl<S: Source> Volume<S> {
             requests: Arc::new(Requests::default()),
             cache_slots: tokio::sync::Semaphore::new(CACHE_SLOTS),
             opened: Instant::now(),
+            fingerprint,
+            read_only,
         });
         volume.stats.resume(&volume.state.load_totals());
         if unclean {
@@ -379,6 +406,11 @@ impl<S: Source> Volume<S> {
 
     pub fn state_dir(&self) -> &Path {
         self.state.path()
+    }
+
+    /// Opened read-only: a finalized migration (see [`OpenOptions`]).
+    pub fn read_only(&self) -> bool {
+        self.read_only
     }
 
     pub fn header(&self) -> Header {
@@ -650,6 +682,8 @@ impl<S: Source> Volume<S> {
                 source: std::io::Error::other("source returned a short read"),
             });
         }
+        // Durable before the chunk can be marked present.
+        self.fingerprint.offer_async(first.0, &data).await?;
         Stats::add(&self.stats.bytes_fetched, len as u64);
         let zero: Vec<bool> = guards
             .iter()
@@ -848,6 +882,8 @@ impl<S: Source> Volume<S> {
                         Stats::add(&self.stats.source_errors, 1);
                         Error::FetchChunk { index: c, source }
                     })?;
+                // The source's bytes, before the client's overlay.
+                self.fingerprint.offer_async(c.0, &buf).await?;
                 Stats::add(&self.stats.bytes_fetched, r.end - r.start);
                 Stats::add(&self.stats.chunks_fetched_on_demand, 1);
                 self.stats.foreground_fetch.record(started.elapsed());

@@ -131,11 +131,15 @@ fn encode(offset: u64, change: Change<'_>) -> Vec<u8> {
 impl Wal {
     /// Start a new log in `dir` after any generation already there (which
     /// the caller has replayed, or removed with [`remove_all`]).
-    pub fn open(dir: &Path) -> io::Result<Wal> {
-        warn_if_short_of_room(dir);
+    /// With `reserve`, room for the log is taken up front ([`RESERVE`]);
+    /// a volume opened read-only (a finalized migration) writes nothing.
+    pub fn open(dir: &Path, reserve_room: bool) -> io::Result<Wal> {
         let generation = generations(dir)?.last().map_or(1, |g| g + 1);
         let file = Self::create(dir, generation)?;
-        reserve(&file, dir);
+        if reserve_room {
+            warn_if_short_of_room(dir);
+            reserve(&file, dir);
+        }
         Ok(Wal {
             dir: dir.to_path_buf(),
             current: RwLock::new(Current {
@@ -502,7 +506,7 @@ mod tests {
     #[tokio::test(flavor = "current_thread")]
     async fn logging_while_a_rotation_waits_does_not_deadlock() {
         let dir = tempfile::tempdir().unwrap();
-        let wal = Arc::new(Wal::open(dir.path()).unwrap());
+        let wal = Arc::new(Wal::open(dir.path(), true).unwrap());
         let held = wal.hold().await;
         let w = wal.clone();
         let rotation = tokio::spawn(async move { w.rotate().await });

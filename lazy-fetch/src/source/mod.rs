@@ -10,9 +10,11 @@ pub mod nbd;
 
 use std::future::Future;
 use std::io;
+use std::sync::Arc;
 
 pub use nbd_server::Extent;
 
+use crate::fingerprint::Fingerprint;
 use crate::state::SourceId;
 
 /// Who is waiting for a read.
@@ -57,6 +59,29 @@ pub trait Source: Send + Sync + 'static {
     fn health(&self) -> Health {
         Health::Up
     }
+
+    /// Check the source against the migration's fingerprint now (a resume)
+    /// and, for a source that reconnects, on every new connection from now
+    /// on. A mismatch is an error naming the chunk; a source that refuses
+    /// keeps failing its reads, so nothing of another disk is fetched.
+    ///
+    /// This default reads the samples (a local source: no wait).
+    fn install_fingerprint(
+        &self,
+        fp: Arc<Fingerprint>,
+    ) -> impl Future<Output = io::Result<()>> + Send {
+        async move {
+            let id = self.id();
+            let found = Fingerprint::check(&fp.samples(), fp.geometry(), &id.location, |o, n| {
+                self.read(o, n, Class::Foreground)
+            })
+            .await?;
+            match found {
+                Some(m) => Err(io::Error::other(m.to_string())),
+                None => Ok(()),
+            }
+        }
+    }
 }
 
 /// Any source `stream start` can be given.
@@ -91,6 +116,13 @@ impl Source for AnySource {
         match self {
             AnySource::File(s) => s.health(),
             AnySource::Nbd(s) => s.health(),
+        }
+    }
+
+    async fn install_fingerprint(&self, fp: Arc<Fingerprint>) -> io::Result<()> {
+        match self {
+            AnySource::File(s) => s.install_fingerprint(fp).await,
+            AnySource::Nbd(s) => s.install_fingerprint(fp).await,
         }
     }
 }

@@ -41,6 +41,11 @@
 //!   disk being migrated. A server of another size is refused loudly: health
 //!   is `Down`, reads fail at once with `EIO`; data from a different disk is
 //!   never served.
+//! - Once the volume installed its fingerprint ([`Source::install_fingerprint`]),
+//!   every new connection also reads the sampled chunks and compares them
+//!   before it serves a read: a disk of the same size but other content is
+//!   refused the same way. A connection made before the fingerprint was
+//!   installed is checked by the install itself.
 //!
 //! Errors returned by reads carry their errno; [`errno_of`] reads it back.
 
@@ -58,10 +63,13 @@ use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 
 use super::{Class, Extent, Health, Source};
+use crate::fingerprint::Fingerprint;
 use crate::state::SourceId;
 
 /// How often a slot task checks that an idle connection is still open.
 const LIVENESS_POLL: Duration = Duration::from_millis(100);
+/// The outage of a slot whose first connect attempt has not ended.
+const NOT_CONNECTED_YET: &str = "not connected yet";
 /// Pause before resending a read the server failed with `EIO`.
 const EIO_RETRY_PAUSE: Duration = Duration::from_millis(50);
 
@@ -201,6 +209,9 @@ struct SlotState {
     generation: u64,
     /// A connection was established once (a later one is a *re*connect).
     connected_once: bool,
+    /// The current connection was checked against the fingerprint (or
+    /// none was installed when it connected, see `run_slot`).
+    fingerprint_checked: bool,
     outage: Option<Outage>,
 }
 
@@ -217,6 +228,7 @@ impl Slot {
             name,
             state: Mutex::new(SlotState {
                 connected_once: client.is_some(),
+                fingerprint_checked: false,
                 client,
                 generation: 0,
                 outage,
@@ -268,8 +280,13 @@ struct Common {
     size: u64,
     opts: NbdOptions,
     reconnects: AtomicU64,
-    /// Set while the server answering has another size than the disk.
+    /// Set while the server answering has another size than the disk, or
+    /// other content than the fingerprint recorded.
     refused: Mutex<Option<String>>,
+    /// Installed by the volume; checked on every new connection.
+    fingerprint: Mutex<Option<Arc<Fingerprint>>>,
+    /// `refused` is set because the content differs from the fingerprint.
+    foreign: std::sync::atomic::AtomicBool,
     /// Bumped on every slot change; readers waiting for a connection watch it.
     changed: watch::Sender<u64>,
 }
@@ -283,7 +300,49 @@ impl Common {
     }
 
     fn set_refused(&self, why: Option<String>) {
+        if why.is_none() {
+            self.foreign.store(false, Ordering::Relaxed);
+        }
         *self.refused.lock().unwrap_or_else(|p| p.into_inner()) = why;
+    }
+
+    fn fingerprint(&self) -> Option<Arc<Fingerprint>> {
+        self.fingerprint
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Compare the fingerprint's samples with what `client` reads. A
+    /// mismatch refuses the source (reads fail at once) and is returned as
+    /// the error; a read that fails is an ordinary connect failure.
+    async fn check_fingerprint(&self, client: &Client, fp: &Fingerprint) -> Result<(), String> {
+        let max = client.max_payload().max(4096) as usize;
+        let found = Fingerprint::check(&fp.samples(), fp.geometry(), &self.location, |o, n| {
+            let client = client.clone();
+            async move {
+                let mut out = Vec::with_capacity(n);
+                while out.len() < n {
+                    let k = (n - out.len()).min(max) as u32;
+                    let part = client
+                        .read(o + out.len() as u64, k)
+                        .await
+                        .map_err(|e| io::Error::other(format!("{e}{}", source_chain(&e))))?;
+                    out.extend_from_slice(&part);
+                }
+                Ok(out)
+            }
+        })
+        .await
+        .map_err(|e| format!("reading the fingerprint's chunks failed: {e}"))?;
+        if let Some(m) = found {
+            let why = m.to_string();
+            tracing::error!("{why}");
+            self.set_refused(Some(why.clone()));
+            self.foreign.store(true, Ordering::Relaxed);
+            return Err(why);
+        }
+        Ok(())
     }
 
     fn notify_changed(&self) {
@@ -311,6 +370,9 @@ impl Common {
             tracing::error!("{why}");
             self.set_refused(Some(why.clone()));
             return Err(why);
+        }
+        if let Some(fp) = self.fingerprint() {
+            self.check_fingerprint(&client, &fp).await?;
         }
         self.set_refused(None);
         Ok(client)
@@ -340,12 +402,14 @@ async fn run_slot(common: Arc<Common>, slot: Arc<Slot>) {
             }
         }
         common.notify_changed();
+        let had_fingerprint = common.fingerprint().is_some();
         match common.connect_once().await {
             Ok(client) => {
                 {
                     let mut st = slot.lock();
                     st.client = Some(client);
                     st.generation += 1;
+                    st.fingerprint_checked = had_fingerprint;
                     st.outage = None;
                     if st.connected_once {
                         common.reconnects.fetch_add(1, Ordering::Relaxed);
@@ -355,6 +419,11 @@ async fn run_slot(common: Arc<Common>, slot: Arc<Slot>) {
                     st.connected_once = true;
                 }
                 backoff = opts.backoff_initial;
+                // Installed while this connection was being made: check it
+                // now (the install may have looked before it was stored).
+                if !had_fingerprint && common.fingerprint().is_some() {
+                    let _ = check_slot(&common, &slot).await;
+                }
                 common.notify_changed();
             }
             Err(why) => {
@@ -371,6 +440,41 @@ async fn run_slot(common: Arc<Common>, slot: Arc<Slot>) {
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(opts.backoff_max);
             }
+        }
+    }
+}
+
+/// Check the live connection of `slot` against the installed fingerprint
+/// unless it was already; a mismatch drops the connection (and refuses the
+/// source, see `check_fingerprint`).
+async fn check_slot(common: &Common, slot: &Slot) -> Result<(), String> {
+    let Some(fp) = common.fingerprint() else {
+        return Ok(());
+    };
+    let (generation, client) = {
+        let st = slot.lock();
+        match &st.client {
+            Some(c) if !st.fingerprint_checked && !c.is_closed() => (st.generation, c.clone()),
+            _ => return Ok(()),
+        }
+    };
+    match common.check_fingerprint(&client, &fp).await {
+        Ok(()) => {
+            let mut st = slot.lock();
+            if st.generation == generation {
+                st.fingerprint_checked = true;
+            }
+            Ok(())
+        }
+        Err(why) if common.refused().is_some() => {
+            slot.mark_dead(generation, why.clone());
+            Err(why)
+        }
+        // Could not read it: the connection is in doubt; let the slot
+        // reconnect, which checks again.
+        Err(why) => {
+            slot.mark_dead(generation, why.clone());
+            Ok(())
         }
     }
 }
@@ -444,6 +548,8 @@ impl NbdSource {
             opts: opts.clone(),
             reconnects: AtomicU64::new(0),
             refused: Mutex::new(None),
+            fingerprint: Mutex::new(None),
+            foreign: std::sync::atomic::AtomicBool::new(false),
             changed: watch::channel(0).0,
         });
         // The background connections are opened now too, so the first
@@ -490,9 +596,11 @@ impl NbdSource {
             opts: opts.clone(),
             reconnects: AtomicU64::new(0),
             refused: Mutex::new(None),
+            fingerprint: Mutex::new(None),
+            foreign: std::sync::atomic::AtomicBool::new(false),
             changed: watch::channel(0).0,
         });
-        let not_yet = || Some(Outage::new("not connected yet".into()));
+        let not_yet = || Some(Outage::new(NOT_CONNECTED_YET.into()));
         let foreground = Slot::new("foreground".into(), None, not_yet());
         let background = (0..opts.background_connections.max(1))
             .map(|i| Slot::new(format!("background {}", i + 1), None, not_yet()))
@@ -700,6 +808,57 @@ impl Source for NbdSource {
             c.block_status(offset, len).await.map(Some)
         })
         .await
+    }
+
+    /// Install the fingerprint: every later connection is checked as it
+    /// connects, and the ones already open are checked now (a resume: the
+    /// first connections of a lazy source may be up already). Connections
+    /// not up yet are not waited for: they are checked when they connect.
+    async fn install_fingerprint(&self, fp: Arc<Fingerprint>) -> io::Result<()> {
+        *self
+            .common
+            .fingerprint
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(fp);
+        // A resumed source connects in the background: let the foreground
+        // connection's first attempt end (bounded by the connect timeout;
+        // a source that is down fails it at once), so a different disk is
+        // refused here rather than at some later fetch.
+        let deadline = tokio::time::Instant::now() + self.common.opts.connect_timeout;
+        let mut changed = self.common.changed.subscribe();
+        loop {
+            let first_attempt_over = {
+                let st = self.foreground.lock();
+                st.connected_once
+                    || st
+                        .outage
+                        .as_ref()
+                        .is_some_and(|o| o.last_error != NOT_CONNECTED_YET)
+            };
+            if first_attempt_over || self.common.refused().is_some() {
+                break;
+            }
+            if tokio::time::timeout_at(deadline, changed.changed())
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+        // Every open connection, together.
+        let checks = std::iter::once(&self.foreground)
+            .chain(self.background.iter())
+            .map(|slot| check_slot(&self.common, slot));
+        let results = futures_util::future::join_all(checks).await;
+        if let Some(Err(why)) = results.into_iter().find(|r| r.is_err()) {
+            self.common.notify_changed();
+            return Err(io::Error::other(why));
+        }
+        // A connection that connected (and was checked) during the wait.
+        match self.common.refused() {
+            Some(why) if self.common.foreign.load(Ordering::Relaxed) => Err(io::Error::other(why)),
+            _ => Ok(()),
+        }
     }
 
     fn health(&self) -> Health {

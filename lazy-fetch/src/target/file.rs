@@ -108,6 +108,41 @@ impl Target {
             created,
         ))
     }
+
+    /// Open the target of a finalized migration, which belongs to the new
+    /// instance: read-only (`O_RDONLY`), so nothing can write to it.
+    pub fn open_read_only(path: &Path, size: u64) -> Result<Target> {
+        let file = OpenOptions::new()
+            .read(true)
+            .open(path)
+            .map_err(|e| invalid(format!("cannot open target {}: {e}", path.display())))?;
+        let meta = file
+            .metadata()
+            .map_err(|e| invalid(format!("target {}: {e}", path.display())))?;
+        let block_device = meta.file_type().is_block_device();
+        let actual = if block_device {
+            use std::io::Seek;
+            (&file)
+                .seek(io::SeekFrom::End(0))
+                .map_err(|e| invalid(format!("target {}: {e}", path.display())))?
+        } else {
+            meta.len()
+        };
+        if actual < size {
+            return Err(invalid(format!(
+                "target {} holds {actual} bytes but the migration recorded {size}",
+                path.display()
+            )));
+        }
+        let canonical = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+        let backend = Arc::new(FileBackend { file, block_device });
+        Ok(Target::with_backend(
+            backend,
+            canonical,
+            actual,
+            block_device,
+        ))
+    }
 }
 
 impl Backend for FileBackend {

@@ -14,8 +14,8 @@
 
 pub mod fault;
 pub mod file;
-pub mod memory;
 pub mod identity;
+pub mod memory;
 
 use std::fmt::Debug;
 use std::io;
