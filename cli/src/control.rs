@@ -216,10 +216,27 @@ async fn handover<S: Source, W: tokio::io::AsyncWrite + Unpin>(
             break;
         }
         if last.0.elapsed() > STALL || expired() {
+            use lazy_fetch::source::Health;
+            // Name the side that is failing, and what to do about it.
+            let cause = match (&st.target_health, &st.source_health) {
+                (Health::Down(d), _) | (Health::Reconnecting(d), _) => format!(
+                    "the target {} is failing ({d}). Make room for it (or fix the device), \
+                     then run finalize again",
+                    st.target
+                ),
+                (_, Health::Down(d)) | (_, Health::Reconnecting(d)) => format!(
+                    "the source {} is unreachable ({d}). Run finalize again once it is reachable",
+                    st.source
+                ),
+                (Health::Up, Health::Up) => format!(
+                    "the source {} and the target {} both answer (see the log of `stream start` \
+                     for errors). Run finalize again, with a longer --timeout if the link is slow",
+                    st.source, st.target
+                ),
+            };
             let message = format!(
                 "hydration cannot finish: {} of {} chunks are still missing ({} bytes) and \
-                 {}; source {} is {:?}. The migration keeps serving; run finalize again once \
-                 the source is reachable",
+                 {}; {cause}. The migration keeps serving",
                 st.chunks_total - st.chunks_present,
                 st.chunks_total,
                 st.size - st.bytes_present,
@@ -228,8 +245,6 @@ async fn handover<S: Source, W: tokio::io::AsyncWrite + Unpin>(
                 } else {
                     format!("nothing arrived for {STALL:?}")
                 },
-                st.source,
-                st.source_health,
             );
             send(wr, &Event::Error { message }).await?;
             return Ok(());

@@ -659,16 +659,16 @@ fn report(
             verify,
             cinder_volume_id,
         };
-        println!("{}", serde_json::to_string(&r)?);
+        crate::outln!("{}", serde_json::to_string(&r)?);
         return Ok(());
     }
     match &cinder_volume_id {
-        Some(id) => println!(
+        Some(id) => crate::outln!(
             "finalized: the target is Cinder volume {id} now; boot the instance from it (its LV is renamed volume-{id})"
         ),
-        None => println!("finalized: boot the instance from {native}"),
+        None => crate::outln!("finalized: boot the instance from {native}"),
     }
-    println!(
+    crate::outln!(
         "  {} bytes, blake3 {}; {} chunks: {} fetched on demand, {} hydrated, {} written by clients, {} zero",
         manifest.size,
         manifest.disk_blake3,
@@ -679,7 +679,7 @@ fn report(
         manifest.counts.zero
     );
     if let Some(v) = verify {
-        println!(
+        crate::outln!(
             "  verified: {} chunks equal the source, {} client-written chunks equal the manifest",
             v.chunks_compared_with_source, v.chunks_compared_with_manifest
         );
@@ -731,9 +731,9 @@ pub async fn verify(args: VerifyArgs) -> anyhow::Result<()> {
             schema: crate::control::SCHEMA,
             report: &r,
         };
-        println!("{}", serde_json::to_string(&doc)?);
+        crate::outln!("{}", serde_json::to_string(&doc)?);
     } else if r.ok() {
-        println!(
+        crate::outln!(
             "verified: {} chunks equal the source, {} client-written chunks equal the manifest ({} bytes read from the source)",
             r.chunks_compared_with_source, r.chunks_compared_with_manifest, r.source_bytes_read
         );

@@ -60,3 +60,18 @@ fn status_into_a_closed_pipe_ends_quietly() {
     assert_quiet(&["status", "--state", &state, "--json"]);
     running.sigterm_and_wait(Duration::from_secs(30));
 }
+
+#[test]
+fn finalize_and_verify_into_a_closed_pipe_end_quietly() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = SparseImage::create(dir.path().join("source.img"), 4 * MIB, &[], 1);
+    let start = Start::new(&img.path, dir.path().join("target.img"), dir.path());
+    let mut running = start.spawn();
+    running.wait_hydrated(Duration::from_secs(60));
+    running.sigterm_and_wait(Duration::from_secs(30));
+    let state = start.state_dir().to_str().unwrap().to_string();
+    // The report of a finalize (its work is done before it prints), then
+    // a verify of the finalized migration.
+    assert_quiet(&["finalize", "--state", &state]);
+    assert_quiet(&["verify", "--state", &state]);
+}

@@ -82,6 +82,18 @@ fn target_full_gives_enospc_keeps_state_and_resumes_when_space_is_made() {
         "the log names the full target:\n{log}"
     );
 
+    // Finalize cannot finish while the target is full, and says so: the
+    // target, ENOSPC, what to do (it used to blame the source).
+    let out = integration::finalize::Finalize::new(start.state_dir())
+        .args(&["--timeout", "2s"])
+        .run_fails(Duration::from_secs(60));
+    let said = out.stderr_lossy();
+    assert!(
+        said.contains("the target") && said.contains("ENOSPC") && said.contains("Make room"),
+        "finalize on a full target names it:\n{said}"
+    );
+    running.assert_alive();
+
     // Room is made: hydration resumes by itself and finishes, and the
     // refused write now succeeds.
     let made = Instant::now();
