@@ -94,6 +94,8 @@ pub struct Context_<S> {
     pub rate: RateMeter,
     pub hydration: lazy_fetch::hydrate::Options,
     pub shutdown: nbd_server::Shutdown,
+    /// Set when `stream finalize` took the volume over (the stop is its).
+    pub handed_over: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Hydration that makes no progress this long cannot finish.
@@ -279,6 +281,8 @@ async fn handover<S: Source, W: tokio::io::AsyncWrite + Unpin>(
     // Stopping: what is left of the hydration runs at full speed until the
     // export is down; the limits of this run no longer matter.
     lifted.keep();
+    ctx.handed_over
+        .store(true, std::sync::atomic::Ordering::Relaxed);
     ctx.shutdown.trigger();
     Ok(())
 }

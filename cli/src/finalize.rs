@@ -681,7 +681,8 @@ fn report(
     if let Some(v) = verify {
         crate::outln!(
             "  verified: {} chunks equal the source, {} client-written chunks equal the manifest",
-            v.chunks_compared_with_source, v.chunks_compared_with_manifest
+            v.chunks_compared_with_source,
+            v.chunks_compared_with_manifest
         );
     }
     Ok(())
@@ -735,7 +736,9 @@ pub async fn verify(args: VerifyArgs) -> anyhow::Result<()> {
     } else if r.ok() {
         crate::outln!(
             "verified: {} chunks equal the source, {} client-written chunks equal the manifest ({} bytes read from the source)",
-            r.chunks_compared_with_source, r.chunks_compared_with_manifest, r.source_bytes_read
+            r.chunks_compared_with_source,
+            r.chunks_compared_with_manifest,
+            r.source_bytes_read
         );
     }
     if !r.ok() {

@@ -216,6 +216,7 @@ pub async fn run(args: StartArgs) -> anyhow::Result<()> {
         rate: control::RateMeter::default(),
         hydration: hydration.clone(),
         shutdown: shutdown.clone(),
+        handed_over: Arc::new(std::sync::atomic::AtomicBool::new(false)),
     });
     let metrics = match args.metrics {
         Some(addr) => {
@@ -324,11 +325,20 @@ pub async fn run(args: StartArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("final save of the state in {}", state_dir.display()))?;
     let st = volume.status();
-    tracing::info!(
-        "stopped cleanly: {} of {} chunks present; run the same command to resume",
-        st.chunks_present,
-        st.chunks_total
-    );
+    if ctx.handed_over.load(std::sync::atomic::Ordering::Relaxed) {
+        tracing::info!(
+            "stopped: the volume is handed over to `stream finalize`, which finishes the \
+             migration; do not start it again unless that finalize fails \
+             (`stream status --state {}` shows where it is)",
+            state_dir.display()
+        );
+    } else {
+        tracing::info!(
+            "stopped cleanly: {} of {} chunks present; run the same command to resume",
+            st.chunks_present,
+            st.chunks_total
+        );
+    }
     Ok(())
 }
 

@@ -40,6 +40,40 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
             dir.display()
         );
     }
+    // A finalized migration has no `stream start` and must never get one
+    // again: say what it is, not how to start it.
+    if let Ok(h) = state::StateDir::read_header(&dir)
+        && h.phase == state::Phase::Finalized
+    {
+        let cinder = h
+            .finalize
+            .as_ref()
+            .and_then(|f| f.cinder.as_ref())
+            .and_then(|c| c.volume_id.clone());
+        if args.json {
+            let doc = serde_json::json!({
+                "schema": control::SCHEMA,
+                "phase": "finalized",
+                "state_dir": dir,
+                "source": h.source.location,
+                "target": h.target.path,
+                "finalized_at": h.finalized_at,
+                "cinder_volume_id": cinder,
+            });
+            crate::outln!("{doc}");
+        } else {
+            crate::outln!(
+                "migration  {} (finalized)\ntarget     {} is native storage now: boot the \
+                 instance from it{}; nothing serves it and `stream start` refuses it\n",
+                dir.display(),
+                h.target.path,
+                cinder
+                    .map(|id| format!(" (Cinder volume {id})"))
+                    .unwrap_or_default()
+            );
+        }
+        return Ok(());
+    }
     let sock = state::control_socket(&dir);
     let bars = args.watch && !args.json && crate::output::bars_enabled();
     let mut bar = None;
