@@ -384,23 +384,45 @@ impl Drop for HandoverActive {
     }
 }
 
+/// A path the kernel takes for a unix socket (`sun_path` holds 108 bytes)
+/// naming the same file as `path`: `path` itself when short enough, else
+/// `/proc/self/fd/N/NAME` through an open descriptor of its directory, so
+/// any `--state` an operator gives works (issue 13). The descriptor (the
+/// second value) must live until the bind or connect is done.
+fn reachable(path: &Path) -> std::io::Result<(std::path::PathBuf, Option<std::fs::File>)> {
+    use std::os::fd::AsRawFd;
+    if path.as_os_str().len() <= 100 {
+        return Ok((path.to_path_buf(), None));
+    }
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+        return Ok((path.to_path_buf(), None));
+    };
+    let dir = std::fs::File::open(dir)?;
+    let short = Path::new("/proc/self/fd")
+        .join(dir.as_raw_fd().to_string())
+        .join(name);
+    Ok((short, Some(dir)))
+}
+
+/// Connect to the unix socket at `path`, however long the path.
+pub async fn connect(path: &Path) -> std::io::Result<UnixStream> {
+    let (short, _dir) = reachable(path)?;
+    UnixStream::connect(&short).await
+}
+
 /// Bind the control socket of `state_dir` (a stale one from a crashed run
 /// is replaced; the state lock already proved nobody else serves it).
 pub fn bind(path: &Path) -> anyhow::Result<UnixListener> {
-    if path.as_os_str().len() > 100 {
-        anyhow::bail!(
-            "the control socket path {} is too long for a unix socket; use a shorter --state directory",
-            path.display()
-        );
-    }
     let _ = std::fs::remove_file(path);
-    UnixListener::bind(path)
+    let (short, _dir) = reachable(path)
+        .with_context(|| format!("cannot open the directory of {}", path.display()))?;
+    UnixListener::bind(&short)
         .with_context(|| format!("cannot create control socket {}", path.display()))
 }
 
 /// Ask the `stream start` behind `path`.
 pub async fn request(path: &Path, req: &Request) -> anyhow::Result<String> {
-    let stream = UnixStream::connect(path).await.with_context(|| {
+    let stream = connect(path).await.with_context(|| {
         format!(
             "no running `stream start` answers on {}: start the migration with `stream start` \
              (the same command resumes it), or see the running ones with `stream status`",

@@ -220,7 +220,7 @@ fn say(json: bool, name: &str, text: &str) {
 /// none is running.
 async fn handover(dir: &std::path::Path, args: &FinalizeArgs) -> anyhow::Result<bool> {
     let sock = state::control_socket(dir);
-    let Ok(stream) = tokio::net::UnixStream::connect(&sock).await else {
+    let Ok(stream) = crate::control::connect(&sock).await else {
         return Ok(false);
     };
     let (rd, mut wr) = stream.into_split();

@@ -200,10 +200,7 @@ pub async fn preflight(run_dir: &Path, id: &str) -> anyhow::Result<()> {
     let Some(old) = read(&entry_path(run_dir, id)) else {
         return Ok(());
     };
-    if tokio::net::UnixStream::connect(&old.control_socket)
-        .await
-        .is_ok()
-    {
+    if crate::control::connect(&old.control_socket).await.is_ok() {
         anyhow::bail!(
             "the migration id {id:?} is taken in {} by the running migration of {} (pid {}); \
              give this one another --id",
@@ -221,7 +218,7 @@ async fn live_holder(path: &Path, state_dir: &Path) -> Option<Entry> {
     if old.state_dir == state_dir {
         return None;
     }
-    tokio::net::UnixStream::connect(&old.control_socket)
+    crate::control::connect(&old.control_socket)
         .await
         .ok()
         .map(|_| old)
