@@ -37,7 +37,7 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{DirBuilderExt, FileExt};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -442,7 +442,13 @@ impl StateDir {
             dir: dir.to_path_buf(),
             source,
         };
-        fs::create_dir_all(dir).map_err(io)?;
+        // Only its owner may read a migration's state (the write-ahead log
+        // holds guest data); directories that already exist keep theirs.
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(io)?;
         let lock = Self::lock(dir)?;
         Self::check_creatable(dir)?;
         let map = PresenceMap::new(header.geometry().chunks());

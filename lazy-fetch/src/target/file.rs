@@ -6,7 +6,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt};
+use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -32,10 +32,13 @@ impl Target {
         let (file, created) = match OpenOptions::new().read(true).write(true).open(path) {
             Ok(f) => (f, false),
             Err(e) if e.kind() == io::ErrorKind::NotFound && may_create => {
+                // A copy of a server's disk: readable by its owner only,
+                // whatever the umask (issue 13).
                 let f = OpenOptions::new()
                     .read(true)
                     .write(true)
                     .create_new(true)
+                    .mode(0o600)
                     .open(path)
                     .map_err(|e| {
                         invalid(format!("cannot create target {}: {e}", path.display()))
