@@ -306,8 +306,11 @@ async fn open(
     header: &Header,
     allow_finalized: bool,
 ) -> anyhow::Result<Arc<Volume<AnySource>>> {
+    // Finalize's own reads (no `stream start` running) use the default
+    // stall timeout; a running start hydrates with its own.
+    let stall = lazy_fetch::source::nbd::NbdOptions::default().stall_timeout;
     let source =
-        crate::start::open_source(&header.source.location, Some(header.source.size)).await?;
+        crate::start::open_source(&header.source.location, Some(header.source.size), stall).await?;
     let volume = Volume::open(
         source,
         &OpenOptions {

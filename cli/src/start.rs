@@ -86,6 +86,12 @@ pub struct StartArgs {
     /// signal exits at once.
     #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = crate::finalize::parse_duration)]
     stop_timeout: Duration,
+    /// An NBD source request unanswered this long marks its connection
+    /// dead and is sent again on a new one. Raise it for slow or lossy
+    /// links, where a large read may take longer; lower it to give up on a
+    /// hung server sooner.
+    #[arg(long, value_name = "DURATION", default_value = "20s", value_parser = crate::finalize::parse_duration)]
+    source_stall_timeout: Duration,
     /// Start a new migration even though the target is not new: it holds
     /// non-zero data, or the marker of a migration whose state directory
     /// is not the one given. Its content is overwritten with the source's.
@@ -120,7 +126,7 @@ pub async fn run(args: StartArgs) -> anyhow::Result<()> {
     if args.socket.is_none() && !args.mount.mount_only {
         args.tls.check_listen(&args.listen)?;
     }
-    let source = open_source(&args.source, expected).await?;
+    let source = open_source(&args.source, expected, args.source_stall_timeout).await?;
     if !StateDir::exists(&state_dir) {
         // A new migration: refuse before anything is created or written.
         StateDir::check_creatable(&state_dir)
@@ -451,9 +457,16 @@ fn check_target_is_new(target: &Path, state_dir: &Path, overwrite: bool) -> anyh
 /// The source named on the command line (or recorded in a state header):
 /// an NBD URI or a local path. `expected_size` is the size a resumed
 /// migration recorded; an NBD source is then connected in the background.
-pub async fn open_source(spec: &str, expected_size: Option<u64>) -> anyhow::Result<AnySource> {
+pub async fn open_source(
+    spec: &str,
+    expected_size: Option<u64>,
+    stall_timeout: Duration,
+) -> anyhow::Result<AnySource> {
     if spec.contains("://") {
-        let opts = NbdOptions::default();
+        let opts = NbdOptions {
+            stall_timeout,
+            ..NbdOptions::default()
+        };
         let source = match expected_size {
             Some(size) => NbdSource::lazy(spec, size, opts)?,
             None => NbdSource::connect(spec, opts).await.context(
@@ -488,7 +501,8 @@ async fn persist_periodically<S: lazy_fetch::source::Source>(volume: Arc<Volume<
         // Progress only: a chunk whose entry is lost is fetched again. Every
         // save syncs the target, which stalls client I/O for tens of ms, so
         // not often; client FLUSH and FUA persist at once regardless.
-        let wal_big = volume.wal_len() > 256 << 20;
+        // Keep the write-ahead log within the room reserved for it.
+        let wal_big = volume.wal_len() > lazy_fetch::wal::RESERVE / 2;
         if pending > 65536 || wal_big || (pending > 0 && last.elapsed() >= Duration::from_secs(5)) {
             if let Err(e) = volume.flush().await {
                 tracing::warn!("saving progress failed (will retry): {e}");

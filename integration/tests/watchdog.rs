@@ -59,3 +59,36 @@ fn a_stuck_read_is_named_shown_in_status_and_sigterm_still_ends_the_process() {
     );
     proxy.hold(false);
 }
+
+/// `--source-stall-timeout` sets when a source request without a reply
+/// marks its connection dead (fixed at 20 s before; issue 13).
+#[test]
+fn the_source_stall_timeout_is_the_flag_given() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = mixed_image(dir.path());
+    let (_export, proxy) = Proxy::in_front_of_export(&img.path);
+    let start = Start::new(proxy.uri(""), dir.path().join("target.img"), dir.path())
+        .no_hydrate(true)
+        .args(&["--source-stall-timeout", "2s"]);
+    let running = start.spawn();
+    let mut conn = running.open();
+    proxy.hold(true);
+    let t0 = Instant::now();
+    conn.send(&request_bytes(0, CMD_READ, 9, 3 << 20, 4096))
+        .unwrap();
+    let deadline = t0 + Duration::from_secs(15);
+    let log = loop {
+        let log = running.log();
+        if log.contains("no reply within 2s") || Instant::now() > deadline {
+            break log;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(
+        log.contains("no reply within 2s"),
+        "the stalled connection is given up after 2 s, not 20:\n{log}"
+    );
+    proxy.hold(false);
+    drop(conn);
+    running.sigterm_and_wait(Duration::from_secs(30));
+}
