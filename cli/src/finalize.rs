@@ -737,11 +737,19 @@ pub async fn verify(args: VerifyArgs) -> anyhow::Result<()> {
         };
         crate::outln!("{}", serde_json::to_string(&doc)?);
     } else if r.ok() {
+        let how = if r.source_hashes {
+            format!(
+                "by the hashes the source computed ({} bytes of hashes and {} bytes of data \
+                 read from it)",
+                r.source_hash_bytes, r.source_bytes_read
+            )
+        } else {
+            format!("{} bytes read from the source", r.source_bytes_read)
+        };
         crate::outln!(
-            "verified: {} chunks equal the source, {} client-written chunks equal the manifest ({} bytes read from the source)",
+            "verified: {} chunks equal the source, {} client-written chunks equal the manifest ({how})",
             r.chunks_compared_with_source,
             r.chunks_compared_with_manifest,
-            r.source_bytes_read
         );
     }
     if !r.ok() {

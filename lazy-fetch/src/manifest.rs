@@ -38,6 +38,9 @@ pub const CHUNK_HASHES: &str = "manifest.chunks";
 /// Chunks read and hashed concurrently.
 const IN_FLIGHT: usize = 8;
 
+/// Source hashes read per request when the source computes them.
+const REMOTE_WINDOW: u64 = 4096;
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Counts {
     pub chunks: u64,
@@ -236,6 +239,11 @@ pub struct VerifyReport {
     pub chunks_compared_with_source: u64,
     pub chunks_compared_with_manifest: u64,
     pub source_bytes_read: u64,
+    /// The source computed its chunk hashes (`stream export`): they were
+    /// compared instead of reading its chunks.
+    pub source_hashes: bool,
+    /// Bytes of those hashes read over the link (32 per chunk).
+    pub source_hash_bytes: u64,
     pub mismatches: Vec<Mismatch>,
 }
 
@@ -300,6 +308,21 @@ pub async fn verify<S: Source>(
         }
     }
     let mut report = VerifyReport::default();
+    // Chunks no client wrote are compared with the source: with the hashes
+    // it computes where the disk is when it serves them (32 bytes a chunk
+    // over the link), else by reading them.
+    let remote = v.source().chunk_hashes(g.chunk_size()).await;
+    report.source_hashes = remote.is_some();
+    match &remote {
+        Some(_) => tracing::info!(
+            "verify: the source computes its own chunk hashes; 32 bytes per chunk cross the link"
+        ),
+        None => tracing::info!(
+            "verify: the source serves no chunk hashes (nbdkit, qemu-nbd, a local disk or an \
+             older stream export): reading its chunks to compare"
+        ),
+    }
+    let mut window: (u64, Vec<[u8; 32]>) = (0, Vec::new());
     let mut pending = FuturesOrdered::new();
     let mut next = 0u64;
     let total = g.chunks();
@@ -310,6 +333,21 @@ pub async fn verify<S: Source>(
             let written = v.map().is_written(c);
             let zero_source = source_zero[next as usize];
             let expect_manifest = hashes[next as usize];
+            let source_hash = match &remote {
+                Some(r) if !written && !zero_source => {
+                    if next >= window.0 + window.1.len() as u64 {
+                        let n = REMOTE_WINDOW.min(total - next);
+                        let got = r
+                            .read(next, n)
+                            .await
+                            .map_err(|source| Error::FetchChunk { index: c, source })?;
+                        report.source_hash_bytes += n * crate::proof::HASH_LEN;
+                        window = (next, got);
+                    }
+                    Some(window.1[(next - window.0) as usize])
+                }
+                _ => None,
+            };
             pending.push_back(async move {
                 let target = blake3::hash(&target_chunk(&v, c).await?);
                 let r = v.geometry().bytes(c);
@@ -320,6 +358,9 @@ pub async fn verify<S: Source>(
                         "manifest",
                         0,
                     ));
+                }
+                if let Some(h) = source_hash {
+                    return Ok((c, target.as_bytes() == &h, "source", 0));
                 }
                 let (source, read) = if zero_source {
                     (zero_hash(r.end - r.start), 0)

@@ -330,12 +330,17 @@ impl<S: Source> Volume<S> {
             Fingerprint::discard(&opts.state_dir)?;
             (state, header, map, target, false)
         };
-        // The source must still be the disk the chunks came from.
+        // The source must still be the disk the chunks came from. A
+        // finalized migration fetches nothing (verify compares instead), so
+        // its source is not sampled: that would read chunks over the link
+        // that the comparison then reads or hashes anyway.
         let fingerprint = Arc::new(Fingerprint::load(&opts.state_dir, header.geometry())?);
-        source
-            .install_fingerprint(fingerprint.clone())
-            .await
-            .map_err(|e| Error::Invalid(e.to_string()))?;
+        if !read_only {
+            source
+                .install_fingerprint(fingerprint.clone())
+                .await
+                .map_err(|e| Error::Invalid(e.to_string()))?;
+        }
         // Read-only: no running marker, so no recovery and no replay, ever.
         let unclean = !read_only && state.mark_running()?;
         let state_io = |source| Error::StateIo {

@@ -60,6 +60,16 @@ pub trait Source: Send + Sync + 'static {
         Health::Up
     }
 
+    /// The blake3 of each `chunk`-byte chunk, computed where the disk is
+    /// (`stream export`'s hash exports, see `proof`), or `None` when the
+    /// source cannot serve them: the caller then reads the chunks.
+    fn chunk_hashes(
+        &self,
+        _chunk: u64,
+    ) -> impl Future<Output = Option<crate::proof::RemoteHashes>> + Send {
+        async { None }
+    }
+
     /// Check the source against the migration's fingerprint now (a resume)
     /// and, for a source that reconnects, on every new connection from now
     /// on. A mismatch is an error naming the chunk; a source that refuses
@@ -116,6 +126,13 @@ impl Source for AnySource {
         match self {
             AnySource::File(s) => s.health(),
             AnySource::Nbd(s) => s.health(),
+        }
+    }
+
+    async fn chunk_hashes(&self, chunk: u64) -> Option<crate::proof::RemoteHashes> {
+        match self {
+            AnySource::File(s) => s.chunk_hashes(chunk).await,
+            AnySource::Nbd(s) => s.chunk_hashes(chunk).await,
         }
     }
 

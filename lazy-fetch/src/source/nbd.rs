@@ -861,6 +861,38 @@ impl Source for NbdSource {
         }
     }
 
+    /// A connection to the server's hash export for `chunk` (served by
+    /// `stream export` beside the disk); `None` when it has none (nbdkit,
+    /// qemu-nbd, an older `stream export`) or it cannot be reached.
+    async fn chunk_hashes(&self, chunk: u64) -> Option<crate::proof::RemoteHashes> {
+        let c = &self.common;
+        let name = crate::proof::export_name(chunk, &c.uri.export);
+        match Client::connect_tls(
+            &c.uri.endpoint,
+            &name,
+            c.tls.as_ref(),
+            c.opts.connect_timeout,
+        )
+        .await
+        {
+            Ok(client) => {
+                let hashes = crate::proof::RemoteHashes::new(client, c.size.div_ceil(chunk));
+                if hashes.is_none() {
+                    tracing::warn!(
+                        "source {}: its export {name:?} is not the hash table of this disk; \
+                         reading the disk instead",
+                        c.location
+                    );
+                }
+                hashes
+            }
+            Err(e) => {
+                tracing::debug!("source {}: no hash export {name:?}: {e}", c.location);
+                None
+            }
+        }
+    }
+
     fn health(&self) -> Health {
         if let Some(why) = self.common.refused() {
             return Health::Down(why);
