@@ -672,9 +672,9 @@ fn report(
         None => crate::outln!("finalized: boot the instance from {native}"),
     }
     crate::outln!(
-        "  {} bytes, blake3 {}; {} chunks: {} fetched on demand, {} hydrated, {} written by clients, {} zero",
+        "  {} bytes, chunk hashes blake3 {}; {} chunks: {} fetched on demand, {} hydrated, {} written by clients, {} zero",
         manifest.size,
-        manifest.disk_blake3,
+        manifest.chunk_hashes_blake3,
         manifest.counts.chunks,
         manifest.counts.fetched_on_demand,
         manifest.counts.hydrated,

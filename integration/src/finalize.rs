@@ -230,3 +230,26 @@ pub fn status(state: &Path) -> serde_json::Value {
     assert!(out.status.success(), "{}", out.describe());
     json_stdout(&out)
 }
+
+/// The manifest of `report` describes `target` chunk for chunk: its chunk
+/// hashes (`STATE/manifest.chunks`) are the blake3 of each chunk of the
+/// target, and `chunk_hashes_blake3` is the blake3 of that list.
+pub fn assert_manifest_matches_target(report: &serde_json::Value, state: &Path, target: &Path) {
+    let m = &report["manifest"];
+    let chunk = m["chunk_size"].as_u64().expect("chunk_size") as usize;
+    let list = std::fs::read(state.join("manifest.chunks")).expect("manifest.chunks");
+    assert_eq!(
+        m["chunk_hashes_blake3"].as_str(),
+        Some(blake3::hash(&list).to_hex().as_str()),
+        "chunk_hashes_blake3 is not the blake3 of manifest.chunks: {report}"
+    );
+    let data = std::fs::read(target).expect("read the target");
+    let want: Vec<u8> = data
+        .chunks(chunk)
+        .flat_map(|c| *blake3::hash(c).as_bytes())
+        .collect();
+    assert!(
+        list == want,
+        "the manifest's chunk hashes are not those of the target's chunks: {report}"
+    );
+}

@@ -30,7 +30,7 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use crate::presence::Bitmap;
+use crate::presence::{Bitmap, PresenceMap};
 use crate::units::ChunkIndex;
 
 /// Bytes of one record.
@@ -57,27 +57,34 @@ impl ChunkHashes {
     /// `dir`. After a clean stop the saved dirty set is loaded; otherwise
     /// (or when it is missing or damaged) every chunk in `written` is
     /// dirty.
-    pub fn open(dir: &Path, chunks: u64, clean: bool, written: &Bitmap) -> io::Result<ChunkHashes> {
+    pub fn open(dir: &Path, map: &PresenceMap, clean: bool) -> io::Result<ChunkHashes> {
+        let chunks = map.chunks();
+        let path = dir.join("hashes");
+        let fresh = !path.exists();
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
-            .open(dir.join("hashes"))?;
+            .open(&path)?;
         let len = chunks * RECORD;
         if file.metadata()?.len() != len {
             file.set_len(len)?;
         }
-        let saved = clean
+        let saved = (clean && !fresh)
             .then(|| std::fs::read(dir.join("hashes.dirty")).ok())
             .flatten()
             .and_then(|b| parse_dirty(&b, chunks));
         let dirty = match saved {
             Some(d) => d,
             None => {
+                // No records yet for chunks already present (a migration
+                // begun before records were kept): all of them are stale.
+                // Otherwise, after an unclean stop, every written chunk.
                 let d = Bitmap::new(chunks);
                 for i in 0..chunks {
-                    if written.get(i) {
+                    let c = ChunkIndex(i);
+                    if (fresh && map.is_present(c)) || map.is_written(c) {
                         d.set(i);
                     }
                 }
@@ -99,6 +106,16 @@ impl ChunkHashes {
     pub fn record(&self, c: ChunkIndex, hash: &[u8; 32]) -> io::Result<()> {
         self.file.write_all_at(hash, c.0 * RECORD)?;
         self.dirty.clear(c.0);
+        Ok(())
+    }
+
+    /// Record the hashes of the contiguous chunks from `first`.
+    pub fn record_run(&self, first: ChunkIndex, hashes: &[[u8; 32]]) -> io::Result<()> {
+        self.file
+            .write_all_at(hashes.as_flattened(), first.0 * RECORD)?;
+        for i in 0..hashes.len() as u64 {
+            self.dirty.clear(first.0 + i);
+        }
         Ok(())
     }
 
@@ -173,13 +190,21 @@ fn parse_dirty(b: &[u8], chunks: u64) -> Option<Bitmap> {
 mod tests {
     use super::*;
 
+    use crate::presence::ChunkState;
+
+    fn map(chunks: u64, written: &[u64]) -> PresenceMap {
+        let m = PresenceMap::new(chunks);
+        for &w in written {
+            m.set(ChunkIndex(w), ChunkState::Data, true);
+        }
+        m
+    }
+
     #[test]
     fn records_survive_reopen_and_dirty_is_kept_only_across_a_clean_stop() {
         let dir = tempfile::tempdir().unwrap();
-        let written = Bitmap::new(10);
-        written.set(3);
-        written.set(7);
-        let h = ChunkHashes::open(dir.path(), 10, false, &written).unwrap();
+        let written = map(10, &[3, 7]);
+        let h = ChunkHashes::open(dir.path(), &written, false).unwrap();
         // Unclean (or first) open: every written chunk is dirty.
         assert!(h.is_dirty(ChunkIndex(3)) && h.is_dirty(ChunkIndex(7)));
         assert_eq!(h.dirty_count(), 2);
@@ -191,7 +216,7 @@ mod tests {
         h.save_dirty().unwrap();
         drop(h);
 
-        let h = ChunkHashes::open(dir.path(), 10, true, &written).unwrap();
+        let h = ChunkHashes::open(dir.path(), &written, true).unwrap();
         assert_eq!(&h.read(ChunkIndex(3), 1).unwrap(), &[0xab; 32]);
         assert_eq!(
             (
@@ -205,7 +230,7 @@ mod tests {
         drop(h);
         // The saved set was consumed: an unclean stop now falls back to
         // "every written chunk".
-        let h = ChunkHashes::open(dir.path(), 10, true, &written).unwrap();
+        let h = ChunkHashes::open(dir.path(), &written, true).unwrap();
         assert_eq!(
             (
                 h.is_dirty(ChunkIndex(3)),
@@ -217,11 +242,21 @@ mod tests {
     }
 
     #[test]
+    fn a_migration_from_before_records_has_every_present_chunk_stale() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = PresenceMap::new(4);
+        m.set(ChunkIndex(0), ChunkState::Data, false);
+        m.set(ChunkIndex(2), ChunkState::Zero, false);
+        let h = ChunkHashes::open(dir.path(), &m, true).unwrap();
+        assert!(h.is_dirty(ChunkIndex(0)) && h.is_dirty(ChunkIndex(2)));
+        assert!(!h.is_dirty(ChunkIndex(1)));
+    }
+
+    #[test]
     fn a_damaged_dirty_file_falls_back_to_the_written_chunks() {
         let dir = tempfile::tempdir().unwrap();
-        let written = Bitmap::new(4);
-        written.set(1);
-        let h = ChunkHashes::open(dir.path(), 4, false, &written).unwrap();
+        let written = map(4, &[1]);
+        let h = ChunkHashes::open(dir.path(), &written, false).unwrap();
         h.record(ChunkIndex(1), &[1; 32]).unwrap();
         h.save_dirty().unwrap();
         drop(h);
@@ -229,7 +264,7 @@ mod tests {
         let mut b = std::fs::read(&p).unwrap();
         b[9] ^= 1;
         std::fs::write(&p, b).unwrap();
-        let h = ChunkHashes::open(dir.path(), 4, true, &written).unwrap();
+        let h = ChunkHashes::open(dir.path(), &written, true).unwrap();
         assert!(h.is_dirty(ChunkIndex(1)));
     }
 }

@@ -2,16 +2,21 @@
 //! and the verifier that checks a target against its source and manifest.
 //!
 //! `manifest.json` in the state directory carries the sizes, the chunk size,
-//! the source and target identity, times, counts (chunks fetched on demand,
-//! hydrated, written by clients, holes) and the blake3 of the whole disk.
-//! The blake3 of every chunk is kept beside it in `manifest.chunks` (32
-//! bytes per chunk, in order; 512 MiB for 1 TiB in 64 KiB chunks, too much
-//! for JSON), whose own blake3 is in the JSON so it cannot be swapped.
+//! the source and target identity, times and counts (chunks fetched on
+//! demand, hydrated, written by clients, holes). The blake3 of every chunk
+//! is kept beside it in `manifest.chunks` (32 bytes per chunk, in order;
+//! 512 MiB for 1 TiB in 64 KiB chunks, too much for JSON), whose own
+//! blake3 is in the JSON so it cannot be swapped: that is the digest of
+//! the disk.
 //!
-//! The target is always read to build the manifest (it is the truth that
-//! will be booted), except where a target we created sparse has a hole:
-//! a hole reads as zeros, so the hash of a zero chunk is used without
-//! reading it.
+//! Building it reads the target only where it must (issue 15): a zero
+//! chunk's hash is known; a chunk whose hash was recorded as it became
+//! present and that nobody changed since (`hashes`: the kept manifest)
+//! takes its record; only chunks changed in place since their record (by
+//! clients) are read and hashed. So finalize costs time in what clients
+//! changed, not in the disk's size. Version 1 manifests also had the
+//! blake3 of the whole disk (`disk_blake3`), which needs every byte read;
+//! version 2 leaves it out.
 //!
 //! Verification compares, chunk by chunk, every chunk no client wrote with
 //! the source (a source extent known to be zero is compared with zeros
@@ -40,6 +45,8 @@ const IN_FLIGHT: usize = 8;
 
 /// Source hashes read per request when the source computes them.
 const REMOTE_WINDOW: u64 = 4096;
+/// Kept hashes read from the state directory at a time.
+const RECORD_WINDOW: u64 = 65536;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Counts {
@@ -63,8 +70,11 @@ pub struct Manifest {
     pub migration_started_at: u64,
     pub manifest_written_at: u64,
     pub counts: Counts,
-    /// blake3 of the whole disk, hex.
-    pub disk_blake3: String,
+    /// blake3 of the whole disk, hex (version 1 only: it needs every byte
+    /// of the target read; version 2 identifies the disk by the blake3 of
+    /// its chunk hashes, `chunk_hashes_blake3`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_blake3: Option<String>,
     /// File with the blake3 of every chunk, and its own blake3 (hex).
     pub chunk_hashes_file: String,
     pub chunk_hashes_blake3: String,
@@ -137,8 +147,10 @@ async fn target_chunk<S: Source>(v: &Volume<S>, c: ChunkIndex) -> Result<Vec<u8>
         })
 }
 
-/// Hash the whole target of a complete volume and write the manifest.
-/// `progress(done, total)` is called as chunks are hashed.
+/// Write the manifest of a complete volume from what is known of each
+/// chunk, reading the target only for chunks changed since their hash was
+/// recorded (see the module docs). `progress(done, total)` is called as
+/// chunks are done; returns the manifest and how many chunks were read.
 pub async fn write<S: Source>(
     v: &Arc<Volume<S>>,
     progress: &(dyn Fn(u64, u64) + Send + Sync),
@@ -151,33 +163,53 @@ pub async fn write<S: Source>(
     };
     let hashes_path = dir.join(format!(".{CHUNK_HASHES}.tmp"));
     let mut hashes_file = std::io::BufWriter::new(std::fs::File::create(&hashes_path).map_err(io)?);
-    let mut disk = blake3::Hasher::new();
     let mut list = blake3::Hasher::new();
+    let full_zero = *zero_hash(g.chunk_size()).as_bytes();
     let mut pending = FuturesOrdered::new();
     let mut next = 0u64;
     let total = g.chunks();
     let mut done = 0u64;
+    let mut read = 0u64;
+    let mut records: (u64, Vec<[u8; 32]>) = (0, Vec::new());
     loop {
         while pending.len() < IN_FLIGHT && next < total {
             let c = ChunkIndex(next);
+            let r = g.bytes(c);
+            let known = match v.map().state(c) {
+                ChunkState::Zero if r.end - r.start == g.chunk_size() => Some(full_zero),
+                ChunkState::Zero => Some(*zero_hash(r.end - r.start).as_bytes()),
+                _ if v.hash_is_kept(c) => {
+                    if next >= records.0 + records.1.len() as u64 {
+                        let n = RECORD_WINDOW.min(total - next);
+                        records = (next, v.kept_hashes(c, n).await?);
+                    }
+                    Some(records.1[(next - records.0) as usize])
+                }
+                _ => None,
+            };
             let v = v.clone();
             pending.push_back(async move {
-                let data = target_chunk(&v, c).await?;
-                let h = blake3::hash(&data);
-                Ok::<_, Error>((data, h))
+                match known {
+                    Some(h) => Ok::<_, Error>((h, false)),
+                    None => Ok((*blake3::hash(&target_chunk(&v, c).await?).as_bytes(), true)),
+                }
             });
             next += 1;
         }
         let Some(r) = pending.next().await else { break };
-        let (data, h) = r?;
-        disk.update(&data);
-        list.update(h.as_bytes());
-        hashes_file.write_all(h.as_bytes()).map_err(io)?;
+        let (h, was_read) = r?;
+        read += u64::from(was_read);
+        list.update(&h);
+        hashes_file.write_all(&h).map_err(io)?;
         done += 1;
         if done % 1024 == 0 || done == total {
             progress(done, total);
         }
     }
+    tracing::info!(
+        "manifest: {total} chunks, {read} read from the target (changed since their hash was \
+         recorded), the rest from the kept hashes and the map"
+    );
     hashes_file.flush().map_err(io)?;
     hashes_file.get_ref().sync_all().map_err(io)?;
     drop(hashes_file);
@@ -187,7 +219,7 @@ pub async fn write<S: Source>(
     let st = v.status();
     let m = Manifest {
         format: "stream-manifest".into(),
-        version: 1,
+        version: 2,
         size: g.size(),
         chunk_size: g.chunk_size(),
         source: h.source.clone(),
@@ -205,7 +237,7 @@ pub async fn write<S: Source>(
             zero: st.chunks_zero,
             source_holes: st.chunks_source_holes,
         },
-        disk_blake3: disk.finalize().to_hex().to_string(),
+        disk_blake3: None,
         chunk_hashes_file: CHUNK_HASHES.into(),
         chunk_hashes_blake3: list.finalize().to_hex().to_string(),
     };

@@ -62,6 +62,7 @@ use nbd_server::{Extent, Piece};
 
 use crate::error::{Error, Result};
 use crate::fingerprint::Fingerprint;
+use crate::hashes::ChunkHashes;
 use crate::inflight::{ChunkGuard, ChunkLocks};
 use crate::presence::{ChunkState, PresenceMap};
 use crate::source::{Class, Source};
@@ -149,6 +150,9 @@ pub struct Volume<S> {
     fingerprint: Arc<Fingerprint>,
     /// A finalized migration: the target is open `O_RDONLY`.
     read_only: bool,
+    /// The blake3 of each chunk as it became present (`hashes`); `None`
+    /// when read-only.
+    hashes: Option<Arc<ChunkHashes>>,
 }
 
 /// Readahead state. One task at a time fetches chunks `at..until`; a
@@ -347,12 +351,13 @@ impl<S: Source> Volume<S> {
             dir: opts.state_dir.clone(),
             source,
         };
+        let mut replayed = Vec::new();
         if read_only {
             // Leave every file as it is: nothing is replayed onto the target.
         } else if unclean {
             // Make every logged in-place change whole before anything else
             // looks at the target.
-            let n = wal::replay(&opts.state_dir, &target)
+            let (n, touched) = wal::replay(&opts.state_dir, &target)
                 .await
                 .map_err(state_io)?;
             if n > 0 {
@@ -360,10 +365,26 @@ impl<S: Source> Volume<S> {
                     "replayed {n} logged in-place changes cut short by the unclean stop"
                 );
             }
+            replayed = touched;
         } else {
             wal::remove_all(&opts.state_dir).map_err(state_io)?;
         }
         let wal = Wal::open(&opts.state_dir, !read_only).map_err(state_io)?;
+        // The kept manifest: chunk records, stale where clients changed
+        // chunks in place (replayed changes included: the map may not know
+        // of their writes).
+        let hashes = if read_only {
+            None
+        } else {
+            let h = ChunkHashes::open(&opts.state_dir, &map, !unclean).map_err(state_io)?;
+            let g = header.geometry();
+            for (offset, len) in replayed {
+                for i in g.chunks_of(offset, len.max(1)) {
+                    h.mark_dirty(ChunkIndex(i));
+                }
+            }
+            Some(Arc::new(h))
+        };
         let volume = Arc::new(Volume {
             geometry: header.geometry(),
             source,
@@ -385,6 +406,7 @@ impl<S: Source> Volume<S> {
             opened: Instant::now(),
             fingerprint,
             read_only,
+            hashes,
         });
         volume.stats.resume(&volume.state.load_totals());
         if unclean {
@@ -489,6 +511,7 @@ impl<S: Source> Volume<S> {
                     }
                     (ChunkState::Zero, false) => {
                         let written = self.map.is_written(c);
+                        self.stale(r.start, r.end - r.start);
                         self.map.set(c, ChunkState::Data, false);
                         self.state.record(c, ChunkState::Data, written);
                         demoted += 1;
@@ -690,13 +713,30 @@ impl<S: Source> Volume<S> {
         // Durable before the chunk can be marked present.
         self.fingerprint.offer_async(first.0, &data).await?;
         Stats::add(&self.stats.bytes_fetched, len as u64);
-        let zero: Vec<bool> = guards
-            .iter()
-            .map(|g| {
-                let r = self.geometry.bytes(g.index());
-                is_zero(&data[(r.start - range.start) as usize..(r.end - range.start) as usize])
-            })
-            .collect();
+        // Which chunks are all zero, and the blake3 of the others for the
+        // kept manifest, from the bytes in hand, off the runtime threads.
+        let (g, start, keep) = (self.geometry, range.start, self.hashes.is_some());
+        let chunks: Vec<ChunkIndex> = guards.iter().map(|g| g.index()).collect();
+        let (data, zero, digests) = tokio::task::spawn_blocking(move || {
+            let mut zero = Vec::with_capacity(chunks.len());
+            let mut digests = Vec::with_capacity(chunks.len());
+            for c in chunks {
+                let r = g.bytes(c);
+                let piece = &data[(r.start - start) as usize..(r.end - start) as usize];
+                let z = is_zero(piece);
+                zero.push(z);
+                digests.push(match (z, keep) {
+                    (false, true) => *blake3::hash(piece).as_bytes(),
+                    _ => [0u8; 32],
+                });
+            }
+            (data, zero, digests)
+        })
+        .await
+        .map_err(|e| Error::FetchChunk {
+            index: first,
+            source: std::io::Error::other(e),
+        })?;
         if zero.iter().all(|&z| z) {
             self.store_zero(first.0..last.0 + 1, false, false).await?;
             Stats::add(&self.stats.chunks_found_zero, guards.len() as u64);
@@ -718,6 +758,7 @@ impl<S: Source> Volume<S> {
                         .write_at(r.start, piece)
                         .await
                         .map_err(|source| self.target_error(c, source))?;
+                    self.record_hashes(c, &digests[(c.0 - first.0) as usize..][..1])?;
                     self.mark(c, ChunkState::Data, false);
                 }
             }
@@ -728,12 +769,66 @@ impl<S: Source> Volume<S> {
                 .write_at(range.start, data)
                 .await
                 .map_err(|source| self.target_error(first, source))?;
+            self.record_hashes(first, &digests)?;
             for g in guards {
                 self.mark(g.index(), ChunkState::Data, false);
             }
             data
         };
         Ok(Fetched::Data(data))
+    }
+
+    /// Record the kept-manifest hashes of the chunks from `first`, after
+    /// their target write and before they are marked present (the same
+    /// order as the map: a flush syncs the records before the journal).
+    fn record_hashes(&self, first: ChunkIndex, digests: &[[u8; 32]]) -> Result<()> {
+        match &self.hashes {
+            Some(h) => h
+                .record_run(first, digests)
+                .map_err(|source| self.wal_error(source)),
+            None => Ok(()),
+        }
+    }
+
+    /// Whether chunk `c` (present, data) has a current kept hash: recorded
+    /// as it became present and not changed in place since.
+    pub fn hash_is_kept(&self, c: ChunkIndex) -> bool {
+        self.map.state(c) == ChunkState::Data
+            && self.hashes.as_ref().is_some_and(|h| !h.is_dirty(c))
+    }
+
+    /// Chunks whose kept hash is stale (changed in place since).
+    pub fn stale_hashes(&self) -> u64 {
+        self.hashes.as_ref().map_or(0, |h| h.dirty_count())
+    }
+
+    /// The kept hashes of chunks `first..first + n` as stored (meaningful
+    /// where [`Volume::hash_is_kept`]).
+    pub async fn kept_hashes(&self, first: ChunkIndex, n: u64) -> Result<Vec<[u8; 32]>> {
+        let Some(h) = self.hashes.clone() else {
+            return Ok(vec![[0u8; 32]; n as usize]);
+        };
+        let dir = self.state.path().to_path_buf();
+        tokio::task::spawn_blocking(move || h.read(first, n))
+            .await
+            .map_err(std::io::Error::other)
+            .and_then(|r| r)
+            .map(|b| {
+                b.chunks_exact(32)
+                    .map(|r| <[u8; 32]>::try_from(r).expect("32 bytes"))
+                    .collect()
+            })
+            .map_err(|source| Error::StateIo { dir, source })
+    }
+
+    /// Chunks in `[offset, offset + len)` changed in place or by a client:
+    /// their records are stale until rehashed.
+    fn stale(&self, offset: u64, len: u64) {
+        if let Some(h) = &self.hashes {
+            for i in self.geometry.chunks_of(offset, len.max(1)) {
+                h.mark_dirty(ChunkIndex(i));
+            }
+        }
     }
 
     /// Read the source, noted as what the current request waits for.
@@ -773,6 +868,10 @@ impl<S: Source> Volume<S> {
     /// target write is replayed whole (invariant 3, `wal`). `c` is the first
     /// chunk touched, locked by the caller with every other one.
     async fn change_in_place(&self, c: ChunkIndex, offset: u64, change: InPlace) -> Result<()> {
+        match &change {
+            InPlace::Write(d) => self.stale(offset, d.len() as u64),
+            InPlace::Zero { len, .. } => self.stale(offset, *len),
+        }
         let logged = self.wal.hold().await;
         let record = match &change {
             InPlace::Write(data) => Change::Write(data),
@@ -870,6 +969,7 @@ impl<S: Source> Volume<S> {
                 }
             }
             ChunkState::Absent if whole => {
+                self.stale(offset, data.len() as u64);
                 self.target
                     .write_at(offset, data)
                     .await
@@ -894,6 +994,7 @@ impl<S: Source> Volume<S> {
                 self.stats.foreground_fetch.record(started.elapsed());
                 let at = (offset - r.start) as usize;
                 buf[at..at + data.len()].copy_from_slice(&data);
+                self.stale(r.start, r.end - r.start);
                 self.target
                     .write_at(r.start, buf)
                     .await
@@ -1028,7 +1129,15 @@ impl<S: Source> Volume<S> {
             return Err(Error::SyncTarget(e));
         }
         let st = self.state.clone();
+        let hashes = self.hashes.clone();
+        let dir = self.state.path().to_path_buf();
         let journal = tokio::task::spawn_blocking(move || {
+            // The records of the chunks the journal is about to call
+            // present, durable before it does.
+            if let Some(Err(source)) = hashes.as_ref().map(|h| h.sync()) {
+                st.restore_pending(entries);
+                return Err(Error::PersistMap { dir, source });
+            }
             if let Err(e) = st.append(&entries) {
                 st.restore_pending(entries);
                 return Err(e);
@@ -1092,9 +1201,16 @@ impl<S: Source> Volume<S> {
         let st = self.state.clone();
         let snapshot = state::map_bytes(&self.map);
         let totals = self.stats.totals();
+        let hashes = self.hashes.clone();
+        let dir = self.state.path().to_path_buf();
         tokio::task::spawn_blocking(move || {
             st.checkpoint(&snapshot)?;
             st.save_totals(&totals)?;
+            // Which kept hashes are stale, for the next open (an unclean
+            // stop takes every written chunk as stale instead).
+            if let Some(Err(source)) = hashes.as_ref().map(|h| h.save_dirty()) {
+                return Err(Error::PersistMap { dir, source });
+            }
             st.mark_clean()
         })
         .await

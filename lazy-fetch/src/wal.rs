@@ -289,9 +289,11 @@ impl Held<'_> {
 }
 
 /// Replay every complete record of every generation in `dir`, oldest first,
-/// onto `target`, then remove the files. Returns the number of records.
-pub async fn replay(dir: &Path, target: &Target) -> io::Result<u64> {
+/// onto `target`, then remove the files. Returns the number of records and
+/// the byte ranges they changed.
+pub async fn replay(dir: &Path, target: &Target) -> io::Result<(u64, Vec<(u64, u64)>)> {
     let mut n = 0;
+    let mut touched = Vec::new();
     for g in generations(dir)? {
         let path = dir.join(name(g));
         let bytes = fs::read(&path)?;
@@ -299,9 +301,13 @@ pub async fn replay(dir: &Path, target: &Target) -> io::Result<u64> {
         while let Some((offset, change, next)) = parse(&bytes, at) {
             match change {
                 Change::Write(data) => {
+                    touched.push((offset, data.len() as u64));
                     target.write_at(offset, data.to_vec()).await?;
                 }
-                Change::Zero { len, allocate } => target.zero(offset, len, allocate).await?,
+                Change::Zero { len, allocate } => {
+                    touched.push((offset, len));
+                    target.zero(offset, len, allocate).await?
+                }
             }
             n += 1;
             at = next;
@@ -318,7 +324,7 @@ pub async fn replay(dir: &Path, target: &Target) -> io::Result<u64> {
         target.sync().await?;
     }
     remove_all(dir)?;
-    Ok(n)
+    Ok((n, touched))
 }
 
 /// Remove every generation in `dir` (after a clean stop they hold nothing

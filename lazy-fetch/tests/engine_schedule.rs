@@ -10,8 +10,8 @@
 //! - *Progress*: every operation finishes. A deadlock (issue 12, case 1: a
 //!   FLUSH that never returned under concurrent sub-chunk writes) shows up
 //!   as the run not finishing within its bound, reported with the seed.
-//! - *Content*: every read, and the whole target at the end, equals the
-//!   model. Clients never overlap *in bytes* while in flight (each reserves
+//! - *Content*: every read, the whole target at the end, and the manifest
+//!   built from the hashes kept along the way, equal the model. Clients never overlap *in bytes* while in flight (each reserves
 //!   its byte range first), but they share chunks freely, which is where
 //!   the engine's locks, fetches and log must get it right.
 //!
@@ -321,8 +321,22 @@ async fn run_seed(seed: u64) {
             .unwrap();
     }
     assert!(volume.map().is_complete(), "seed {seed}: not complete");
-    volume.close().await.unwrap();
+    // The manifest, built from the hashes kept as chunks were fetched and
+    // from what clients changed since, equals the model chunk for chunk.
+    let m = lazy_fetch::manifest::write(&volume, &|_, _| {})
+        .await
+        .unwrap();
+    let kept = m.chunk_hashes(&dir.path().join("state")).unwrap();
     let model = world.model.lock().unwrap().clone();
+    let want: Vec<[u8; 32]> = model
+        .chunks(CHUNK as usize)
+        .map(|c| *blake3::hash(c).as_bytes())
+        .collect();
+    assert!(
+        kept == want,
+        "seed {seed}: the manifest differs from the model"
+    );
+    volume.close().await.unwrap();
     assert!(
         memory.durable_image() == model,
         "seed {seed}: the synced target differs from the model"
