@@ -497,6 +497,15 @@ async fn persist_periodically<S: lazy_fetch::source::Source>(volume: Arc<Volume<
             }
             totals_saved = Instant::now();
         }
+        // Once everything is here, re-derive the hashes clients made stale
+        // while nobody is busy, so finalize has little left to read.
+        if volume.map().is_complete()
+            && volume.stale_hashes() > 0
+            && !volume.foreground_busy(Duration::from_millis(200))
+            && let Err(e) = volume.rehash_stale(64).await
+        {
+            tracing::debug!("rehashing changed chunks failed (finalize will): {e}");
+        }
         let pending = volume.pending_entries();
         // Progress only: a chunk whose entry is lost is fetched again. Every
         // save syncs the target, which stalls client I/O for tens of ms, so

@@ -821,6 +821,51 @@ impl<S: Source> Volume<S> {
             .map_err(|source| Error::StateIo { dir, source })
     }
 
+    /// Re-derive up to `max` stale kept hashes from the target (the
+    /// background pass behind finalize's speed): each chunk under its lock,
+    /// so no client change can slip between the read and the record.
+    /// Chunks someone holds are skipped this time. Returns how many were
+    /// rehashed.
+    pub async fn rehash_stale(&self, max: usize) -> Result<usize> {
+        let Some(h) = self.hashes.clone() else {
+            return Ok(0);
+        };
+        let mut done = 0;
+        let mut from = 0;
+        while done < max {
+            let Some(c) = h.next_dirty(from) else { break };
+            from = c.0 + 1;
+            let Some(_g) = self.locks.try_lock(c) else {
+                continue;
+            };
+            if !h.is_dirty(c) {
+                continue;
+            }
+            if self.map.state(c) != ChunkState::Data {
+                // Zero or absent: no record is read for it.
+                continue;
+            }
+            let r = self.geometry.bytes(c);
+            let data = self
+                .target
+                .read_at(r.start, (r.end - r.start) as usize)
+                .await
+                .map_err(|source| Error::ReadTarget {
+                    offset: r.start,
+                    source,
+                })?;
+            let digest = tokio::task::spawn_blocking(move || *blake3::hash(&data).as_bytes())
+                .await
+                .map_err(|e| Error::ReadTarget {
+                    offset: r.start,
+                    source: std::io::Error::other(e),
+                })?;
+            self.record_hashes(c, &[digest])?;
+            done += 1;
+        }
+        Ok(done)
+    }
+
     /// Chunks in `[offset, offset + len)` changed in place or by a client:
     /// their records are stale until rehashed.
     fn stale(&self, offset: u64, len: u64) {

@@ -230,7 +230,8 @@ async fn client(world: Arc<World>, mut rng: Rng, id: usize) -> Result<(), String
     Ok(())
 }
 
-/// Background fetches of random runs, as hydration and readahead make.
+/// Background fetches of random runs, as hydration and readahead make, and
+/// rehashes of stale kept hashes.
 async fn fetcher(world: Arc<World>, mut rng: Rng) {
     for _ in 0..OPS_PER_CLIENT {
         let c = ChunkIndex(rng.below(CHUNKS));
@@ -238,6 +239,9 @@ async fn fetcher(world: Arc<World>, mut rng: Rng) {
             .volume
             .fetch_run_from(c, 1 + rng.below(4) as usize, Class::Background)
             .await;
+        // The background pass that re-derives hashes clients made stale,
+        // racing their writes.
+        let _ = world.volume.rehash_stale(2).await;
         tokio::task::yield_now().await;
     }
 }
