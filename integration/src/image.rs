@@ -237,6 +237,23 @@ pub fn assert_same_file(actual: &Path, expected: &Path) {
     );
 }
 
+/// A file of `mib` MiB where no byte is zero (so no chunk is found all
+/// zero), written quickly: one MiB of a short pattern, repeated. The
+/// content at byte `b` is `((b % MIB) % 251) | 1`.
+pub fn repeating_file(path: &Path, mib: u64) {
+    let mut block = vec![0u8; MIB as usize];
+    for (i, b) in block.iter_mut().enumerate() {
+        *b = (i % 251) as u8 | 1;
+    }
+    let mut f = std::io::BufWriter::new(
+        File::create(path).unwrap_or_else(|e| panic!("create {}: {e}", path.display())),
+    );
+    for _ in 0..mib {
+        f.write_all(&block).expect("write repeating file");
+    }
+    f.flush().expect("flush repeating file");
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -3,8 +3,6 @@
 //! connection count is capped with the refusal logged, and replies nobody
 //! reads wait within a budget instead of growing the process.
 
-use std::io::Write;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use integration::image::MIB;
@@ -13,30 +11,6 @@ use integration::wire::{CMD_CACHE, CMD_READ, request_bytes};
 use integration::{Running, Start};
 
 const STOP: Duration = Duration::from_secs(30);
-
-/// A dense file of `mib` MiB (no chunk reads as zeros).
-fn dense(path: &Path, mib: u64) {
-    let mut block = vec![0u8; MIB as usize];
-    for (i, b) in block.iter_mut().enumerate() {
-        *b = (i % 251) as u8 | 1;
-    }
-    let mut f = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
-    for _ in 0..mib {
-        f.write_all(&block).unwrap();
-    }
-    f.flush().unwrap();
-}
-
-/// Peak resident set of a process, KiB.
-fn peak_rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
-        .expect("VmHWM in /proc status")
-}
 
 fn reply_cookie(conn: &mut integration::wire::Conn) -> u64 {
     let head = conn.recv(16).unwrap();
@@ -49,10 +23,10 @@ fn reply_cookie(conn: &mut integration::wire::Conn) -> u64 {
 fn concurrent_whole_disk_caches_cost_bounded_memory() {
     let dir = tempfile::tempdir().unwrap();
     let src = dir.path().join("source.img");
-    dense(&src, 512);
+    integration::image::repeating_file(&src, 512);
     let start = Start::new(&src, dir.path().join("target.img"), dir.path()).no_hydrate(true);
     let running = start.spawn();
-    let before = peak_rss_kib(running.pid());
+    let before = integration::server::peak_rss_kib(running.pid());
     let mut conn = running.open();
     for cookie in 1..=4 {
         conn.send(&request_bytes(0, CMD_CACHE, cookie, 0, 512 * MIB as u32))
@@ -63,7 +37,7 @@ fn concurrent_whole_disk_caches_cost_bounded_memory() {
     assert_eq!(answered, vec![1, 2, 3, 4]);
     let st = running.status();
     assert_eq!(st["volume"]["hydration_complete"], true, "{st}");
-    let peak = peak_rss_kib(running.pid());
+    let peak = integration::server::peak_rss_kib(running.pid());
     eprintln!("CACHE 4 x 512 MiB: peak RSS {before} KiB before, {peak} KiB after");
     assert!(
         peak < 128 * 1024,
@@ -90,7 +64,7 @@ fn assert_refused(running: &Running) {
 fn connections_past_the_cap_are_refused_and_logged_and_others_go_on() {
     let dir = tempfile::tempdir().unwrap();
     let src = dir.path().join("source.img");
-    dense(&src, 8);
+    integration::image::repeating_file(&src, 8);
     let start = Start::new(&src, dir.path().join("target.img"), dir.path())
         .no_hydrate(true)
         .args(&["--max-connections", "3"]);
@@ -143,7 +117,7 @@ fn connections_past_the_cap_are_refused_and_logged_and_others_go_on() {
 fn replies_nobody_reads_wait_within_the_budget_and_others_are_served() {
     let dir = tempfile::tempdir().unwrap();
     let src = dir.path().join("source.img");
-    dense(&src, 64);
+    integration::image::repeating_file(&src, 64);
     let start = Start::new(&src, dir.path().join("target.img"), dir.path())
         .no_hydrate(true)
         .args(&["--buffer-budget", "32M"]);
@@ -169,7 +143,7 @@ fn replies_nobody_reads_wait_within_the_budget_and_others_are_served() {
         assert_eq!(got, want, "read at {off}");
     }
     eprintln!("50 reads of 4 KiB beside 8 hogs: {:?}", t0.elapsed());
-    let peak = peak_rss_kib(running.pid());
+    let peak = integration::server::peak_rss_kib(running.pid());
     eprintln!("peak RSS with 8 x 2 x 16 MiB unread replies, 32 MiB budget: {peak} KiB");
     // 128 MiB for the process, the 32 MiB budget, 2 MiB reserve each.
     assert!(

@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use integration::image::{MIB, assert_same_bytes, dense_file, read_at};
+use integration::start::ForgetMarker;
 use integration::start::mixed_image;
 use integration::{LoopDevice, Start};
 
@@ -42,44 +43,4 @@ fn block_device_target() {
         "the block device's marker in {}",
         ForgetMarker::registry().display()
     );
-}
-
-/// Removes, on drop, the registry entries (`stream start` marks a block
-/// device target there) that name the state directory `0`, so the test
-/// leaves nothing behind in /var/lib/stream/targets, pass or fail.
-struct ForgetMarker(std::path::PathBuf);
-
-impl ForgetMarker {
-    fn registry() -> std::path::PathBuf {
-        std::env::var_os("STREAM_TARGET_REGISTRY")
-            .map(std::path::PathBuf::from)
-            .unwrap_or_else(|| "/var/lib/stream/targets".into())
-    }
-
-    /// The registry entries naming this state directory.
-    fn entries(&self) -> Vec<std::path::PathBuf> {
-        let Ok(state) = std::fs::canonicalize(&self.0) else {
-            return Vec::new();
-        };
-        let Ok(dir) = std::fs::read_dir(Self::registry()) else {
-            return Vec::new();
-        };
-        dir.flatten()
-            .map(|e| e.path())
-            .filter(|p| {
-                std::fs::read(p)
-                    .ok()
-                    .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-                    .is_some_and(|v| v["state_dir"] == state.display().to_string())
-            })
-            .collect()
-    }
-}
-
-impl Drop for ForgetMarker {
-    fn drop(&mut self) {
-        for p in self.entries() {
-            let _ = std::fs::remove_file(p);
-        }
-    }
 }

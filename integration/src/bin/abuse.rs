@@ -6,7 +6,6 @@
 //! errors. Prints a markdown table (docs/RELIABILITY.md keeps the figures).
 //! `STREAM_BIN=target/release/stream` measures a release build.
 
-use std::io::Write;
 use std::path::Path;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -19,29 +18,6 @@ use integration::wire::{CMD_CACHE, CMD_READ, Conn, request_bytes};
 const GOOD_READS: usize = 3000;
 /// The first part of the disk, made present before measuring.
 const HOT_MIB: u64 = 64;
-
-fn dense(path: &Path, mib: u64) {
-    let mut block = vec![0u8; MIB as usize];
-    for (i, b) in block.iter_mut().enumerate() {
-        *b = (i % 251) as u8 | 1;
-    }
-    let mut f = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
-    for _ in 0..mib {
-        f.write_all(&block).unwrap();
-    }
-    f.flush().unwrap();
-}
-
-fn peak_rss_mib(pid: u32) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kib: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
-        .unwrap();
-    kib / 1024.0
-}
 
 /// The good client: `GOOD_READS` random 4 KiB reads of the hot part.
 /// Returns (p50, p99) in microseconds and the number of errors.
@@ -92,7 +68,7 @@ fn main() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let src = dir.join("source.img");
-    dense(&src, size_mib);
+    integration::image::repeating_file(&src, size_mib);
     let budget_mib = 256;
 
     println!(
@@ -106,7 +82,7 @@ fn main() {
     let (p50, idle99, e) = good_client(&mut good);
     println!(
         "| none (idle) | {:.0} | {p50:.0} | {idle99:.0} | 1.00 | {e} |",
-        peak_rss_mib(running.pid())
+        integration::server::peak_rss_kib(running.pid()) as f64 / 1024.0
     );
     drop(running);
 
@@ -125,7 +101,7 @@ fn main() {
     let (p50, p99, e) = good_client(&mut good);
     println!(
         "| 16 CACHE of the whole {size_mib} MiB disk on 4 connections | {:.0} | {p50:.0} | {p99:.0} | {:.2} | {e} |",
-        peak_rss_mib(running.pid()),
+        integration::server::peak_rss_kib(running.pid()) as f64 / 1024.0,
         p99 / idle99
     );
     drop(hogs);
@@ -148,7 +124,7 @@ fn main() {
     let (p50, p99, e) = good_client(&mut good);
     println!(
         "| 32 connections x 2 READs of 32 MiB never read (budget {budget_mib} MiB) | {:.0} | {p50:.0} | {p99:.0} | {:.2} | {e} |",
-        peak_rss_mib(running.pid()),
+        integration::server::peak_rss_kib(running.pid()) as f64 / 1024.0,
         p99 / idle99
     );
     drop(hogs);
@@ -175,7 +151,7 @@ fn main() {
     println!(
         "| 20,000 connections that never negotiate ({kept} opened, {} kept) | {:.0} | {p50:.0} | {p99:.0} | {:.2} | {e} (status answered: {}) |",
         idle.len(),
-        peak_rss_mib(running.pid()),
+        integration::server::peak_rss_kib(running.pid()) as f64 / 1024.0,
         p99 / idle99,
         st["volume"]["phase"]
     );
