@@ -1,0 +1,259 @@
+//! The volume: the virtual disk a client sees, backed by a source that is
+//! fetched lazily into a target.
+//!
+//! Chunk states (see `presence`) and who moves each edge, always while
+//! holding the chunk's single-flight lock (`inflight`):
+//!
+//! ```text
+//!            client read / hydrator / readahead: fetch
+//!   absent ────────────────────────────────────────────▶ data
+//!     │  │   (fetched bytes all zero, or a source hole)     │ ▲
+//!     │  └───────────────────────────────────────▶ zero ◀───┘ │ trim / write-zeroes
+//!     │                                            │          │ of a whole chunk
+//!     │        client write (whole chunk: no fetch)└──────────┘ client write
+//!     └─────────────────────────────────────────────▶ data+written
+//! ```
+//!
+//! Invariants of the design and where they are enforced:
+//!
+//! 1. *Durable map implies durable data*: bits are set only after the
+//!    target write they describe completed, and [`Volume::flush`] syncs the
+//!    target before journaling (order documented in `state`).
+//! 2. *Single flight; acknowledged writes are never overwritten by source
+//!    data*: every change takes the chunk lock and re-checks the state
+//!    under it; a fetch only ever fills an *absent* chunk, and a write to an
+//!    absent chunk fetches, overlays and writes in one step under the lock
+//!    (`write_chunk`).
+//! 3. *FLUSH and FUA*: [`Volume::flush`] makes the target and the map
+//!    durable; FUA writes call it before answering. *Unflushed writes
+//!    never become a mix*: changes to present chunks are logged first
+//!    (`wal`, replayed at an unclean start); changes to absent or zero
+//!    chunks are returned whole to "old" by `recover`.
+//! 4. *No fetch needed*: whole-chunk writes, trims and write-zeroes never
+//!    read the source (`write_chunk`, `zero_chunks`).
+//! 5. *Holes stay holes*: source holes and all-zero chunks become `zero`
+//!    without a data write (`store_zero`).
+//! 6. *State names source, target, chunk size*: checked in [`Volume::open`].
+//! 7. *Foreground first*: foreground fetches use [`Class::Foreground`]
+//!    (their own source connection) and are counted in `fg_active`; every
+//!    client request stamps `fg_last`; the hydrator yields while either
+//!    says clients are busy ([`Volume::foreground_busy`]). Cold reads answer
+//!    with their own piece first (`read_piece_first`).
+//! 8. *Bounded memory*: three bits per chunk, the single-flight table (only
+//!    chunks in flight), and the pending journal entries (flushed by the
+//!    persister when they grow).
+//!
+//! Layout, by job: `open.rs` (opening, identity checks, crash recovery),
+//! `io.rs` (the client I/O path and the one in-place change function),
+//! `fetch.rs` (fetching absent chunks, runs, holes, CACHE), `readahead.rs`,
+//! `persist.rs` (flush, close, the kept manifest's records), `status.rs`.
+//! The struct, its accessors and the small helpers stay here.
+//!
+//! Crash recovery: after an unclean stop the journal may lag the target
+//! (writes that were never flushed). For a target we created sparse,
+//! every absent or zero chunk must read as zeros there, so ranges of the
+//! target that hold data for such chunks are punched again; on other
+//! targets zero chunks are demoted to data (the target is then the truth).
+//! Either outcome is what NBD allows for unflushed writes, and the target
+//! always equals what clients read.
+
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use futures_util::future::{BoxFuture, try_join_all};
+use nbd_server::{Extent, Piece};
+
+use crate::error::{Error, Result};
+use crate::fingerprint::Fingerprint;
+use crate::hashes::ChunkHashes;
+use crate::inflight::{ChunkGuard, ChunkLocks};
+use crate::presence::{ChunkState, PresenceMap};
+use crate::source::{Class, Source};
+use crate::state::{self, Header, Phase, StateDir};
+use crate::stats::Stats;
+use crate::target::Target;
+use crate::units::{ChunkIndex, DEFAULT_CHUNK, Geometry};
+use crate::wal::{self, Change, Wal};
+use crate::watchdog::{Requests, Wait, waiting};
+
+mod fetch;
+mod io;
+mod open;
+mod persist;
+mod readahead;
+mod status;
+
+pub use open::OpenOptions;
+use readahead::Readahead;
+pub use status::Status;
+
+/// Longest run of chunks one background fetch reads.
+pub const MAX_RUN: usize = 16;
+/// CACHE requests fetching at once on a volume (each holds one run).
+pub const CACHE_SLOTS: usize = 4;
+/// A client request within this window makes CACHE yield (as hydration).
+const CACHE_YIELD_WINDOW: std::time::Duration = std::time::Duration::from_millis(20);
+/// Largest readahead window, in chunks.
+const MAX_READAHEAD: u64 = 32;
+
+pub struct Volume<S> {
+    geometry: Geometry,
+    source: S,
+    target: Target,
+    map: PresenceMap,
+    locks: Arc<ChunkLocks>,
+    state: Arc<StateDir>,
+    header: Mutex<Header>,
+    /// Absent and zero chunks read as zeros in the target (we created it
+    /// sparse), so zero chunks need no target write.
+    sparse_target: bool,
+    persist: tokio::sync::Mutex<()>,
+    /// Log of in-place changes to present chunks (see `wal`).
+    wal: Wal,
+    pub stats: Stats,
+    /// Foreground fetches in flight; the hydrator yields while nonzero.
+    fg_active: AtomicUsize,
+    /// When a client request last arrived (ns since `opened`): reads of
+    /// present chunks are foreground load too, though they fetch nothing.
+    fg_last: AtomicU64,
+    readahead: Mutex<Readahead>,
+    /// Background tasks (readahead, whole-chunk fetches behind a piece-first
+    /// read) still holding the volume, and their end. Shared apart from the
+    /// volume so a task drops its handle on the volume *before* it counts
+    /// itself out; `idle` then means nobody holds it.
+    readahead_alive: Arc<(AtomicUsize, tokio::sync::Notify)>,
+    /// Client requests in flight and what each waits for (`watchdog`).
+    requests: Arc<Requests>,
+    /// Runs CACHE requests may fetch at once (bounds their memory).
+    cache_slots: tokio::sync::Semaphore,
+    opened: Instant,
+    /// Samples of the source, checked on resume and reconnect (see
+    /// `fingerprint`); fetches add to it.
+    fingerprint: Arc<Fingerprint>,
+    /// A finalized migration: the target is open `O_RDONLY`.
+    read_only: bool,
+    /// The blake3 of each chunk as it became present (`hashes`); `None`
+    /// when read-only.
+    hashes: Option<Arc<ChunkHashes>>,
+}
+
+/// An in-place change to a present chunk (see [`Volume::change_in_place`]).
+enum InPlace {
+    Write(Vec<u8>),
+    Zero { len: u64, allocate: bool },
+}
+
+/// What a fetch brought in.
+pub enum Fetched {
+    Zero,
+    Data(Vec<u8>),
+}
+
+fn is_zero(buf: &[u8]) -> bool {
+    let (head, words, tail) = unsafe { buf.align_to::<u64>() };
+    head.iter().all(|&b| b == 0) && words.iter().all(|&w| w == 0) && tail.iter().all(|&b| b == 0)
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Counts one foreground fetch in `fg_active` while it lives.
+struct ForegroundGuard<'a>(&'a AtomicUsize);
+
+impl<'a> ForegroundGuard<'a> {
+    fn new(active: &'a AtomicUsize) -> Self {
+        active.fetch_add(1, Ordering::Relaxed);
+        ForegroundGuard(active)
+    }
+}
+impl Drop for ForegroundGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl<S: Source> Volume<S> {
+    pub fn geometry(&self) -> Geometry {
+        self.geometry
+    }
+
+    pub fn map(&self) -> &PresenceMap {
+        &self.map
+    }
+
+    pub fn source(&self) -> &S {
+        &self.source
+    }
+
+    pub fn target(&self) -> &Target {
+        &self.target
+    }
+
+    pub fn state_dir(&self) -> &Path {
+        self.state.path()
+    }
+
+    /// Opened read-only: a finalized migration (see [`OpenOptions`]).
+    pub fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    pub fn header(&self) -> Header {
+        self.header.lock().expect("poisoned").clone()
+    }
+
+    pub fn uptime(&self) -> std::time::Duration {
+        self.opened.elapsed()
+    }
+
+    /// Foreground fetches in flight right now.
+    pub fn foreground_active(&self) -> usize {
+        self.fg_active.load(Ordering::Relaxed)
+    }
+
+    /// Whether clients are busy: a fetch for them is in flight, or one of
+    /// their requests arrived within `window`.
+    pub fn foreground_busy(&self, window: std::time::Duration) -> bool {
+        if self.foreground_active() > 0 {
+            return true;
+        }
+        let last = self.fg_last.load(Ordering::Relaxed);
+        last != 0
+            && (self.opened.elapsed().as_nanos() as u64).saturating_sub(last)
+                < window.as_nanos() as u64
+    }
+
+    fn note_foreground(&self) {
+        let now = (self.opened.elapsed().as_nanos() as u64).max(1);
+        self.fg_last.store(now, Ordering::Relaxed);
+    }
+
+    /// Change the header (phase, finalize progress) and save it.
+    pub fn update_header(&self, f: impl FnOnce(&mut Header)) -> Result<Header> {
+        let mut h = self.header.lock().expect("poisoned");
+        let mut new = h.clone();
+        f(&mut new);
+        if new.phase == Phase::Finalized && new.finalized_at.is_none() {
+            new.finalized_at = Some(now_secs());
+        }
+        self.state.write_header(&new)?;
+        *h = new.clone();
+        Ok(new)
+    }
+
+    /// The client requests in flight, for the watchdog and `status`.
+    pub fn requests(&self) -> &Arc<Requests> {
+        &self.requests
+    }
+}
+
+/// A fast write-zeroes could not be fast (NBD answers `ENOTSUP`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FastZeroUnsupported;
