@@ -62,7 +62,8 @@ pub struct StatusReply {
     pub hydration_rate: f64,
     /// Seconds until every chunk is present at that rate.
     pub eta_secs: Option<f64>,
-    pub volume: serde_json::Value,
+    /// The engine's own snapshot, typed on both ends of the socket.
+    pub volume: lazy_fetch::volume::Status,
 }
 
 /// Samples of (time, bytes present) for the rate.
@@ -118,7 +119,7 @@ pub fn status_reply<S: Source>(ctx: &Context_<S>) -> StatusReply {
         } else {
             None
         },
-        volume: serde_json::to_value(&st).unwrap_or_default(),
+        volume: st,
     }
 }
 

@@ -361,9 +361,9 @@ fn progress_bar(
         let bar = crate::output::byte_bar_with_msg(size, "present");
         loop {
             let r = control::status_reply(&ctx);
-            bar.set_position(r.volume["bytes_present"].as_u64().unwrap_or(0));
+            bar.set_position(r.volume.bytes_present);
             bar.set_message(crate::status::rate_eta(&r));
-            if r.volume["hydration_complete"] == true {
+            if r.volume.hydration_complete {
                 bar.set_message(format!("hydrated; {} client(s)", r.connected_clients));
             }
             tokio::time::sleep(Duration::from_millis(500)).await;

@@ -92,12 +92,9 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
                 // The details once, then one bar that follows the progress.
                 let b = bar.get_or_insert_with(|| {
                     crate::out!("{}", render(&reply));
-                    crate::output::byte_bar_with_msg(
-                        reply.volume["size"].as_u64().unwrap_or(0),
-                        "present",
-                    )
+                    crate::output::byte_bar_with_msg(reply.volume.size, "present")
                 });
-                b.set_position(reply.volume["bytes_present"].as_u64().unwrap_or(0));
+                b.set_position(reply.volume.bytes_present);
                 b.set_message(rate_eta(&reply));
             } else {
                 crate::out!("{}", render(&reply));
@@ -126,7 +123,7 @@ struct Listed {
     export_uri: String,
     metrics: Option<String>,
     /// The control socket's status reply, when running.
-    status: Option<serde_json::Value>,
+    status: Option<StatusReply>,
     /// Why it is not running (the registration is stale: killed or crashed).
     #[serde(skip_serializing_if = "Option::is_none")]
     error: Option<String>,
@@ -141,7 +138,13 @@ async fn list(args: &StatusArgs) -> anyhow::Result<()> {
         for e in crate::rundir::list(&run_dir)? {
             let (status, error) = match control::request(&e.control_socket, &Request::Status).await
             {
-                Ok(line) => (serde_json::from_str::<serde_json::Value>(&line).ok(), None),
+                Ok(line) => match serde_json::from_str::<StatusReply>(&line) {
+                    Ok(r) => (Some(r), None),
+                    Err(e) => (
+                        None,
+                        Some(format!("unexpected reply (a different version?): {e}")),
+                    ),
+                },
                 Err(err) => (None, Some(format!("{err:#}"))),
             };
             listed.push(Listed {
@@ -167,17 +170,13 @@ async fn list(args: &StatusArgs) -> anyhow::Result<()> {
         } else if use_bars {
             for l in &listed {
                 let b = bars.entry(l.id.clone()).or_insert_with(|| {
-                    let size = l.status.as_ref().and_then(|s| s["volume"]["size"].as_u64());
-                    crate::output::byte_bar_with_msg(size.unwrap_or(0), &l.id)
+                    let size = l.status.as_ref().map_or(0, |s| s.volume.size);
+                    crate::output::byte_bar_with_msg(size, &l.id)
                 });
-                match l
-                    .status
-                    .as_ref()
-                    .and_then(|s| serde_json::from_value::<StatusReply>(s.clone()).ok())
-                {
+                match &l.status {
                     Some(r) => {
-                        b.set_position(r.volume["bytes_present"].as_u64().unwrap_or(0));
-                        b.set_message(rate_eta(&r));
+                        b.set_position(r.volume.bytes_present);
+                        b.set_message(rate_eta(r));
                     }
                     None => b.set_message("not running"),
                 }
@@ -208,20 +207,16 @@ fn table(run_dir: &std::path::Path, listed: &[Listed]) -> String {
         "ID", "PHASE", "PRESENT", "RATE", "ETA", "CLIENTS", "EXPORT"
     );
     for l in listed {
-        let r = l
-            .status
-            .as_ref()
-            .and_then(|s| serde_json::from_value::<StatusReply>(s.clone()).ok());
-        let _ = match r {
+        let _ = match &l.status {
             Some(r) => {
                 let v = &r.volume;
-                let size = v["size"].as_u64().unwrap_or(0).max(1) as f64;
-                let present = v["bytes_present"].as_u64().unwrap_or(0) as f64;
+                let size = v.size.max(1) as f64;
+                let present = v.bytes_present as f64;
                 writeln!(
                     o,
                     "{:<20} {:<11} {:>6.1}% {:>10}/s {:>10} {:>7}  {}",
                     l.id,
-                    v["phase"].as_str().unwrap_or("?"),
+                    phase_name(v.phase),
                     100.0 * present / size,
                     human_bytes(r.hydration_rate),
                     eta(r.eta_secs),
@@ -279,10 +274,10 @@ pub fn human_bytes(n: f64) -> String {
 }
 
 fn render(r: &StatusReply) -> String {
+    use lazy_fetch::source::Health;
     let v = &r.volume;
-    let n = |k: &str| v[k].as_u64().unwrap_or(0);
-    let size = n("size") as f64;
-    let present = n("bytes_present") as f64;
+    let size = v.size as f64;
+    let present = v.bytes_present as f64;
     let pct = if size > 0.0 {
         100.0 * present / size
     } else {
@@ -293,15 +288,18 @@ fn render(r: &StatusReply) -> String {
         Some(s) => format!("ETA {}", humantime(s)),
         None => "ETA unknown".to_string(),
     };
-    let lat = |k: &str| {
-        v[k].as_u64()
-            .map(|us| format!("{:.1} ms", us as f64 / 1000.0))
+    let lat = |us: Option<u64>| {
+        us.map(|us| format!("{:.1} ms", us as f64 / 1000.0))
             .unwrap_or_else(|| "-".into())
     };
-    let health = &v["source_health"];
-    let health = match health["detail"].as_str() {
-        Some(d) => format!("{} ({d})", health["state"].as_str().unwrap_or("?")),
-        None => health["state"].as_str().unwrap_or("?").to_string(),
+    let health = match &v.source_health {
+        Health::Up => "up".to_string(),
+        Health::Reconnecting(d) => format!("reconnecting ({d})"),
+        Health::Down(d) => format!("down ({d})"),
+    };
+    let target = match &v.target_health {
+        Health::Up => v.target.clone(),
+        Health::Reconnecting(d) | Health::Down(d) => format!("{} [{d}]", v.target),
     };
     format!(
         "migration  {} ({})\n\
@@ -313,35 +311,41 @@ fn render(r: &StatusReply) -> String {
          latency    foreground fetch p50 {} p99 {} ({} fetches)\n\
          clients    {} connected to {}\n\
          requests   {} in flight{}\n",
-        v["state_dir"].as_str().unwrap_or("?"),
-        v["phase"].as_str().unwrap_or("?"),
-        v["source"].as_str().unwrap_or("?"),
+        v.state_dir,
+        phase_name(v.phase),
+        v.source,
         health,
-        match v["target_health"]["detail"].as_str() {
-            Some(d) => format!("{} [{d}]", v["target"].as_str().unwrap_or("?")),
-            None => v["target"].as_str().unwrap_or("?").to_string(),
-        },
+        target,
         pct,
         human_bytes(present),
         human_bytes(size),
-        n("chunks_written"),
-        human_bytes(n("bytes_fetched") as f64),
-        n("chunks_fetched_on_demand"),
-        n("chunks_hydrated"),
-        n("chunks_source_holes"),
+        v.chunks_written,
+        human_bytes(v.bytes_fetched as f64),
+        v.chunks_fetched_on_demand,
+        v.chunks_hydrated,
+        v.chunks_source_holes,
         human_bytes(r.hydration_rate),
         eta,
-        lat("foreground_fetch_p50_us"),
-        lat("foreground_fetch_p99_us"),
-        n("foreground_fetches"),
+        lat(v.foreground_fetch_p50_us),
+        lat(v.foreground_fetch_p99_us),
+        v.foreground_fetches,
         r.connected_clients,
         r.export_uri,
-        n("requests_in_flight"),
-        match v["oldest_request_secs"].as_f64() {
+        v.requests_in_flight,
+        match v.oldest_request_secs {
             Some(age) => format!(", oldest {age:.1} s"),
             None => String::new(),
         },
     )
+}
+
+/// A phase as its JSON name.
+fn phase_name(p: lazy_fetch::state::Phase) -> &'static str {
+    match p {
+        lazy_fetch::state::Phase::Streaming => "streaming",
+        lazy_fetch::state::Phase::Finalizing => "finalizing",
+        lazy_fetch::state::Phase::Finalized => "finalized",
+    }
 }
 
 fn humantime(secs: f64) -> String {

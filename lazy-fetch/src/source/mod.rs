@@ -27,7 +27,7 @@ pub enum Class {
 }
 
 /// How the source is doing, for `stream status`.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case", tag = "state", content = "detail")]
 pub enum Health {
     Up,

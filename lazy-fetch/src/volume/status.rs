@@ -3,7 +3,7 @@
 use super::*;
 
 /// A snapshot of a volume's progress and counters (`stream status`).
-#[derive(Clone, Debug, serde::Serialize)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct Status {
     pub phase: Phase,
     pub source: String,
