@@ -277,7 +277,7 @@ async fn handover(dir: &std::path::Path, args: &FinalizeArgs) -> anyhow::Result<
     // on the state at exit, even before its parent reaps it (a zombie keeps
     // its /proc entry, so that is no sign).
     let deadline = Instant::now() + Duration::from_secs(120);
-    while state_locked(dir)? {
+    while lazy_fetch::state::StateDir::in_use(dir)? {
         if Instant::now() > deadline {
             bail!(
                 "`stream start` (pid {pid}) did not let go of {} within 120 s of handing over",
@@ -287,18 +287,6 @@ async fn handover(dir: &std::path::Path, args: &FinalizeArgs) -> anyhow::Result<
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     Ok(true)
-}
-
-/// Whether a process holds the lock of the state directory `dir`.
-fn state_locked(dir: &std::path::Path) -> anyhow::Result<bool> {
-    use std::os::fd::AsRawFd;
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(dir.join("lock"))?;
-    // SAFETY: flock on an fd we own; released when it is closed below.
-    let free = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0;
-    Ok(!free)
 }
 
 async fn open(

@@ -150,19 +150,7 @@ pub async fn run(args: StartArgs) -> anyhow::Result<()> {
     .await
     .with_context(|| format!("cannot start the migration in {}", state_dir.display()))?;
 
-    if volume.header().phase == state::Phase::Finalizing {
-        volume.update_header(|h| {
-            h.phase = state::Phase::Streaming;
-            if let Some(f) = h.finalize.as_mut() {
-                f.manifest_written = false;
-                f.verified = false;
-            }
-        })?;
-        tracing::warn!(
-            "an interrupted `stream finalize` is undone: the volume is served again and \
-             clients may write, so run finalize again when the instance is ready to switch"
-        );
-    }
+    volume.serve_again()?;
 
     let listener = match (&args.socket, args.mount.mount_only) {
         (_, true) => None,
@@ -233,7 +221,7 @@ pub async fn run(args: StartArgs) -> anyhow::Result<()> {
         None => None,
     };
     let control_task = tokio::spawn(control::serve(control_listener, ctx.clone()));
-    let persister = tokio::spawn(persist_periodically(volume.clone()));
+    let persister = tokio::spawn(volume.clone().upkeep());
     let hydrator = {
         let stop = shutdown.clone();
         tokio::spawn(hydrate::run(volume.clone(), hydration, async move {
@@ -481,44 +469,6 @@ pub async fn open_source(
     Ok(AnySource::File(FileSource::open(&path).with_context(
         || format!("cannot open the source {}", path.display()),
     )?))
-}
-
-/// Journal what hydration made present, so a restart resumes close to where
-/// it stopped, and keep the pending list short (invariant 8).
-async fn persist_periodically<S: lazy_fetch::source::Source>(volume: Arc<Volume<S>>) {
-    let mut tick = tokio::time::interval(Duration::from_millis(500));
-    let mut last = Instant::now();
-    let mut totals_saved = Instant::now();
-    loop {
-        tick.tick().await;
-        if totals_saved.elapsed() >= Duration::from_secs(10) {
-            if let Err(e) = volume.save_totals().await {
-                tracing::debug!("saving counters failed: {e}");
-            }
-            totals_saved = Instant::now();
-        }
-        // Once everything is here, re-derive the hashes clients made stale
-        // while nobody is busy, so finalize has little left to read.
-        if volume.map().is_complete()
-            && volume.stale_hashes() > 0
-            && !volume.foreground_busy(Duration::from_millis(200))
-            && let Err(e) = volume.rehash_stale(64).await
-        {
-            tracing::debug!("rehashing changed chunks failed (finalize will): {e}");
-        }
-        let pending = volume.pending_entries();
-        // Progress only: a chunk whose entry is lost is fetched again. Every
-        // save syncs the target, which stalls client I/O for tens of ms, so
-        // not often; client FLUSH and FUA persist at once regardless.
-        // Keep the write-ahead log within the room reserved for it.
-        let wal_big = volume.wal_len() > lazy_fetch::wal::RESERVE / 2;
-        if pending > 65536 || wal_big || (pending > 0 && last.elapsed() >= Duration::from_secs(5)) {
-            if let Err(e) = volume.flush().await {
-                tracing::warn!("saving progress failed (will retry): {e}");
-            }
-            last = Instant::now();
-        }
-    }
 }
 
 /// The state directory a command should use.

@@ -397,6 +397,19 @@ impl StateDir {
         Ok(Lock { _dir: d, _file: f })
     }
 
+    /// Whether a process holds the state in `dir` (a running `stream
+    /// start`): probed on the directory's own lock, which no one can
+    /// remove from under its holder. Taken and released at once.
+    pub fn in_use(dir: &Path) -> Result<bool> {
+        let d = File::open(dir).map_err(|source| Error::StateIo {
+            dir: dir.to_path_buf(),
+            source,
+        })?;
+        // SAFETY: flock on an fd we own; released when it is closed below.
+        let free = unsafe { libc::flock(d.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0;
+        Ok(!free)
+    }
+
     /// Whether `dir` holds a migration's state.
     pub fn exists(dir: &Path) -> bool {
         dir.join("state.json").exists()

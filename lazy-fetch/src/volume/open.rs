@@ -37,6 +37,27 @@ fn open_target(opts: &OpenOptions, size: u64, may_create: bool) -> Result<(Targe
 }
 
 impl<S: Source> Volume<S> {
+    /// Before serving: a migration whose `stream finalize` was interrupted
+    /// is streaming again, and what that finalize proved no longer holds
+    /// (clients may write).
+    pub fn serve_again(&self) -> Result<()> {
+        if self.header().phase != Phase::Finalizing {
+            return Ok(());
+        }
+        self.update_header(|h| {
+            h.phase = Phase::Streaming;
+            if let Some(f) = h.finalize.as_mut() {
+                f.manifest_written = false;
+                f.verified = false;
+            }
+        })?;
+        tracing::warn!(
+            "an interrupted `stream finalize` is undone: the volume is served again and \
+             clients may write, so run finalize again when the instance is ready to switch"
+        );
+        Ok(())
+    }
+
     /// Create or resume the migration in `opts.state_dir`.
     pub async fn open(source: S, opts: &OpenOptions) -> Result<Arc<Volume<S>>> {
         let sid = source.id();

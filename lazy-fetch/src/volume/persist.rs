@@ -4,6 +4,47 @@
 use super::*;
 
 impl<S: Source> Volume<S> {
+    /// The upkeep of a served volume, until the task is dropped: journal
+    /// what hydration made present every few seconds (a restart resumes
+    /// close to where it stopped, and pending entries stay few: invariant
+    /// 8), keep the write-ahead log within its reserve, save the counters,
+    /// and, once every chunk is here, re-derive stale kept hashes while
+    /// clients are idle. Client FLUSH and FUA persist at once regardless.
+    pub async fn upkeep(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(std::time::Duration::from_millis(500));
+        let mut last = Instant::now();
+        let mut totals_saved = Instant::now();
+        loop {
+            tick.tick().await;
+            if totals_saved.elapsed() >= std::time::Duration::from_secs(10) {
+                if let Err(e) = self.save_totals().await {
+                    tracing::debug!("saving counters failed: {e}");
+                }
+                totals_saved = Instant::now();
+            }
+            if self.map.is_complete()
+                && self.stale_hashes() > 0
+                && !self.foreground_busy(std::time::Duration::from_millis(200))
+                && let Err(e) = self.rehash_stale(64).await
+            {
+                tracing::debug!("rehashing changed chunks failed (finalize will): {e}");
+            }
+            let pending = self.pending_entries();
+            // Every save syncs the target, which stalls client I/O for tens
+            // of ms, so not often.
+            let wal_big = self.wal_len() > wal::RESERVE / 2;
+            if pending > 65536
+                || wal_big
+                || (pending > 0 && last.elapsed() >= std::time::Duration::from_secs(5))
+            {
+                if let Err(e) = self.flush().await {
+                    tracing::warn!("saving progress failed (will retry): {e}");
+                }
+                last = Instant::now();
+            }
+        }
+    }
+
     /// Record the kept-manifest hashes of the chunks from `first`, after
     /// their target write and before they are marked present (the same
     /// order as the map: a flush syncs the records before the journal).
