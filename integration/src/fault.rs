@@ -48,6 +48,7 @@ impl Tmpfs {
         let c = std::ffi::CString::new(self.path.as_os_str().as_encoded_bytes()).unwrap();
         // SAFETY: statvfs on a NUL-terminated path into a zeroed struct.
         let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        // SAFETY: as above: a valid path and a struct we own.
         let rc = unsafe { libc::statvfs(c.as_ptr(), &mut st) };
         assert_eq!(rc, 0, "statvfs {}", self.path.display());
         st.f_bavail * st.f_frsize

@@ -122,8 +122,8 @@ fn interrupted_verify_never_changes_a_finalized_target() {
         // Bounds the poll rate only; the lock is what we wait on.
         thread::sleep(Duration::from_millis(5));
     }
-    // SAFETY: kill(2) with the PID of our own unreaped child.
     assert_eq!(
+        // SAFETY: kill(2) with the PID of our own unreaped child.
         unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) },
         0
     );

@@ -255,6 +255,7 @@ fn warn_if_short_of_room(dir: &Path) {
     };
     // SAFETY: statvfs with a NUL-terminated path and a zeroed out-struct.
     let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above: a valid path and a struct we own.
     if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
         return;
     }

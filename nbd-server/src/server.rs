@@ -381,6 +381,7 @@ impl Listener {
     /// Wrap a listening socket inherited through systemd socket activation
     /// (see [`take_activation_fd`]). Must be called inside a tokio runtime.
     pub fn from_activation_fd(fd: OwnedFd) -> io::Result<Listener> {
+        // SAFETY: sockaddr_storage is plain old data; all zeros is valid.
         let mut addr: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
         let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
         // SAFETY: addr and len are valid for writes of the given size.

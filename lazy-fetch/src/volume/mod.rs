@@ -153,6 +153,8 @@ pub enum Fetched {
 }
 
 fn is_zero(buf: &[u8]) -> bool {
+    // SAFETY: every bit pattern is a valid u64, and align_to only hands
+    // out the aligned middle as u64s.
     let (head, words, tail) = unsafe { buf.align_to::<u64>() };
     head.iter().all(|&b| b == 0) && words.iter().all(|&w| w == 0) && tail.iter().all(|&b| b == 0)
 }
