@@ -330,6 +330,9 @@ pub fn run(dir: &Path, opts: &Options) -> Report {
         0,
         "target after the soak",
     );
+    // The manifest, built mostly from hashes kept across every kill and
+    // cut, describes the target chunk for chunk.
+    finalize::assert_manifest_matches_target(&rep, start.state_dir(), &target);
     drop(export);
     report.seconds = began.elapsed().as_secs_f64();
     report
