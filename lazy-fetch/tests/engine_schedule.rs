@@ -21,13 +21,12 @@
 //! Seeded jitter at every I/O seam on a real multi-threaded runtime is what
 //! reaches the interleavings here; `STREAM_SCHEDULE_SEEDS=N` runs more.
 
-use std::io;
 use std::ops::Range;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use lazy_fetch::source::{Class, Extent, Source};
-use lazy_fetch::state::SourceId;
+use lazy_fetch::source::Class;
+use lazy_fetch::source::memory::MemorySource;
 use lazy_fetch::target::Target;
 use lazy_fetch::target::fault::{FaultBackend, Faults};
 use lazy_fetch::target::memory::MemoryBackend;
@@ -60,61 +59,6 @@ impl Rng {
     }
     fn bytes(&mut self, n: usize) -> Vec<u8> {
         (0..n).map(|_| self.next() as u8).collect()
-    }
-}
-
-/// A source in memory: data chunks, all-zero chunks and holes (reported
-/// through block status), each read delayed by a seeded 0..200 µs.
-struct MemorySource {
-    data: Arc<Vec<u8>>,
-    holes: Vec<Range<u64>>,
-    rng: Mutex<Rng>,
-}
-
-impl Source for MemorySource {
-    fn id(&self) -> SourceId {
-        SourceId {
-            kind: "memory".into(),
-            location: "memory:schedule".into(),
-            size: self.data.len() as u64,
-        }
-    }
-
-    async fn read(&self, offset: u64, len: usize, _class: Class) -> io::Result<Vec<u8>> {
-        let us = self.rng.lock().unwrap().below(200);
-        tokio::time::sleep(Duration::from_micros(us)).await;
-        let s = offset as usize;
-        Ok(self.data[s..s + len].to_vec())
-    }
-
-    async fn block_status(&self, offset: u64, len: u64) -> io::Result<Option<Vec<Extent>>> {
-        let end = offset + len;
-        let mut out = Vec::new();
-        let mut at = offset;
-        while at < end {
-            let hole = self.holes.iter().find(|h| h.contains(&at));
-            let next = match hole {
-                Some(h) => h.end.min(end),
-                None => self
-                    .holes
-                    .iter()
-                    .map(|h| h.start)
-                    .filter(|&s| s > at)
-                    .min()
-                    .unwrap_or(end)
-                    .min(end),
-            };
-            out.push(match hole {
-                Some(_) => Extent {
-                    length: next - at,
-                    hole: true,
-                    zero: true,
-                },
-                None => Extent::data(next - at),
-            });
-            at = next;
-        }
-        Ok(Some(out))
     }
 }
 
@@ -267,11 +211,7 @@ async fn run_seed(seed: u64) {
         ..Faults::default()
     });
     let target = Target::with_backend(faulty, dir.path().join("memory-target"), size, false);
-    let source = MemorySource {
-        data: Arc::new(data.clone()),
-        holes,
-        rng: Mutex::new(Rng(rng.next() | 1)),
-    };
+    let source = MemorySource::new(data.clone(), holes).with_delays(rng.next(), 200);
     let volume = Volume::open(
         source,
         &OpenOptions {

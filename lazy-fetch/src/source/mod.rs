@@ -6,6 +6,7 @@
 //! source with a queue can keep the two apart (invariant 7).
 
 pub mod file;
+pub mod memory;
 pub mod nbd;
 
 use std::future::Future;
