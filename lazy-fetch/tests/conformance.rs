@@ -114,7 +114,8 @@ async fn every_source_conforms() {
         f.write_all_at(&data[hole.1 as usize..], hole.1).unwrap();
     }
     source_conformance(&FileSource::open(&path).unwrap(), &data, Some(hole)).await;
-    let mem = MemorySource::new(data.clone(), vec![hole.0..hole.1]).with_delays(3, 50);
+    let mem = MemorySource::new(data.clone(), std::iter::once(hole.0..hole.1).collect())
+        .with_delays(3, 50);
     source_conformance(&mem, &data, Some(hole)).await;
 }
 
