@@ -16,7 +16,7 @@
 //! A chunk never goes back to absent. Bits are only set by the volume while
 //! it holds the chunk's single-flight lock, *after* the target write they
 //! describe has completed (so an fsync issued after reading a bit covers the
-//! data; see `persist`). Readers load with `Acquire` and writers store with
+//! data; see `state` for the order and `volume/persist.rs` for the flush). Readers load with `Acquire` and writers store with
 //! `Release`, pairing the bit with the target write that preceded it.
 //! Counters are kept beside the bits so progress is O(1).
 

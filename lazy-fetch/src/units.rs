@@ -3,7 +3,7 @@
 //! A volume is cut into chunks of one power-of-two size (the last chunk may
 //! be short). [`ChunkIndex`] is a newtype so a byte offset can never be used
 //! where a chunk number is meant; it has only the arithmetic that makes
-//! sense (next, distance), and the byte range of a chunk comes from
+//! sense (next), and the byte range of a chunk comes from
 //! [`Geometry`], which knows the size of the last one.
 
 use std::fmt;
