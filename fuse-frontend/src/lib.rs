@@ -70,14 +70,14 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
+use block_device::flatten;
+use block_device::{BlockDevice, Capabilities, ZeroFlags};
 use fuser::{
     BackgroundSession, Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
     INodeNo, InitFlags, KernelConfig, LockOwner, MountOption, OpenAccMode, OpenFlags, ReplyAttr,
     ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs,
     ReplyWrite, ReplyXattr, Request, SessionACL, TimeOrNow, WriteFlags,
 };
-use nbd_server::device::flatten;
-use nbd_server::{BlockDevice, Capabilities, ZeroFlags};
 use tokio::runtime::Handle;
 
 /// The one file of the mount.
@@ -370,10 +370,10 @@ macro_rules! refuse {
 }
 refuse!(ReplyData, ReplyWrite, ReplyEmpty, ReplyLseek);
 
-/// The same rule as the NBD frontend (`nbd_server::device::errno_of`): a
+/// The same rule as the NBD frontend (`block_device::errno_of`): a
 /// full target is `ENOSPC` here too, not `EIO`.
 fn errno(e: &io::Error) -> Errno {
-    Errno::from_i32(nbd_server::device::errno_of(e))
+    Errno::from_i32(block_device::errno_of(e))
 }
 
 /// The file system fuser drives: one directory, one file, one device.

@@ -123,14 +123,14 @@ impl Error {
     }
 
     /// The error as an `io::Error` with the errno a client should see
-    /// (read back by every frontend with `nbd_server::device::errno_of`).
+    /// (read back by every frontend with `block_device::errno_of`).
     pub fn to_io(&self) -> io::Error {
         let errno = match self.kind() {
             ErrorKind::NoSpace => libc::ENOSPC,
             ErrorKind::Refused => libc::EINVAL,
             ErrorKind::Source | ErrorKind::Io => libc::EIO,
         };
-        nbd_server::device::with_errno(errno, self.to_string())
+        block_device::with_errno(errno, self.to_string())
     }
 }
 

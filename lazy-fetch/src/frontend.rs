@@ -5,7 +5,7 @@
 use std::io;
 use std::sync::Arc;
 
-use nbd_server::{BlockDevice, Capabilities, Extent, Piece, ZeroFlags};
+use block_device::{BlockDevice, Capabilities, Extent, Piece, ZeroFlags};
 
 use crate::source::Source;
 use crate::volume::Volume;

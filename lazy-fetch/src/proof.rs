@@ -21,8 +21,8 @@
 use std::io;
 use std::sync::Arc;
 
+use block_device::{BlockDevice, Capabilities, Piece};
 use nbd_server::client::Client;
-use nbd_server::{BlockDevice, Capabilities, Piece};
 
 use crate::units::{MAX_CHUNK, MIN_CHUNK};
 
@@ -249,7 +249,7 @@ mod tests {
         data[7 * chunk as usize..8 * chunk as usize].fill(0);
         let dev = HashDevice::new(Arc::new(Mem(data.clone(), holes)), chunk);
         assert_eq!(dev.size(), 11 * HASH_LEN);
-        let all = nbd_server::device::flatten(dev.read(0, 11 * 32).await.unwrap());
+        let all = block_device::flatten(dev.read(0, 11 * 32).await.unwrap());
         for i in 0..11u64 {
             let (s, e) = (i * chunk, ((i + 1) * chunk).min(size));
             assert_eq!(
@@ -259,7 +259,7 @@ mod tests {
             );
         }
         // An unaligned read is the same bytes.
-        let part = nbd_server::device::flatten(dev.read(45, 100).await.unwrap());
+        let part = block_device::flatten(dev.read(45, 100).await.unwrap());
         assert_eq!(part, all[45..145]);
     }
 

@@ -6,6 +6,7 @@
 use std::io::Write;
 use std::sync::Arc;
 
+use block_device::flatten;
 use lazy_fetch::source::file::FileSource;
 use lazy_fetch::source::memory::MemorySource;
 use lazy_fetch::source::{Class, Source};
@@ -13,7 +14,6 @@ use lazy_fetch::target::Target;
 use lazy_fetch::target::fault::FaultBackend;
 use lazy_fetch::target::memory::MemoryBackend;
 use lazy_fetch::{OpenOptions, Volume};
-use nbd_server::device::flatten;
 
 const SIZE: u64 = 64 * 4096 + 1000;
 

@@ -7,12 +7,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use block_device::flatten;
 use lazy_fetch::presence::ChunkState;
 use lazy_fetch::source::Class;
 use lazy_fetch::source::file::FileSource;
 use lazy_fetch::units::ChunkIndex;
 use lazy_fetch::{OpenOptions, Volume, hydrate};
-use nbd_server::device::flatten;
 
 const CHUNK: u64 = 4096;
 

@@ -25,6 +25,7 @@ use std::ops::Range;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use block_device::flatten;
 use lazy_fetch::source::Class;
 use lazy_fetch::source::memory::MemorySource;
 use lazy_fetch::target::Target;
@@ -32,7 +33,6 @@ use lazy_fetch::target::fault::{FaultBackend, Faults};
 use lazy_fetch::target::memory::MemoryBackend;
 use lazy_fetch::units::ChunkIndex;
 use lazy_fetch::{OpenOptions, Volume};
-use nbd_server::device::flatten;
 
 const CHUNK: u64 = 16 << 10;
 const CHUNKS: u64 = 40;

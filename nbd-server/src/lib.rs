@@ -16,8 +16,9 @@
 //! - [`server`]: listeners (TCP, unix, systemd socket activation), the
 //!   export table, and what clients may take ([`server::Limits`]).
 //! - [`shutdown`]: the "stop now" broadcast shared by all of them.
-//! - [`device`]: the [`device::BlockDevice`] trait every backend implements;
-//!   [`file`](mod@file) is the file / block-device backend.
+//! - [`device`]: the [`device::BlockDevice`] trait every backend implements,
+//!   and [`file`](mod@file), the file / block-device backend, both from the
+//!   `block-device` crate (re-exported here at their old paths).
 //! - [`client`]: an async client (used by `lazy-fetch` for NBD sources) with
 //!   many requests in flight on one connection.
 //! - [`uri`]: NBD URIs (`nbd://`, `nbd+unix://`, `nbds://` with their TLS
@@ -30,8 +31,10 @@
 
 pub mod client;
 pub mod connection;
-pub mod device;
-pub mod file;
+/// The block-device interface, from its own crate (kept at this path).
+pub use block_device as device;
+/// The file backend, from the block-device crate.
+pub use block_device::file;
 pub mod handshake;
 pub mod proto;
 pub mod reply;

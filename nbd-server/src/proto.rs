@@ -112,7 +112,7 @@ pub const BASE_ALLOCATION: &str = "base:allocation";
 pub const MAX_STRING: usize = 4096;
 /// The payload limit the spec says no one should treat as denial of
 /// service; we advertise it as our maximum payload.
-pub const MAX_PAYLOAD: u32 = 32 * 1024 * 1024;
+pub const MAX_PAYLOAD: u32 = block_device::MAX_PAYLOAD;
 
 /// Size of a request header on the wire.
 pub const REQUEST_LEN: usize = 28;
@@ -506,24 +506,9 @@ impl MetaContextRequest {
     }
 }
 
-/// Block size constraints (`NBD_INFO_BLOCK_SIZE`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct BlockSizes {
-    pub minimum: u32,
-    pub preferred: u32,
-    pub maximum: u32,
-}
-
-impl Default for BlockSizes {
-    /// The spec's defaults: any alignment, 4 KiB preferred, 32 MiB payloads.
-    fn default() -> Self {
-        BlockSizes {
-            minimum: 1,
-            preferred: 4096,
-            maximum: MAX_PAYLOAD,
-        }
-    }
-}
+/// Block size constraints (`NBD_INFO_BLOCK_SIZE`): a property of the
+/// device, defined with it.
+pub use block_device::BlockSizes;
 
 /// One `NBD_REP_INFO` payload, decoded (client side).
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -3,7 +3,7 @@
 use std::io;
 use std::path::Path;
 
-use nbd_server::{BlockDevice, FileDevice};
+use block_device::{BlockDevice, FileDevice};
 
 use super::{Class, Extent, Source};
 use crate::state::SourceId;
@@ -40,7 +40,7 @@ impl Source for FileSource {
         while out.len() < len {
             let n = (len - out.len()).min(1 << 30) as u32;
             let pieces = self.device.read(at, n).await?;
-            out.extend_from_slice(&nbd_server::device::flatten(pieces));
+            out.extend_from_slice(&block_device::flatten(pieces));
             at += u64::from(n);
         }
         Ok(out)

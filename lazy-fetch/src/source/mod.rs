@@ -13,7 +13,7 @@ use std::future::Future;
 use std::io;
 use std::sync::Arc;
 
-pub use nbd_server::Extent;
+pub use block_device::Extent;
 
 use crate::fingerprint::Fingerprint;
 use crate::state::SourceId;

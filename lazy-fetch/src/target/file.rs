@@ -158,7 +158,7 @@ impl Backend for FileBackend {
     }
 
     fn zero(&self, offset: u64, len: u64, allocate: bool) -> io::Result<()> {
-        nbd_server::file::zero_range(&self.file, self.block_device, offset, len, !allocate, false)
+        block_device::file::zero_range(&self.file, self.block_device, offset, len, !allocate, false)
     }
 
     fn sync(&self) -> io::Result<()> {
@@ -171,7 +171,7 @@ impl Backend for FileBackend {
             return Ok(vec![(offset, end)]);
         }
         Ok(
-            nbd_server::file::extents(&self.file, offset, end, usize::MAX)?
+            block_device::file::extents(&self.file, offset, end, usize::MAX)?
                 .into_iter()
                 .filter(|r| r.2)
                 .map(|r| (r.0, r.1))

@@ -536,7 +536,7 @@ pub fn first_nonzero(target: &Path) -> io::Result<(Option<u64>, bool)> {
     let f = File::open(target)?;
     let m = f.metadata()?;
     if !m.file_type().is_block_device() {
-        for (s, e, data) in nbd_server::file::extents(&f, 0, m.len(), usize::MAX)? {
+        for (s, e, data) in block_device::file::extents(&f, 0, m.len(), usize::MAX)? {
             if data && let Some(at) = nonzero_in(&f, s, e)? {
                 return Ok((Some(at), false));
             }

@@ -63,8 +63,8 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
+use block_device::{Extent, Piece};
 use futures_util::future::{BoxFuture, try_join_all};
-use nbd_server::{Extent, Piece};
 
 use crate::error::{Error, Result};
 use crate::fingerprint::Fingerprint;

@@ -1,4 +1,9 @@
-//! The block-device trait the server is generic over.
+//! The block-device interface: what every frontend (the NBD server, the
+//! FUSE mount) serves and every backend (a file or block device, the
+//! lazy-fetch volume, the hash table of a disk) implements, with the one
+//! rule that maps a device error onto the errno a client sees. It knows no
+//! protocol: `nbd-server` and `fuse-frontend` are built on it, and the
+//! engine implements it without depending on either.
 //!
 //! A device is a range of bytes with positional I/O and, optionally, an
 //! allocation map. It knows nothing of NBD: offsets are absolute byte
@@ -13,7 +18,32 @@
 use std::future::Future;
 use std::io;
 
-pub use crate::proto::BlockSizes;
+pub mod file;
+
+pub use file::FileDevice;
+
+/// The largest payload of one request, and the default largest block
+/// (32 MiB, as NBD servers commonly advertise).
+pub const MAX_PAYLOAD: u32 = 32 * 1024 * 1024;
+
+/// Block size constraints (`NBD_INFO_BLOCK_SIZE`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BlockSizes {
+    pub minimum: u32,
+    pub preferred: u32,
+    pub maximum: u32,
+}
+
+impl Default for BlockSizes {
+    /// The spec's defaults: any alignment, 4 KiB preferred, 32 MiB payloads.
+    fn default() -> Self {
+        BlockSizes {
+            minimum: 1,
+            preferred: 4096,
+            maximum: MAX_PAYLOAD,
+        }
+    }
+}
 
 /// What a device can do. Everything defaults to `false`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

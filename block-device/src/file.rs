@@ -24,7 +24,7 @@ use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use crate::device::{BlockDevice, Capabilities, Extent, Piece, ZeroFlags};
+use crate::{BlockDevice, Capabilities, Extent, Piece, ZeroFlags};
 
 /// Most extents one block status call reports; clients ask again.
 const MAX_EXTENTS: usize = 4096;
@@ -488,7 +488,7 @@ impl BlockDevice for FileDevice {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::device::flatten;
+    use crate::flatten;
 
     fn sparse_file(dir: &tempfile::TempDir) -> PathBuf {
         // 1 MiB: data at [0, 64K) and [512K, 576K), holes elsewhere.
