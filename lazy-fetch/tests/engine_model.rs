@@ -6,6 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
+use test_support::Rng;
 
 use block_device::flatten;
 use lazy_fetch::presence::ChunkState;
@@ -15,25 +16,6 @@ use lazy_fetch::units::ChunkIndex;
 use lazy_fetch::{OpenOptions, Volume, hydrate};
 
 const CHUNK: u64 = 4096;
-
-/// xorshift64*: deterministic, seedable, no dependency.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-    fn bytes(&mut self, n: usize) -> Vec<u8> {
-        (0..n).map(|_| self.next() as u8).collect()
-    }
-}
 
 struct Fixture {
     dir: tempfile::TempDir,

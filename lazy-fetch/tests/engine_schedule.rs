@@ -24,6 +24,7 @@
 use std::ops::Range;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use test_support::Rng;
 
 use block_device::flatten;
 use lazy_fetch::source::Class;
@@ -41,26 +42,6 @@ const OPS_PER_CLIENT: usize = 80;
 /// A run that has not finished by then is stuck: every operation here
 /// takes microseconds to a few milliseconds.
 const BOUND: Duration = Duration::from_secs(60);
-
-/// xorshift64*: deterministic, seedable.
-#[derive(Clone)]
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-    fn bytes(&mut self, n: usize) -> Vec<u8> {
-        (0..n).map(|_| self.next() as u8).collect()
-    }
-}
 
 /// Byte ranges some client is working on; a client picks a range that
 /// overlaps none of them.
