@@ -134,9 +134,7 @@ impl ChunkHashes {
 
     /// The first dirty chunk at or after `from`.
     pub fn next_dirty(&self, from: u64) -> Option<ChunkIndex> {
-        (from..self.chunks)
-            .find(|&i| self.dirty.get(i))
-            .map(ChunkIndex)
+        self.dirty.next_set(from).map(ChunkIndex)
     }
 
     /// The records of chunks `first..first + n`, as stored.

@@ -154,14 +154,8 @@ async fn hydrate<S: Source>(volume: Arc<Volume<S>>, opts: Options) {
         }
         // Foreground first: one run at a time while clients wait on the
         // source, and give their fetches a head start (bounded).
-        let foreground = volume.foreground_busy(FOREGROUND_WINDOW);
+        let foreground = volume.yield_to_clients(FOREGROUND_WINDOW).await;
         let limit = if foreground { 1 } else { opts.workers.max(1) };
-        if foreground {
-            let deadline = Instant::now() + Duration::from_millis(20);
-            while volume.foreground_busy(FOREGROUND_WINDOW) && Instant::now() < deadline {
-                tokio::time::sleep(Duration::from_millis(1)).await;
-            }
-        }
         while tasks.len() >= limit {
             if let Some(r) = tasks.join_next().await {
                 backoff.settle(r).await;

@@ -71,10 +71,19 @@ impl Bitmap {
 
     /// First clear bit at or after `from`, if any.
     pub fn next_clear(&self, from: u64) -> Option<u64> {
+        self.next_where(from, true)
+    }
+
+    /// The first set bit at or after `from`, a word at a time.
+    pub fn next_set(&self, from: u64) -> Option<u64> {
+        self.next_where(from, false)
+    }
+
+    fn next_where(&self, from: u64, clear: bool) -> Option<u64> {
         let mut i = from;
         while i < self.len {
             let w = self.words[(i / 64) as usize].load(Ordering::Acquire);
-            let shifted = !w >> (i % 64);
+            let shifted = if clear { !w } else { w } >> (i % 64);
             if shifted == 0 {
                 i = (i / 64 + 1) * 64;
                 continue;
@@ -240,6 +249,17 @@ mod tests {
         assert_eq!(b.next_clear(0), None);
         b.clear(64);
         assert_eq!(b.next_clear(3), Some(64));
+    }
+
+    #[test]
+    fn next_set_skips_empty_words_and_stops_at_len() {
+        let b = Bitmap::new(200);
+        assert_eq!(b.next_set(0), None);
+        b.set(130);
+        b.set(199);
+        assert_eq!(b.next_set(0), Some(130));
+        assert_eq!(b.next_set(131), Some(199));
+        assert_eq!(b.next_set(200), None);
     }
 
     #[test]

@@ -311,13 +311,7 @@ impl<S: Source> Volume<S> {
             // A prefetch hint yields to clients as hydration does: while
             // they are busy, one run at a time on the volume, after giving
             // their requests a head start.
-            let busy = self.foreground_busy(CACHE_YIELD_WINDOW);
-            if busy {
-                let deadline = Instant::now() + CACHE_YIELD_WINDOW;
-                while self.foreground_busy(CACHE_YIELD_WINDOW) && Instant::now() < deadline {
-                    tokio::time::sleep(std::time::Duration::from_millis(1)).await;
-                }
-            }
+            let busy = self.yield_to_clients(CACHE_YIELD_WINDOW).await;
             let slots = if busy { CACHE_SLOTS as u32 } else { 1 };
             let _slot = self
                 .cache_slots

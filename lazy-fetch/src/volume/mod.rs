@@ -232,6 +232,20 @@ impl<S: Source> Volume<S> {
                 < window.as_nanos() as u64
     }
 
+    /// Background work (hydration, CACHE) gives clients a head start: if
+    /// they are busy, wait until they have been quiet for `window`, at most
+    /// `window`. Returns whether they were busy.
+    pub async fn yield_to_clients(&self, window: std::time::Duration) -> bool {
+        if !self.foreground_busy(window) {
+            return false;
+        }
+        let deadline = Instant::now() + window;
+        while self.foreground_busy(window) && Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        true
+    }
+
     fn note_foreground(&self) {
         let now = (self.opened.elapsed().as_nanos() as u64).max(1);
         self.fg_last.store(now, Ordering::Relaxed);
