@@ -117,6 +117,19 @@ pub struct Header {
     /// markers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub migration_id: Option<String>,
+    /// Set once by `stream detach` when every chunk is present and durable:
+    /// from then on the guest may be switched onto the target at any moment
+    /// and write it directly, so nothing of the stream writes the target on
+    /// its own again (see `Volume::prepare_detach`). Never cleared.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detach: Option<DetachRecord>,
+}
+
+/// When `stream detach` made the target shared with the guest.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DetachRecord {
+    /// Unix seconds.
+    pub prepared_at: u64,
 }
 
 /// A new migration's identifier: 128 bits of blake3 over the time in
@@ -926,6 +939,7 @@ mod tests {
             finalized_at: None,
             finalize: None,
             migration_id: None,
+            detach: None,
         }
     }
 

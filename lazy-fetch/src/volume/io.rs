@@ -67,15 +67,22 @@ impl<S: Source> Volume<S> {
             InPlace::Write(d) => self.stale(offset, d.len() as u64),
             InPlace::Zero { len, .. } => self.stale(offset, *len),
         }
-        let logged = self.wal.hold().await;
-        let record = match &change {
-            InPlace::Write(data) => Change::Write(data),
-            &InPlace::Zero { len, allocate } => Change::Zero { len, allocate },
+        // A shared target is never replayed onto (the guest may write it
+        // directly since), so nothing is logged for it: a change cut short
+        // is re-sent by the client, which never had its answer (`detach`).
+        let logged = match self.target_shared() {
+            true => None,
+            false => Some(self.wal.hold().await),
         };
-        logged
-            .log(offset, record)
-            .await
-            .map_err(|source| self.wal_error(source))?;
+        if let Some(held) = &logged {
+            let record = match &change {
+                InPlace::Write(data) => Change::Write(data),
+                &InPlace::Zero { len, allocate } => Change::Zero { len, allocate },
+            };
+            held.log(offset, record)
+                .await
+                .map_err(|source| self.wal_error(source))?;
+        }
         let done = match change {
             InPlace::Write(data) => self.target.write_at(offset, data).await.map(drop),
             InPlace::Zero { len, allocate } => self.target.zero(offset, len, allocate).await,

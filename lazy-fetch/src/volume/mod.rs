@@ -46,7 +46,8 @@
 //! Layout, by job: `open.rs` (opening, identity checks, crash recovery),
 //! `io.rs` (the client I/O path and the one in-place change function),
 //! `fetch.rs` (fetching absent chunks, runs, holes, CACHE), `readahead.rs`,
-//! `persist.rs` (flush, close, the kept manifest's records), `status.rs`.
+//! `persist.rs` (flush, close, the kept manifest's records), `status.rs`,
+//! `detach.rs` (sharing the target with a guest switched onto it live).
 //! The struct, its accessors and the small helpers stay here.
 //!
 //! Crash recovery: after an unclean stop the journal may lag the target
@@ -79,6 +80,7 @@ use crate::units::{ChunkIndex, DEFAULT_CHUNK, Geometry};
 use crate::wal::{self, Change, Wal};
 use crate::watchdog::{Requests, Wait, waiting};
 
+mod detach;
 mod fetch;
 mod io;
 mod open;
@@ -138,6 +140,10 @@ pub struct Volume<S> {
     /// The blake3 of each chunk as it became present (`hashes`); `None`
     /// when read-only.
     hashes: Option<Arc<ChunkHashes>>,
+    /// The guest may write the target directly (`stream detach` prepared
+    /// it, see `detach`): in-place changes are no longer logged, and
+    /// nothing replays or clears chunks of the target on its own.
+    shared_target: std::sync::atomic::AtomicBool,
 }
 
 /// An in-place change to a present chunk (see [`Volume::change_in_place`]).

@@ -179,6 +179,7 @@ impl<S: Source> Volume<S> {
                 finalized_at: None,
                 finalize: None,
                 migration_id: Some(state::new_migration_id(&opts.state_dir)),
+                detach: None,
             };
             let (state, map) = StateDir::create(&opts.state_dir, &header)?;
             Fingerprint::discard(&opts.state_dir)?;
@@ -202,9 +203,13 @@ impl<S: Source> Volume<S> {
             source,
         };
         let mut replayed = Vec::new();
+        // Shared with a guest that may write it directly (`detach`): the log
+        // is empty by construction, and replaying anything now could put
+        // back bytes the guest has written over since.
+        let shared = header.detach.is_some();
         if read_only {
             // Leave every file as it is: nothing is replayed onto the target.
-        } else if unclean {
+        } else if unclean && !shared {
             // Make every logged in-place change whole before anything else
             // looks at the target.
             let (n, touched) = wal::replay(&opts.state_dir, &target)
@@ -233,6 +238,13 @@ impl<S: Source> Volume<S> {
                     h.mark_dirty(ChunkIndex(i));
                 }
             }
+            if unclean && shared {
+                // Which chunks the guest wrote (through us, unlogged, or
+                // directly) is not known after a crash: none is trusted.
+                for i in 0..g.chunks() {
+                    h.mark_dirty(ChunkIndex(i));
+                }
+            }
             Some(Arc::new(h))
         };
         let volume = Arc::new(Volume {
@@ -257,6 +269,7 @@ impl<S: Source> Volume<S> {
             fingerprint,
             read_only,
             hashes,
+            shared_target: std::sync::atomic::AtomicBool::new(shared),
         });
         volume.stats.resume(&volume.state.load_totals());
         if unclean {
@@ -282,7 +295,10 @@ impl<S: Source> Volume<S> {
             for i in self.geometry.chunks_of(s, e - s) {
                 let c = ChunkIndex(i);
                 let r = self.geometry.bytes(c);
-                match (self.map.state(c), self.sparse_target) {
+                // A shared target is never cleared: data where the map says
+                // zero may be the guest's, written directly (`detach`).
+                let clear = self.sparse_target && !self.target_shared();
+                match (self.map.state(c), clear) {
                     (ChunkState::Data, _) | (ChunkState::Absent, false) => {}
                     (ChunkState::Absent | ChunkState::Zero, true) => {
                         self.target
