@@ -29,6 +29,13 @@ pub enum Request {
         force: bool,
         timeout_secs: Option<u64>,
     },
+    /// For `stream detach`: hydrate the rest at full speed, then share the
+    /// target with the guest (`Volume::prepare_detach`) and keep serving
+    /// until the guest is switched. Answered with event lines ending in
+    /// `prepared` or `error`.
+    PrepareDetach {
+        timeout_secs: Option<u64>,
+    },
 }
 
 /// Progress lines of a handover.
@@ -46,6 +53,8 @@ pub enum Event {
     Stopping {
         pid: u32,
     },
+    /// The target is shared with the guest: it may be switched now.
+    Prepared,
     Error {
         message: String,
     },
@@ -162,6 +171,9 @@ async fn handle<S: Source>(stream: UnixStream, ctx: &Context_<S>) -> anyhow::Res
             force,
             timeout_secs,
         }) => return handover(ctx, force, timeout_secs.map(Duration::from_secs), &mut wr).await,
+        Ok(Request::PrepareDetach { timeout_secs }) => {
+            return prepare_detach(ctx, timeout_secs.map(Duration::from_secs), &mut wr).await;
+        }
         Err(e) => serde_json::json!({ "schema": SCHEMA, "error": e.to_string() }).to_string(),
     };
     wr.write_all(reply.as_bytes()).await?;
@@ -198,6 +210,52 @@ async fn handover<S: Source, W: tokio::io::AsyncWrite + Unpin>(
     // connection dropped: the next send fails and drops this guard).
     let lifted = LiftedLimits::lift(&ctx.hydration);
     tracing::info!("finalize: hydrating the rest at full speed");
+    if !hydrate_fully(ctx, deadline, wr).await? {
+        return Ok(());
+    }
+    loop {
+        let connected = (ctx.clients)();
+        if connected == 0 || force {
+            break;
+        }
+        send(wr, &Event::WaitingForClients { connected }).await?;
+        if expired() {
+            let message = format!(
+                "{connected} NBD client(s) still connected to {}: shut the instance down \
+                 (or use --force to disconnect them); the migration keeps serving",
+                ctx.export_uri
+            );
+            send(wr, &Event::Error { message }).await?;
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    tracing::info!("finalize: stopping to hand the volume over");
+    send(
+        wr,
+        &Event::Stopping {
+            pid: std::process::id(),
+        },
+    )
+    .await?;
+    // Stopping: what is left of the hydration runs at full speed until the
+    // export is down; the limits of this run no longer matter.
+    lifted.keep();
+    ctx.handed_over
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    ctx.shutdown.trigger();
+    Ok(())
+}
+
+/// Hydrate at whatever speed the caller set until every chunk is present,
+/// reporting progress; `false` (after an `error` event naming the failing
+/// side) when it cannot finish by `deadline` or stalls.
+async fn hydrate_fully<S: Source, W: tokio::io::AsyncWrite + Unpin>(
+    ctx: &Context_<S>,
+    deadline: Option<Instant>,
+    wr: &mut W,
+) -> anyhow::Result<bool> {
+    let expired = || deadline.is_some_and(|d| Instant::now() > d);
     let mut last = (Instant::now(), 0u64);
     loop {
         let st = ctx.volume.status();
@@ -250,42 +308,49 @@ async fn handover<S: Source, W: tokio::io::AsyncWrite + Unpin>(
                 },
             );
             send(wr, &Event::Error { message }).await?;
-            return Ok(());
+            return Ok(false);
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
-    loop {
-        let connected = (ctx.clients)();
-        if connected == 0 || force {
-            break;
-        }
-        send(wr, &Event::WaitingForClients { connected }).await?;
-        if expired() {
-            let message = format!(
-                "{connected} NBD client(s) still connected to {}: shut the instance down \
-                 (or use --force to disconnect them); the migration keeps serving",
-                ctx.export_uri
+    Ok(true)
+}
+
+/// `stream detach`: every chunk present, then the target shared with the
+/// guest; the export keeps serving it until its hypervisor switches it.
+async fn prepare_detach<S: Source, W: tokio::io::AsyncWrite + Unpin>(
+    ctx: &Context_<S>,
+    timeout: Option<Duration>,
+    wr: &mut W,
+) -> anyhow::Result<()> {
+    let Some(_active) = HandoverActive::take_within(Duration::from_secs(5)).await else {
+        let message = "a `stream finalize` or `stream detach` is already taking this volume \
+                       over; wait for it to end (or stop it) and run detach again"
+            .to_string();
+        return send(wr, &Event::Error { message }).await;
+    };
+    let deadline = timeout.map(|t| Instant::now() + t);
+    // Full speed until complete; the operator's limits come back after
+    // (nothing is left for them to limit).
+    let lifted = LiftedLimits::lift(&ctx.hydration);
+    tracing::info!("detach: hydrating the rest at full speed");
+    if !hydrate_fully(ctx, deadline, wr).await? {
+        return Ok(());
+    }
+    match ctx.volume.prepare_detach().await {
+        Ok(()) => {
+            // Every chunk is present: the limits have nothing left to limit.
+            lifted.keep();
+            tracing::info!(
+                "detach: every chunk is present and durable; the target is shared with the \
+                 guest from now on (nothing here writes it on its own)"
             );
-            send(wr, &Event::Error { message }).await?;
-            return Ok(());
+            send(wr, &Event::Prepared).await
         }
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        Err(e) => {
+            let message = format!("cannot share the target with the guest: {e}");
+            send(wr, &Event::Error { message }).await
+        }
     }
-    tracing::info!("finalize: stopping to hand the volume over");
-    send(
-        wr,
-        &Event::Stopping {
-            pid: std::process::id(),
-        },
-    )
-    .await?;
-    // Stopping: what is left of the hydration runs at full speed until the
-    // export is down; the limits of this run no longer matter.
-    lifted.keep();
-    ctx.handed_over
-        .store(true, std::sync::atomic::Ordering::Relaxed);
-    ctx.shutdown.trigger();
-    Ok(())
 }
 
 /// The hydration limits of `stream start` (`--rate-limit`, `--no-hydrate`)
@@ -331,7 +396,8 @@ impl Drop for LiftedLimits<'_> {
             .enabled
             .store(self.enabled, Ordering::Relaxed);
         tracing::info!(
-            "finalize did not complete the handover: hydration back to {} ({})",
+            "the handover did not complete (finalize or detach stopped before it): hydration \
+             back to {} ({})",
             if self.enabled {
                 "on"
             } else {

@@ -83,6 +83,26 @@ pub struct VerifyArgs {
     json: bool,
 }
 
+impl FinalizeArgs {
+    /// What `stream detach` runs once the guest left the export: finalize
+    /// without verifying (the guest writes the target directly now, so a
+    /// comparison with the source would report its writes; `stream verify`
+    /// runs before the switch) and without Cinder (the guest holds the LV).
+    pub fn after_detach(state: PathBuf, timeout: Option<Duration>, json: bool) -> FinalizeArgs {
+        FinalizeArgs {
+            state: Some(state),
+            target: None,
+            verify: false,
+            force: false,
+            timeout,
+            json,
+            cinder_manage: None,
+            volume_name: None,
+            bootable: false,
+        }
+    }
+}
+
 /// `30`, `30s`, `10m`, `2h`.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
@@ -120,7 +140,7 @@ struct FinalizeReport {
 /// Progress of one step on stderr: a bar on a terminal; else a plain line
 /// now and then; with `--json` a JSON event line at most every second (and
 /// at the end) instead. Nothing with `--quiet` but the JSON events.
-struct Step {
+pub(crate) struct Step {
     name: &'static str,
     json: bool,
     bar: indicatif::ProgressBar,
@@ -143,7 +163,7 @@ impl Step {
         }
     }
 
-    fn bytes(name: &'static str, json: bool, total: u64) -> Step {
+    pub(crate) fn bytes(name: &'static str, json: bool, total: u64) -> Step {
         let bar = if json {
             indicatif::ProgressBar::hidden()
         } else {
@@ -171,7 +191,7 @@ impl Step {
         due
     }
 
-    fn update(&self, unit: &str, done: u64, total: u64, rate: Option<f64>) {
+    pub(crate) fn update(&self, unit: &str, done: u64, total: u64, rate: Option<f64>) {
         self.bar.set_length(total);
         self.bar.set_position(done);
         if self.json {
@@ -267,6 +287,7 @@ async fn handover(dir: &std::path::Path, args: &FinalizeArgs) -> anyhow::Result<
             }
             Event::Stopping { pid: p } => pid = Some(p),
             Event::Error { message } => bail!("{message}"),
+            Event::Prepared => bail!("unexpected answer from the stream start: {line}"),
         }
     }
     drop(hydrating);

@@ -24,6 +24,7 @@
 mod cinder;
 mod control;
 mod demo;
+mod detach;
 mod export;
 mod finalize;
 mod limits;
@@ -31,6 +32,7 @@ mod metrics;
 mod mount;
 mod notify;
 mod output;
+mod qmp;
 mod rundir;
 mod start;
 mod status;
@@ -118,6 +120,18 @@ enum Command {
     /// Re-read source and target and compare every chunk no client wrote,
     /// and check the chunks clients wrote against the manifest.
     Verify(finalize::VerifyArgs),
+    /// Move a running QEMU guest from the export onto the target, live, and
+    /// finalize: the guest keeps running, now from native storage.
+    ///
+    /// For a guest that QEMU runs from this migration's NBD export (a raw
+    /// node over an nbd node, as docs/cutover.md starts it) with a QMP
+    /// socket. The running `stream start` hydrates the rest at full speed
+    /// and shares the target; QEMU then reopens the guest's disk onto the
+    /// target (`blockdev-reopen`: a drain of the guest's in-flight I/O, no
+    /// copy) and drops the export; the migration is finalized. Re-runnable
+    /// after a crash at any step. Run `stream verify` before it: once the
+    /// guest writes the target directly, a comparison reports its writes.
+    Detach(detach::DetachArgs),
     /// Run the whole job on a small generated disk on this machine: export,
     /// stream, read and write at once, hydrate, check the copy.
     Demo(demo::DemoArgs),
@@ -168,6 +182,7 @@ fn main() -> ExitCode {
             Command::Demo(args) => demo::run(args).await,
             Command::Finalize(args) => finalize::run(args).await,
             Command::Verify(args) => finalize::verify(args).await,
+            Command::Detach(args) => detach::run(args).await,
             Command::Completions { .. } => unreachable!("answered before the runtime starts"),
         }
     });

@@ -43,6 +43,7 @@ pub mod fake_cloud;
 pub mod fault;
 pub mod finalize;
 pub mod fuse;
+pub mod guest;
 pub mod image;
 pub mod ops;
 pub mod proxy;
