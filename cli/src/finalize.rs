@@ -26,9 +26,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use lazy_fetch::manifest::{self, Manifest, VerifyReport};
-use lazy_fetch::source::AnySource;
 use lazy_fetch::state::{self, FinalizeRecord, Header, Phase, StateDir};
 use lazy_fetch::{OpenOptions, Volume, hydrate};
+use nbd_source::AnySource;
 use serde::Serialize;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
@@ -317,7 +317,7 @@ async fn open(
 ) -> anyhow::Result<Arc<Volume<AnySource>>> {
     // Finalize's own reads (no `stream start` running) use the default
     // stall timeout; a running start hydrates with its own.
-    let stall = lazy_fetch::source::nbd::NbdOptions::default().stall_timeout;
+    let stall = nbd_source::NbdOptions::default().stall_timeout;
     let source =
         crate::start::open_source(&header.source.location, Some(header.source.size), stall).await?;
     let volume = Volume::open(

@@ -12,8 +12,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use lazy_fetch::source::{AnySource, Health};
+use lazy_fetch::source::Health;
 use lazy_fetch::state::Phase;
+use nbd_source::AnySource;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 

@@ -7,13 +7,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use lazy_fetch::frontend::VolumeDevice;
-use lazy_fetch::source::nbd::{NbdOptions, NbdSource};
-use lazy_fetch::source::{AnySource, file::FileSource};
+use lazy_fetch::source::file::FileSource;
 use lazy_fetch::state::{self, StateDir};
 use lazy_fetch::target::identity;
 use lazy_fetch::units::parse_size;
 use lazy_fetch::{OpenOptions, Volume, hydrate};
 use nbd_server::{Export, Listener, Server, Shutdown};
+use nbd_source::{AnySource, NbdOptions, NbdSource};
 
 use crate::control;
 
@@ -338,9 +338,7 @@ pub async fn run(args: StartArgs) -> anyhow::Result<()> {
 
 /// On a terminal: one bar of bytes present, with the hydration rate and
 /// ETA and the clients connected, until the task is aborted.
-fn progress_bar(
-    ctx: Arc<control::Context_<lazy_fetch::source::AnySource>>,
-) -> tokio::task::JoinHandle<()> {
+fn progress_bar(ctx: Arc<control::Context_<nbd_source::AnySource>>) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         if !crate::output::bars_enabled() {
             return;

@@ -1,4 +1,4 @@
-//! The volume as an `nbd_server::BlockDevice`: the adapter every frontend
+//! The volume as a `block_device::BlockDevice`: the adapter every frontend
 //! (the NBD server, the FUSE mount) serves. Errors become `io::Error`s with
 //! the errno a client should see (see [`crate::Error::to_io`]).
 

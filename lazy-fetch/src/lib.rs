@@ -24,7 +24,8 @@
 //!   served by `stream export` beside the disk (source-side proof).
 //! - [`state`]: the state directory: header, checkpoint, journal, lock; the
 //!   order that makes the map durable only after the data.
-//! - [`source`]: where chunks come from (`source/file.rs`, `source/nbd.rs`).
+//! - [`source`]: where chunks come from (`source/file.rs`; the NBD source
+//!   is the `nbd-source` crate, so the engine depends on no protocol).
 //! - [`target`]: where they go (`target/file.rs`: a file or block device).
 //! - [`hashes`]: the kept manifest, the blake3 of each chunk recorded as it
 //!   becomes present, and which records are stale.

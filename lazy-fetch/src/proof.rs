@@ -22,7 +22,7 @@ use std::io;
 use std::sync::Arc;
 
 use block_device::{BlockDevice, Capabilities, Piece};
-use nbd_server::client::Client;
+use futures_util::future::BoxFuture;
 
 use crate::units::{MAX_CHUNK, MIN_CHUNK};
 
@@ -155,44 +155,13 @@ impl<D: BlockDevice> BlockDevice for HashDevice<D> {
     }
 }
 
-/// The chunk hashes a source computes where the disk is, read over one
-/// NBD connection to its hash export: 32 bytes per chunk cross the link.
-pub struct RemoteHashes {
-    client: Client,
-    chunks: u64,
-}
-
-impl RemoteHashes {
-    /// A connection to a hash export of `chunks` records (checked).
-    pub fn new(client: Client, chunks: u64) -> Option<RemoteHashes> {
-        (client.size() == chunks * HASH_LEN).then_some(RemoteHashes { client, chunks })
-    }
-
-    pub fn chunks(&self) -> u64 {
-        self.chunks
-    }
-
+/// A source's chunk hashes, computed where its disk is: what the verifier
+/// reads instead of the chunks (`Source::chunk_hashes`). The engine sees
+/// only this; the NBD client that reads a hash export over the link is
+/// `nbd_source::RemoteHashes`, outside the engine.
+pub trait ChunkHashes: Send + Sync {
     /// Records of chunks `first..first + n`.
-    pub async fn read(&self, first: u64, n: u64) -> io::Result<Vec<[u8; 32]>> {
-        let max = u64::from(self.client.max_payload().max(4096)) / HASH_LEN * HASH_LEN;
-        let (mut at, end) = (first * HASH_LEN, (first + n) * HASH_LEN);
-        let mut out = Vec::with_capacity(n as usize);
-        while at < end {
-            let len = (end - at).min(max);
-            let bytes = self
-                .client
-                .read(at, len as u32)
-                .await
-                .map_err(io::Error::other)?;
-            out.extend(
-                bytes
-                    .chunks_exact(HASH_LEN as usize)
-                    .map(|r| <[u8; 32]>::try_from(r).expect("32 bytes")),
-            );
-            at += len;
-        }
-        Ok(out)
-    }
+    fn read(&self, first: u64, n: u64) -> BoxFuture<'_, io::Result<Vec<[u8; 32]>>>;
 }
 
 #[cfg(test)]

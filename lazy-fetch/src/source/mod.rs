@@ -4,10 +4,13 @@
 //! holes are learnt and never fetched). Reads say whether they serve a
 //! client now ([`Class::Foreground`]) or the background hydration, so a
 //! source with a queue can keep the two apart (invariant 7).
+//!
+//! Here: the trait, a local file or block device (`file.rs`) and the
+//! in-memory source of the tests (`memory.rs`). The NBD source is the
+//! `nbd-source` crate, so the engine depends on no protocol crate.
 
 pub mod file;
 pub mod memory;
-pub mod nbd;
 
 use std::future::Future;
 use std::io;
@@ -67,7 +70,7 @@ pub trait Source: Send + Sync + 'static {
     fn chunk_hashes(
         &self,
         _chunk: u64,
-    ) -> impl Future<Output = Option<crate::proof::RemoteHashes>> + Send {
+    ) -> impl Future<Output = Option<Box<dyn crate::proof::ChunkHashes>>> + Send {
         async { None }
     }
 
@@ -91,56 +94,6 @@ pub trait Source: Send + Sync + 'static {
                 Some(m) => Err(io::Error::other(m.to_string())),
                 None => Ok(()),
             }
-        }
-    }
-}
-
-/// Any source `stream start` can be given.
-pub enum AnySource {
-    File(file::FileSource),
-    Nbd(nbd::NbdSource),
-}
-
-impl Source for AnySource {
-    fn id(&self) -> SourceId {
-        match self {
-            AnySource::File(s) => s.id(),
-            AnySource::Nbd(s) => s.id(),
-        }
-    }
-
-    async fn read(&self, offset: u64, len: usize, class: Class) -> io::Result<Vec<u8>> {
-        match self {
-            AnySource::File(s) => s.read(offset, len, class).await,
-            AnySource::Nbd(s) => s.read(offset, len, class).await,
-        }
-    }
-
-    async fn block_status(&self, offset: u64, len: u64) -> io::Result<Option<Vec<Extent>>> {
-        match self {
-            AnySource::File(s) => s.block_status(offset, len).await,
-            AnySource::Nbd(s) => s.block_status(offset, len).await,
-        }
-    }
-
-    fn health(&self) -> Health {
-        match self {
-            AnySource::File(s) => s.health(),
-            AnySource::Nbd(s) => s.health(),
-        }
-    }
-
-    async fn chunk_hashes(&self, chunk: u64) -> Option<crate::proof::RemoteHashes> {
-        match self {
-            AnySource::File(s) => s.chunk_hashes(chunk).await,
-            AnySource::Nbd(s) => s.chunk_hashes(chunk).await,
-        }
-    }
-
-    async fn install_fingerprint(&self, fp: Arc<Fingerprint>) -> io::Result<()> {
-        match self {
-            AnySource::File(s) => s.install_fingerprint(fp).await,
-            AnySource::Nbd(s) => s.install_fingerprint(fp).await,
         }
     }
 }

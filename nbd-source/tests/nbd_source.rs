@@ -18,8 +18,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use lazy_fetch::source::nbd::{NbdOptions, NbdSource, errno_of};
 use lazy_fetch::source::{Class, Health, Source};
+use nbd_source::{NbdOptions, NbdSource, errno_of};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, UnixStream};
 use tokio::sync::watch;
