@@ -114,8 +114,7 @@ impl Spawned {
 impl Drop for Spawned {
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = tool::wait_deadline(&mut c, Duration::from_secs(10));
+            test_support::child::kill_and_reap(&mut c);
         }
     }
 }
