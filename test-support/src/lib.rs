@@ -15,6 +15,7 @@
 //!   deadline, output captured.
 //! - [`nbdkit`]: nbdkit on a unix socket (plugin, filters, parameters),
 //!   returned once the socket accepts connections, stopped on drop.
+//! - [`loopdev`]: loop devices over files, detached on drop.
 //!
 //! Nothing here sleeps to synchronise: readiness is a socket accepting or a
 //! process exiting, polled against a deadline that only bounds the wait.
@@ -27,6 +28,7 @@
 //! `lazy_fetch::target::{memory, fault}`), where its own tests reach them.
 
 pub mod child;
+pub mod loopdev;
 pub mod nbdkit;
 pub mod rng;
 pub mod tool;

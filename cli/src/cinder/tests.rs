@@ -612,13 +612,16 @@ mod lv {
     use std::fs;
     use std::os::unix::fs::symlink;
     use std::path::{Path, PathBuf};
-    use std::process::Command;
+
+    use test_support::loopdev::LoopDevice;
 
     use super::super::preflight::*;
 
-    /// A loop device over a sparse file; detached on drop.
+    /// A loop device over a sparse file (test-support's, detached on
+    /// drop), and the directory holding the file.
     struct Loop {
         dev: PathBuf,
+        _lo: LoopDevice,
         _dir: tempfile::TempDir,
     }
 
@@ -628,26 +631,17 @@ mod lv {
             let dir = tempfile::tempdir().unwrap();
             let img = dir.path().join("disk.img");
             fs::File::create(&img).unwrap().set_len(size).unwrap();
-            let out = Command::new("losetup")
-                .args(["--find", "--show"])
-                .arg(&img)
-                .output()
-                .ok()?;
-            if !out.status.success() {
-                eprintln!(
-                    "skipped: losetup failed: {}",
-                    String::from_utf8_lossy(&out.stderr).trim()
-                );
-                return None;
+            match LoopDevice::try_attach(&img, false) {
+                Ok(lo) => Some(Loop {
+                    dev: lo.path.clone(),
+                    _lo: lo,
+                    _dir: dir,
+                }),
+                Err(why) => {
+                    eprintln!("skipped: losetup failed: {why}");
+                    None
+                }
             }
-            let dev = PathBuf::from(String::from_utf8(out.stdout).unwrap().trim());
-            Some(Loop { dev, _dir: dir })
-        }
-    }
-
-    impl Drop for Loop {
-        fn drop(&mut self) {
-            let _ = Command::new("losetup").arg("-d").arg(&self.dev).status();
         }
     }
 
