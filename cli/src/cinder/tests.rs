@@ -618,16 +618,23 @@ mod lv {
     use super::super::preflight::*;
 
     /// A loop device over a sparse file (test-support's, detached on
-    /// drop), and the directory holding the file.
+    /// drop), and the directory holding the file. One at a time: a loop
+    /// number one test frees is soon another's, and the `losetup -d` that
+    /// freed it can still hold it open while the other test reads the
+    /// real `/proc` for holders.
     struct Loop {
         dev: PathBuf,
         _lo: LoopDevice,
         _dir: tempfile::TempDir,
+        _one_at_a_time: std::sync::MutexGuard<'static, ()>,
     }
+
+    static LOOPS: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
     impl Loop {
         /// None where loop devices cannot be made (not root, no loop module).
         fn new(size: u64) -> Option<Loop> {
+            let one_at_a_time = LOOPS.lock().unwrap_or_else(|e| e.into_inner());
             let dir = tempfile::tempdir().unwrap();
             let img = dir.path().join("disk.img");
             fs::File::create(&img).unwrap().set_len(size).unwrap();
@@ -636,6 +643,7 @@ mod lv {
                     dev: lo.path.clone(),
                     _lo: lo,
                     _dir: dir,
+                    _one_at_a_time: one_at_a_time,
                 }),
                 Err(why) => {
                     eprintln!("skipped: losetup failed: {why}");
