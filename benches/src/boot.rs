@@ -23,7 +23,7 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crate::child::ChildGuard;
+use test_support::child::ChildGuard;
 
 /// The line the image's `/sbin/init` prints on the console once booted.
 pub const MARKER: &str = "STREAM-BOOT-OK";

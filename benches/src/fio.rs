@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use crate::child::ChildGuard;
+use test_support::child::ChildGuard;
 
 /// A fio access pattern.
 #[derive(Clone, Copy, Debug)]

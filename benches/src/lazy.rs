@@ -16,8 +16,8 @@ use std::process::{Command, ExitStatus, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crate::child::ChildGuard;
 use crate::servers::{RunningServer, ServerKind, read_uri_line, wait_until_served};
+use test_support::child::ChildGuard;
 
 /// How long one status request may take.
 const STATUS_TIMEOUT: Duration = Duration::from_secs(5);

@@ -10,8 +10,10 @@
 //!   so every server starts from the same hot page cache.
 //! - [`servers`]: how each server is started (unix socket or TCP), waited
 //!   for, and checked with `nbdinfo` before it is measured.
-//! - [`child`]: the guard that owns every child process: killed by PID and
-//!   reaped when dropped, so no server outlives the harness.
+//! - every child process lives in test-support's `ChildGuard`: stopped by
+//!   PID and reaped when dropped, so no server outlives the harness; the
+//!   nbdkit sources are test-support's `Nbdkit`, its seeded `Rng` makes
+//!   the test file and the trace.
 //! - [`fio`]: one fio run and the parsing of its JSON report.
 //! - [`cpu`]: user + system CPU time of a process from `/proc/PID/stat`.
 //! - [`stats`], medians and ranges of repeated runs.
@@ -41,7 +43,6 @@
 
 pub mod boot;
 pub mod boot_hook;
-pub mod child;
 pub mod cpu;
 pub mod fio;
 pub mod lazy;

@@ -30,11 +30,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crate::child::ChildGuard;
 use crate::lazy::{StartSpec, StreamStart, counter};
 use crate::qmp::Qmp;
 use crate::servers::wait_until_served;
 use crate::{cpu, mem};
+use test_support::child::ChildGuard;
 
 const POLL: Duration = Duration::from_millis(50);
 

@@ -24,7 +24,8 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crate::child::ChildGuard;
+use test_support::child::ChildGuard;
+use test_support::nbdkit::Nbdkit;
 
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -195,8 +196,9 @@ pub fn start(
 
 /// nbdkit as a *source*: `plugin` with `params`, behind `filters` (e.g.
 /// `delay` with `delay-read=1ms` among the params to imitate a remote
-/// link), read-only on a unix socket in `workdir`. Unlike [`start`] it
-/// serves generated disks too (`random`, `sparse-random`, ...).
+/// link), read-only on a unix socket in `workdir` (test-support's
+/// launcher, then the `nbdinfo` size check). Unlike [`start`] it serves
+/// generated disks too (`random`, `sparse-random`, ...).
 pub fn start_nbdkit_source(
     filters: &[&str],
     plugin: &str,
@@ -207,25 +209,22 @@ pub fn start_nbdkit_source(
 ) -> io::Result<RunningServer> {
     let sock = workdir.join(format!("nbdkit-{tag}.sock"));
     let log = workdir.join(format!("nbdkit-{tag}.log"));
-    let _ = std::fs::remove_file(&sock);
-    let mut cmd = Command::new("nbdkit");
-    cmd.args(["-f", "-r", "-U"]).arg(&sock);
-    for f in filters {
-        cmd.arg(format!("--filter={f}"));
-    }
-    cmd.arg(plugin)
-        .args(params)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(File::create(&log)?);
-    let mut guard = ChildGuard::spawn(format!("nbdkit {plugin} ({tag})"), &mut cmd)?;
+    let mut args: Vec<String> = vec!["-r".into()];
+    args.extend(filters.iter().map(|f| format!("--filter={f}")));
+    args.push(plugin.into());
+    args.extend(params.iter().cloned());
+    let Nbdkit {
+        mut guard,
+        log_path,
+        ..
+    } = Nbdkit::start(&sock, &log, &args)?;
     let uri = format!("nbd+unix:///?socket={}", sock.display());
-    wait_until_served(&mut guard, &uri, size, &log)?;
+    wait_until_served(&mut guard, &uri, size, &log_path)?;
     Ok(RunningServer {
         kind: ServerKind::Nbdkit,
         uri,
         guard,
-        log,
+        log: log_path,
     })
 }
 

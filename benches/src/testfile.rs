@@ -1,6 +1,6 @@
 //! The test file every server exports.
 //!
-//! Pseudo-random bytes (xorshift64*, fixed seed), so no server can take a
+//! Pseudo-random bytes (test-support's xorshift64* `Rng`, fixed seed), so no server can take a
 //! shortcut for zeros or holes, written in full and fsynced so every block
 //! is allocated, then read once end to end so the page cache is hot for
 //! every server alike (the machine has far more RAM than the file).
@@ -10,34 +10,16 @@ use std::io::{self, Read, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
+use test_support::Rng;
+
 const BLOCK: usize = 1 << 20;
-
-/// A fixed-seed xorshift64* generator: fast, deterministic, never zero.
-struct XorShift(u64);
-
-impl XorShift {
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn fill(&mut self, buf: &mut [u8]) {
-        for word in buf.chunks_exact_mut(8) {
-            word.copy_from_slice(&self.next().to_le_bytes());
-        }
-    }
-}
 
 /// Create `path` with `size` bytes (a multiple of 1 MiB) of pseudo-random
 /// data and check that the filesystem allocated all of it.
 pub fn create(path: &Path, size: u64) -> io::Result<()> {
     assert!(size % BLOCK as u64 == 0, "size must be a multiple of 1 MiB");
     let mut f = OpenOptions::new().write(true).create_new(true).open(path)?;
-    let mut rng = XorShift(0x9e37_79b9_7f4a_7c15);
+    let mut rng = Rng::new(0x9e37_79b9_7f4a_7c15);
     let mut buf = vec![0u8; BLOCK];
     for _ in 0..size / BLOCK as u64 {
         rng.fill(&mut buf);

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use nbd_server::client::Client;
 use nbd_server::uri::NbdUri;
+use test_support::Rng;
 
 /// Share of the disk the trace reads.
 pub const TOUCH_PERCENT: u64 = 3;
@@ -33,27 +34,9 @@ pub struct Read {
     pub len: u32,
 }
 
-/// A fixed-seed xorshift64* generator.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-}
-
 /// The trace for a disk of `size` bytes (at least 2 MiB).
 pub fn generate(size: u64, seed: u64) -> Vec<Read> {
-    let mut rng = Rng(seed | 1);
+    let mut rng = Rng::new(seed);
     let budget = size * TOUCH_PERCENT / 100;
     let mut out = Vec::new();
     let mut total = 0u64;

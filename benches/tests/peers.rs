@@ -8,35 +8,27 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use stream_benches::peers::{Peer, PeerKind, PeerSpec};
+use stream_benches::scratch::ScratchDir;
 use stream_benches::{servers, testfile, trace};
+use test_support::tool::require_tool;
 
 const SIZE: u64 = 16 << 20;
 
+/// Fails naming the Debian package when `tool` is missing.
 fn require(tool: &str) {
-    let found = std::process::Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    assert!(
-        found,
-        "{tool} is not on PATH: install the Debian packages nbdkit, libnbd-bin and qemu-utils"
-    );
+    let package = match tool {
+        "nbdkit" => "nbdkit",
+        "nbdinfo" | "nbdcopy" => "libnbd-bin",
+        _ => "qemu-utils",
+    };
+    require_tool(tool, package);
 }
 
-struct Dir(PathBuf);
-
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
-
-fn scratch(name: &str) -> Dir {
+fn scratch(name: &str) -> ScratchDir {
     let d = std::env::temp_dir().join(format!("peers-{name}-{}", std::process::id()));
     let _ = fs::remove_dir_all(&d);
     fs::create_dir_all(&d).unwrap();
-    Dir(d)
+    ScratchDir(d)
 }
 
 /// Start `kind` over an nbdkit file source of `image`, hydrating; wait

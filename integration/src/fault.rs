@@ -67,74 +67,10 @@ impl Drop for Tmpfs {
     }
 }
 
-/// nbdkit serving a file read-only on a unix socket, with extra filter
-/// arguments (e.g. `--filter=error error-pread-rate=10%`); one thread
-/// (`-t 1`: nbdkit 1.32 aborts when a connection is cut while several
-/// threads have requests in flight). Killed by PID on drop.
-pub struct Nbdkit {
-    child: Option<Child>,
-    pub socket: PathBuf,
-    log: PathBuf,
-}
-
-impl Nbdkit {
-    pub fn file(dir: &Path, file: &Path, filter_args: &[&str]) -> Nbdkit {
-        let nbdkit = tool::require_tool("nbdkit", "nbdkit");
-        let socket = dir.join("nbdkit.sock");
-        let log = dir.join("nbdkit.log");
-        let err = std::fs::File::create(&log).expect("nbdkit log");
-        let mut cmd = Command::new(nbdkit);
-        cmd.args(["-f", "-r", "-t", "1", "-U"])
-            .arg(&socket)
-            .args(filter_args.iter().filter(|a| a.starts_with("--")))
-            .arg("file")
-            .arg(file)
-            .args(filter_args.iter().filter(|a| !a.starts_with("--")))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(err);
-        let child = cmd.spawn().expect("spawn nbdkit");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let mut me = Nbdkit {
-            child: Some(child),
-            socket,
-            log,
-        };
-        while !me.socket.exists() {
-            if let Some(status) = me.child.as_mut().unwrap().try_wait().expect("try_wait") {
-                panic!("nbdkit exited with {status}: {}", me.log());
-            }
-            assert!(Instant::now() < deadline, "nbdkit socket never appeared");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        me
-    }
-
-    /// `nbd+unix:///?socket=PATH`.
-    pub fn uri(&self) -> String {
-        format!("nbd+unix:///?socket={}", self.socket.display())
-    }
-
-    pub fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Whether it still runs (it must not crash under the test).
-    pub fn alive(&mut self) -> bool {
-        self.child
-            .as_mut()
-            .is_some_and(|c| c.try_wait().expect("try_wait").is_none())
-    }
-}
-
-impl Drop for Nbdkit {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = tool::wait_deadline(&mut c, Duration::from_secs(10));
-        }
-    }
-}
+/// nbdkit serving a file (`Nbdkit::file`, read-only, one thread, behind
+/// filters such as `--filter=error error-pread-rate=10%`); killed by PID
+/// on drop.
+pub use test_support::nbdkit::Nbdkit;
 
 /// Overwrites `bytes` at `offset` of `path` (state-file damage).
 pub fn damage(path: &Path, offset: u64, bytes: &[u8]) {
@@ -304,8 +240,7 @@ impl Drop for QemuIo {
     fn drop(&mut self) {
         drop(self.stdin.take());
         if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = tool::wait_deadline(&mut c, Duration::from_secs(10));
+            test_support::child::kill_and_reap(&mut c);
         }
     }
 }

@@ -188,8 +188,7 @@ impl Spawned {
 impl Drop for Spawned {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = tool::wait_deadline(&mut child, Duration::from_secs(10));
+            test_support::child::kill_and_reap(&mut child);
         }
         if thread::panicking() {
             eprintln!("{}", self.describe());

@@ -80,40 +80,7 @@ pub fn detach(dir: &Path) {
 }
 
 /// A loop device over a file, detached on drop.
-pub struct LoopDevice {
-    pub path: PathBuf,
-}
-
-impl LoopDevice {
-    pub fn attach(file: &Path, read_only: bool) -> LoopDevice {
-        let losetup = require_tool("losetup", "mount");
-        let mut cmd = Command::new(losetup);
-        cmd.args(["--find", "--show"]);
-        if read_only {
-            cmd.arg("--read-only");
-        }
-        let out = run_ok(cmd.arg(file), TOOL_TIMEOUT);
-        let path = PathBuf::from(out.stdout_lossy().trim());
-        assert!(
-            path.to_string_lossy().starts_with("/dev/loop"),
-            "{}",
-            out.describe()
-        );
-        LoopDevice { path }
-    }
-}
-
-impl Drop for LoopDevice {
-    fn drop(&mut self) {
-        let out = run(
-            Command::new("losetup").arg("-d").arg(&self.path),
-            TOOL_TIMEOUT,
-        );
-        if !out.status.success() {
-            eprintln!("cleanup: {}", out.describe());
-        }
-    }
-}
+pub use test_support::loopdev::LoopDevice;
 
 /// A kernel file system mounted from a device, unmounted on drop.
 pub struct FsMount {

@@ -132,7 +132,8 @@ pub fn pattern(seed: u64, offset: u64, len: usize) -> Vec<u8> {
     let mut out = Vec::with_capacity(len);
     let mut pos = offset;
     while out.len() < len {
-        let word = splitmix64(seed ^ (pos / 8).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        let word =
+            test_support::rng::splitmix64(seed ^ (pos / 8).wrapping_mul(0x9e37_79b9_7f4a_7c15));
         let bytes = word.to_le_bytes();
         let skip = (pos % 8) as usize;
         let take = (8 - skip).min(len - out.len());
@@ -140,13 +141,6 @@ pub fn pattern(seed: u64, offset: u64, len: usize) -> Vec<u8> {
         pos += take as u64;
     }
     out
-}
-
-fn splitmix64(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
 }
 
 /// A file of `size` bytes of pattern from `seed` (fully allocated).

@@ -117,8 +117,7 @@ impl Spawned {
 
 impl Drop for Spawned {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = tool::wait_deadline(&mut self.child, Duration::from_secs(10));
+        test_support::child::kill_and_reap(&mut self.child);
         if thread::panicking() {
             eprintln!("stderr of {}:\n{}", self.child.id(), self.stderr());
         }

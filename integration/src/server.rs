@@ -294,8 +294,7 @@ impl Server {
 impl Drop for Server {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = tool::wait_deadline(&mut child, Duration::from_secs(10));
+            test_support::child::kill_and_reap(&mut child);
         }
         if thread::panicking() {
             eprintln!("{}", self.log());

@@ -28,6 +28,7 @@ use crate::server::Addr;
 use crate::start::Start;
 use crate::wire::{CMD_FLUSH, Conn};
 use crate::{Export, image};
+use test_support::Rng;
 
 #[derive(Clone, Debug)]
 pub struct Options {
@@ -95,24 +96,10 @@ impl Report {
     }
 }
 
-/// xorshift64*.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-    /// Around `mean` (half to one and a half of it).
-    fn around(&mut self, mean: Duration) -> Duration {
-        let ms = mean.as_millis() as u64;
-        Duration::from_millis(ms / 2 + self.below(ms + 1))
-    }
+/// Around `mean` (half to one and a half of it).
+fn around(rng: &mut Rng, mean: Duration) -> Duration {
+    let ms = mean.as_millis() as u64;
+    Duration::from_millis(ms / 2 + rng.below(ms + 1))
 }
 
 struct Model {
@@ -195,12 +182,12 @@ pub fn run(dir: &Path, opts: &Options) -> Report {
         view: bytes,
         pending: Vec::new(),
     };
-    let mut rng = Rng(opts.seed | 1);
+    let mut rng = Rng::new(opts.seed);
     let mut report = Report::default();
     let mut running = start.spawn();
     let mut conn = running.open();
-    let mut next_cut = Instant::now() + rng.around(opts.cut_every);
-    let mut next_kill = Instant::now() + rng.around(opts.kill_every);
+    let mut next_cut = Instant::now() + around(&mut rng, opts.cut_every);
+    let mut next_kill = Instant::now() + around(&mut rng, opts.kill_every);
     let deadline = began + opts.duration;
     let mut cookie = 0u64;
     let mut write_id = 0u64;
@@ -230,7 +217,7 @@ pub fn run(dir: &Path, opts: &Options) -> Report {
         let now = Instant::now();
         if now >= next_cut {
             report.cuts += proxy.cut().min(1) as u64;
-            next_cut = now + rng.around(opts.cut_every);
+            next_cut = now + around(&mut rng, opts.cut_every);
         }
         if now >= next_kill {
             // A few writes on the wire, then the crash.
@@ -266,7 +253,7 @@ pub fn run(dir: &Path, opts: &Options) -> Report {
             // range by range above; none is pending any more.
             model.pending.clear();
             model.durable.clone_from(&model.view);
-            next_kill = Instant::now() + rng.around(opts.kill_every);
+            next_kill = Instant::now() + around(&mut rng, opts.kill_every);
             continue;
         }
         match rng.below(10) {

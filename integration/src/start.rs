@@ -415,8 +415,7 @@ impl Running {
 impl Drop for Running {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = tool::wait_deadline(&mut child, Duration::from_secs(10));
+            test_support::child::kill_and_reap(&mut child);
         }
         if thread::panicking() {
             eprintln!("{}", self.log());
@@ -446,38 +445,9 @@ pub fn log_tail(path: &Path) -> String {
     )
 }
 
-/// A loop device attached to a file; detached on drop (by its name).
-pub struct LoopDevice {
-    pub path: PathBuf,
-}
-
-impl LoopDevice {
-    /// `losetup --find --show FILE`.
-    pub fn attach(file: &Path) -> LoopDevice {
-        let losetup = tool::require_tool("losetup", "mount");
-        let out = tool::run_ok(
-            Command::new(losetup).args(["--find", "--show"]).arg(file),
-            Duration::from_secs(30),
-        );
-        let name = out.stdout_lossy().trim().to_owned();
-        assert!(name.starts_with("/dev/loop"), "losetup printed {name:?}");
-        LoopDevice {
-            path: PathBuf::from(name),
-        }
-    }
-}
-
-impl Drop for LoopDevice {
-    fn drop(&mut self) {
-        let out = tool::run(
-            Command::new("losetup").arg("-d").arg(&self.path),
-            Duration::from_secs(30),
-        );
-        if !out.status.success() {
-            eprintln!("detaching {}: {}", self.path.display(), out.describe());
-        }
-    }
-}
+/// A loop device attached to a file (`LoopDevice::attach(file, read_only)`);
+/// detached on drop.
+pub use test_support::loopdev::LoopDevice;
 
 /// A block device reachable as `/dev/VG/LV` without LVM: a directory
 /// `/dev/VG` holding a symlink `LV` to it, as udev makes for a real LV.

@@ -9,20 +9,15 @@
 //! client certificate from another CA). Nothing is checked in, so nothing
 //! expires. [`psk_file`] writes a `username:hexkey` file as `psktool` does.
 //!
-//! [`Nbdkit`] runs `nbdkit -f` on a unix socket with the given arguments
-//! and kills it by PID on drop; readiness is the socket accepting, polled
-//! with a deadline.
+//! [`Nbdkit`] (from test-support) runs `nbdkit -f` on a unix socket with
+//! the given arguments and kills it by PID on drop; readiness is the
+//! socket accepting, polled with a deadline.
 
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::thread;
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
-use crate::tool::{self, require_tool, run_ok};
-
-/// How long nbdkit may take to start listening.
-const READY: Duration = Duration::from_secs(20);
+use crate::tool::{require_tool, run_ok};
 
 /// A test CA and the certificates it signed (see the module docs).
 pub struct Pki {
@@ -165,65 +160,6 @@ pub fn qemu_psk_dir(psk: &Path, dir: &Path) -> PathBuf {
     dir.to_path_buf()
 }
 
-/// `nbdkit -f -U SOCK ARGS...`, killed and reaped on drop.
-pub struct Nbdkit {
-    child: Option<Child>,
-    pub socket: PathBuf,
-    log: PathBuf,
-}
-
-impl Nbdkit {
-    /// Start nbdkit with `args` (options, then plugin and its parameters)
-    /// on `dir/nbdkit.sock`, and wait until it accepts.
-    pub fn spawn(dir: &Path, args: &[&str]) -> Nbdkit {
-        let nbdkit = require_tool("nbdkit", "nbdkit");
-        let socket = dir.join("nbdkit.sock");
-        let log = dir.join("nbdkit.log");
-        let child = Command::new(nbdkit)
-            .arg("-f")
-            .arg("-U")
-            .arg(&socket)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("start nbdkit");
-        let mut k = Nbdkit {
-            child: Some(child),
-            socket,
-            log,
-        };
-        let deadline = Instant::now() + READY;
-        while UnixStream::connect(&k.socket).is_err() {
-            let child = k.child.as_mut().unwrap();
-            if let Ok(Some(status)) = child.try_wait() {
-                panic!("nbdkit {args:?} exited with {status}\n{}", k.log());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "nbdkit not listening within {READY:?}\n{}",
-                k.log()
-            );
-            thread::sleep(Duration::from_millis(20));
-        }
-        k
-    }
-
-    /// nbdkit's stderr so far.
-    pub fn log(&self) -> String {
-        format!(
-            "--- nbdkit stderr ---\n{}",
-            std::fs::read_to_string(&self.log).unwrap_or_default()
-        )
-    }
-}
-
-impl Drop for Nbdkit {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = tool::wait_deadline(&mut child, Duration::from_secs(10));
-        }
-    }
-}
+/// `nbdkit -f -U SOCK ARGS...` (`Nbdkit::spawn`), killed and reaped on
+/// drop.
+pub use test_support::nbdkit::Nbdkit;

@@ -29,7 +29,7 @@ fn cinder_manage_is_called_once() {
         .unwrap()
         .set_len(1 << 30)
         .unwrap();
-    let dev = LoopDevice::attach(&backing);
+    let dev = LoopDevice::attach(&backing, false);
     let vg = format!("stream-test-{}", std::process::id());
     let lv = DevLv::create(&vg, "mig-db01", &dev.path);
 

@@ -114,8 +114,7 @@ impl Spawned {
 impl Drop for Spawned {
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = tool::wait_deadline(&mut c, Duration::from_secs(10));
+            test_support::child::kill_and_reap(&mut c);
         }
     }
 }
@@ -236,7 +235,7 @@ fn a_target_that_is_the_source_is_refused() {
     let bind_point = dir.path().join("bind.img");
     std::fs::File::create(&bind_point).unwrap();
     let _bind = BindMount::new(&img.path, &bind_point);
-    let lo = LoopDevice::attach(&img.path);
+    let lo = LoopDevice::attach(&img.path, false);
     let node = dir.path().join("node");
     mknod_alias(&lo.path, &node);
 
@@ -351,7 +350,7 @@ fn a_target_file_on_a_filesystem_on_the_source_device_is_refused() {
         Command::new(mkfs).args(["-q", "-F"]).arg(&backing),
         Duration::from_secs(60),
     );
-    let lo = LoopDevice::attach(&backing);
+    let lo = LoopDevice::attach(&backing, false);
     let mnt = dir.path().join("mnt");
     std::fs::create_dir(&mnt).unwrap();
     // Dropped before `lo`: unmounted before the device is detached.
@@ -524,7 +523,7 @@ fn a_finalized_target_is_refused_even_with_overwrite_target() {
         .unwrap()
         .set_len(img.size)
         .unwrap();
-    let lo = LoopDevice::attach(&backing);
+    let lo = LoopDevice::attach(&backing, false);
     let start = Start::new(&img.path, &lo.path, &case_dir(dir.path(), "block"));
     Spawned::new(&start, dir.path()).sigterm_and_wait();
     Finalize::new(start.state_dir())
@@ -550,7 +549,7 @@ fn a_block_device_with_data_is_refused_unless_overwrite_target() {
     // A filesystem-like label in the first MiB.
     f.write_all_at(b"\x53\xef label", 1080).unwrap();
     drop(f);
-    let lo = LoopDevice::attach(&backing);
+    let lo = LoopDevice::attach(&backing, false);
     let start = Start::new(&img.path, &lo.path, &case_dir(dir.path(), "block"));
     let out = refused_env(&start, dir.path());
     says(&out, &["not new", "1080", "sampling", "--overwrite-target"]);

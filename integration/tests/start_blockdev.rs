@@ -15,7 +15,7 @@ fn block_device_target() {
     // Larger than the source, full of garbage that must not show through.
     let backing = dir.path().join("loop-backing.img");
     let garbage = dense_file(&backing, img.size + 4 * MIB, 0xbad);
-    let dev = LoopDevice::attach(&backing);
+    let dev = LoopDevice::attach(&backing, false);
 
     // The garbage is data a new migration would refuse to overwrite
     // without being told (issue 12 case 4).

@@ -25,28 +25,11 @@ use integration::server::Addr;
 use integration::start::{mixed_image, read_export};
 use integration::wire::{CMD_FLAG_FUA, CMD_FLUSH, Conn};
 use integration::{Running, Start};
+use test_support::Rng;
 
 const CHUNK: u64 = 64 * KIB;
 /// Most writes one round's client sends.
 const MAX_WRITES: usize = 300;
-
-/// xorshift64*: small, seedable, good enough to pick offsets and delays.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Self {
-        Rng(seed.max(1))
-    }
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-}
 
 #[derive(Clone, Debug)]
 struct Write {

@@ -8,7 +8,7 @@ use integration::binary::stream_bin;
 use integration::image::dense_file;
 use integration::server::read_uri_line;
 use integration::tls::psk_file;
-use integration::tool::{run, wait_deadline};
+use integration::tool::run;
 
 const T: Duration = Duration::from_secs(30);
 
@@ -22,8 +22,7 @@ fn serves(args: &[&str]) -> String {
         .spawn()
         .expect("start stream");
     let uri = read_uri_line(&mut child, T);
-    let _ = child.kill();
-    let _ = wait_deadline(&mut child, Duration::from_secs(10));
+    test_support::child::kill_and_reap(&mut child);
     uri.unwrap_or_else(|e| panic!("stream {args:?} did not serve: {e}"))
 }
 

@@ -3,20 +3,25 @@
 //!
 //! Each test starts its own server on a socket in a fresh temporary
 //! directory, waits for it by polling `connect` against a deadline, runs
-//! under a `tokio::time::timeout`, and kills the server it started through a
-//! guard (`Drop` kills by PID and reaps). A missing tool fails the test with
-//! the Debian package to install; nothing passes silently.
+//! under a `tokio::time::timeout`, and kills the server it started through
+//! test-support's `ChildGuard` (`Drop` kills by PID and reaps). A missing
+//! tool fails the test with the Debian package to install; nothing passes
+//! silently.
 
 use std::future::Future;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use nbd_server::Extent;
 use nbd_server::client::{Client, ClientError};
 use nbd_server::proto::Errno;
 use nbd_server::uri::{Endpoint, NbdUri};
+use test_support::Rng;
+use test_support::child::ChildGuard;
+use test_support::nbdkit::Nbdkit;
+use test_support::tool::require_tool;
 
 /// Bound for one whole test.
 const TEST_TIMEOUT: Duration = Duration::from_secs(60);
@@ -24,65 +29,42 @@ const TEST_TIMEOUT: Duration = Duration::from_secs(60);
 const START_TIMEOUT: Duration = Duration::from_secs(15);
 const MIB: u64 = 1 << 20;
 
-/// A server process this test started; killed and reaped on drop.
+/// A server process this test started; killed by PID and reaped on drop
+/// (its [`ChildGuard`]).
 struct ServerGuard {
-    child: Child,
+    _child: ChildGuard,
     endpoint: Endpoint,
     /// Holds the socket and image; removed after the server is gone.
     _dir: tempfile::TempDir,
 }
 
-impl Drop for ServerGuard {
-    fn drop(&mut self) {
-        // `Child::kill` signals this child's PID only; then reap it.
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Fail, naming the package, if `tool` cannot be run.
-fn require(tool: &str, package: &str) {
-    match Command::new(tool)
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-    {
-        Ok(_) => {}
-        Err(e) => panic!(
-            "`{tool}` is needed by this test but cannot be run ({e}); install the Debian package `{package}`"
-        ),
-    }
-}
-
 /// Spawn `cmd` (which must listen on `endpoint`) and wait until a connect
 /// succeeds, the process dies, or the deadline passes.
 fn spawn_and_wait(mut cmd: Command, endpoint: Endpoint, dir: tempfile::TempDir) -> ServerGuard {
-    let child = cmd
-        .stdin(Stdio::null())
+    cmd.stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}"));
-    let mut guard = ServerGuard {
-        child,
-        endpoint,
-        _dir: dir,
-    };
+        .stderr(Stdio::piped());
+    let mut child = ChildGuard::spawn(format!("{cmd:?}"), &mut cmd)
+        .unwrap_or_else(|e| panic!("{e}"))
+        .kill_on_drop();
     let deadline = Instant::now() + START_TIMEOUT;
     loop {
-        let up = match &guard.endpoint {
+        let up = match &endpoint {
             Endpoint::Unix(p) => std::os::unix::net::UnixStream::connect(p).is_ok(),
             Endpoint::Tcp { host, port } => {
                 std::net::TcpStream::connect((host.as_str(), *port)).is_ok()
             }
         };
         if up {
-            return guard;
+            return ServerGuard {
+                _child: child,
+                endpoint,
+                _dir: dir,
+            };
         }
-        if let Some(status) = guard.child.try_wait().unwrap() {
+        if let Some(status) = child.try_wait().unwrap() {
             let mut err = String::new();
-            if let Some(mut e) = guard.child.stderr.take() {
+            if let Some(mut e) = child.child_mut().stderr.take() {
                 use std::io::Read;
                 let _ = e.read_to_string(&mut err);
             }
@@ -100,14 +82,15 @@ fn sock_in(dir: &tempfile::TempDir) -> PathBuf {
     dir.path().join("nbd.sock")
 }
 
-/// `nbdkit -U SOCK -f --exit-with-parent ARGS...`.
+/// `nbdkit -f -U SOCK ARGS...` (test-support's launcher), serving from
+/// `dir`.
 fn nbdkit(args: &[&str], dir: tempfile::TempDir) -> ServerGuard {
-    require("nbdkit", "nbdkit");
-    let sock = sock_in(&dir);
-    let mut cmd = Command::new("nbdkit");
-    cmd.arg("-U").arg(&sock).arg("-f").arg("--exit-with-parent");
-    cmd.args(args);
-    spawn_and_wait(cmd, Endpoint::Unix(sock), dir)
+    let kit = Nbdkit::spawn(dir.path(), args);
+    ServerGuard {
+        endpoint: Endpoint::Unix(kit.socket.clone()),
+        _child: kit.guard,
+        _dir: dir,
+    }
 }
 
 /// `nbdkit ... file FILE`, serving `image` from `dir`.
@@ -121,9 +104,9 @@ fn nbdkit_file(extra: &[&str], dir: tempfile::TempDir, image: &Path) -> ServerGu
 
 /// `qemu-nbd -f raw --socket=SOCK --persistent --shared=8 EXTRA... FILE`.
 fn qemu_nbd(extra: &[&str], dir: tempfile::TempDir, image: &Path) -> ServerGuard {
-    require("qemu-nbd", "qemu-utils");
+    let qemu_nbd = require_tool("qemu-nbd", "qemu-utils");
     let sock = sock_in(&dir);
-    let mut cmd = Command::new("qemu-nbd");
+    let mut cmd = Command::new(qemu_nbd);
     cmd.args(["-f", "raw"])
         .arg(format!("--socket={}", sock.display()))
         .args(["--persistent", "--shared=8"])
@@ -133,30 +116,9 @@ fn qemu_nbd(extra: &[&str], dir: tempfile::TempDir, image: &Path) -> ServerGuard
 }
 
 /// Deterministic bytes that differ at every offset (so a misplaced chunk
-/// shows), from a xorshift generator.
+/// shows).
 fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    let mut rng = Rng(seed | 1);
-    let mut v = Vec::with_capacity(len + 8);
-    while v.len() < len {
-        v.extend_from_slice(&rng.next().to_le_bytes());
-    }
-    v.truncate(len);
-    v
-}
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
+    Rng::new(seed).filled(len)
 }
 
 /// A temp dir holding `disk.img` of `size` bytes filled with `pattern`.
@@ -197,7 +159,7 @@ async fn bounded<F: Future<Output = ()>>(f: F) {
 
 /// 300 reads at random unaligned offsets and lengths equal the file.
 async fn check_random_reads(c: &Client, want: &[u8]) {
-    let mut rng = Rng(0xabcdef);
+    let mut rng = Rng::new(0xabcdef);
     let size = want.len() as u64;
     for _ in 0..300 {
         let off = rng.below(size);
@@ -471,7 +433,7 @@ async fn nbdkit_without_structured_replies_uses_simple_replies() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nbdkit_over_tcp_with_a_uri() {
     bounded(async {
-        require("nbdkit", "nbdkit");
+        let nbdkit = require_tool("nbdkit", "nbdkit");
         let dir = tempfile::tempdir().unwrap();
         // Pick a free port; nbdkit 1.32 cannot be told to choose one.
         let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -479,8 +441,8 @@ async fn nbdkit_over_tcp_with_a_uri() {
             .local_addr()
             .unwrap()
             .port();
-        let mut cmd = Command::new("nbdkit");
-        cmd.args(["-f", "--exit-with-parent", "-i", "127.0.0.1", "-p"])
+        let mut cmd = Command::new(nbdkit);
+        cmd.args(["-f", "-i", "127.0.0.1", "-p"])
             .arg(port.to_string())
             .args(["pattern", "8M"]);
         let endpoint = Endpoint::Tcp {

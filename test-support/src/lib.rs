@@ -1,51 +1,36 @@
-//! What the tests of every crate share, so each does not carry its own
-//! copy (issue 14). For now: seeded randomness. The harness for real
-//! servers and clients still lives in `integration/` (its `src/`), and the
-//! in-memory and fault-injecting sources and targets in the engine
-//! (`lazy_fetch::source::memory`, `lazy_fetch::target::{memory, fault}`),
-//! where the engine's own tests reach them.
+//! What the tests and benchmark harnesses of every crate share, so each
+//! does not carry its own copy (issue 14).
+//!
+//! # Layout
+//!
+//! - [`rng`]: seeded randomness ([`Rng`], xorshift64*) and a
+//!   position-addressed stream ([`rng::splitmix64`]), so a failing seed
+//!   reproduces the same run anywhere.
+//! - [`child`]: [`child::ChildGuard`], the guard that owns a child process
+//!   and on drop stops it by PID (SIGTERM, a bounded grace, SIGKILL) and
+//!   reaps it; [`child::wait_deadline`] and [`child::kill_and_reap`] for
+//!   harnesses that keep a bare `std::process::Child`.
+//! - [`tool`]: outside tools: [`tool::require_tool`] fails naming the
+//!   Debian package to install; [`tool::run`] runs one bounded by a
+//!   deadline, output captured.
+//! - [`nbdkit`]: nbdkit on a unix socket (plugin, filters, parameters),
+//!   returned once the socket accepts connections, stopped on drop.
+//! - [`loopdev`]: loop devices over files, detached on drop.
+//!
+//! Nothing here sleeps to synchronise: readiness is a socket accepting or a
+//! process exiting, polled against a deadline that only bounds the wait.
+//!
+//! This crate depends on no product crate of the workspace, so any crate
+//! can dev-depend on it. The richer harness only the end-to-end tests use
+//! (the `stream` binary, its status, faults, proxies) stays in
+//! `integration/src`, built on these pieces; the in-memory and fault
+//! backends stay in the engine (`lazy_fetch::source::memory`,
+//! `lazy_fetch::target::{memory, fault}`), where its own tests reach them.
 
-/// xorshift64*: deterministic and seedable, with no dependency, so a
-/// failing seed reproduces the same run anywhere.
-#[derive(Clone, Debug)]
-pub struct Rng(pub u64);
+pub mod child;
+pub mod loopdev;
+pub mod nbdkit;
+pub mod rng;
+pub mod tool;
 
-impl Rng {
-    /// A generator from `seed` (any value; zero is made odd).
-    pub fn new(seed: u64) -> Rng {
-        Rng(seed | 1)
-    }
-
-    #[allow(clippy::should_implement_trait)]
-    pub fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    /// A number in `0..n` (0 when `n` is 0).
-    pub fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-
-    /// `n` random bytes.
-    pub fn bytes(&mut self, n: usize) -> Vec<u8> {
-        (0..n).map(|_| self.next() as u8).collect()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_same_seed_gives_the_same_run_and_below_stays_below() {
-        let (mut a, mut b) = (Rng::new(7), Rng::new(7));
-        assert_eq!(a.bytes(64), b.bytes(64));
-        assert!((0..1000).all(|_| a.below(10) < 10));
-        assert_eq!(a.below(0), 0);
-    }
-}
+pub use rng::Rng;

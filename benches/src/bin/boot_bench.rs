@@ -38,11 +38,12 @@ use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 use stream_benches::boot::{self, BootImage, BootSpec};
-use stream_benches::child::ChildGuard;
 use stream_benches::lazy::{StartSpec, StreamStart, counter};
 use stream_benches::report::{machine, shell_line};
 use stream_benches::servers::{self, Binaries, ServerKind, Transport, wait_until_served};
 use stream_benches::stats::{median, range};
+use test_support::child::ChildGuard;
+use test_support::tool::find_tool;
 
 const USAGE: &str = "\
 usage: boot_bench [--delays 0,1,5] [--peers direct,stream,...] [--reps N]
@@ -227,7 +228,7 @@ fn run(opts: &Options) -> io::Result<()> {
         "nbdcopy",
         "nbdinfo",
     ] {
-        if shell_line("sh", &["-c", &format!("command -v {tool}")]).is_empty() {
+        if find_tool(tool).is_none() {
             return Err(io::Error::other(format!(
                 "{tool} not found on PATH (Debian: qemu-system-x86, qemu-utils, nbdkit, libnbd-bin)"
             )));

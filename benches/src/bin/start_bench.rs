@@ -39,7 +39,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
-use stream_benches::child::ChildGuard;
 use stream_benches::fio::{self, FioResult, RAND_READ_4K, RAND_READ_4K_QD1, Workload};
 use stream_benches::lazy::{StartSpec, StreamStart, counter};
 use stream_benches::mem;
@@ -49,6 +48,7 @@ use stream_benches::scratch::ScratchDir;
 use stream_benches::servers::{self, Binaries, ServerKind, Transport};
 use stream_benches::stats::{median, range};
 use stream_benches::testfile;
+use test_support::child::ChildGuard;
 
 const USAGE: &str = "\
 usage: start-bench [--quick] [--reps N] [--runtime SECS] [--delay-ms N]

@@ -54,6 +54,7 @@ use stream_benches::scratch::ScratchDir;
 use stream_benches::servers::{self, RunningServer};
 use stream_benches::stats::{median, range};
 use stream_benches::{boot, boot_hook, plot, testfile, trace};
+use test_support::tool::find_tool;
 
 const USAGE: &str = "\
 usage: suite [--quick] [--out DIR] [--write FILE] [--delays 0,1,5]
@@ -315,7 +316,7 @@ fn main() -> ExitCode {
         "qemu-nbd",
         "qemu-storage-daemon",
     ] {
-        if shell_line("sh", &["-c", &format!("command -v {tool}")]).is_empty() {
+        if find_tool(tool).is_none() {
             eprintln!(
                 "suite: {tool} is not on PATH: install it (benches/run installs the Debian \
                  packages fio, nbdkit, libnbd-bin, qemu-utils)"

@@ -612,42 +612,44 @@ mod lv {
     use std::fs;
     use std::os::unix::fs::symlink;
     use std::path::{Path, PathBuf};
-    use std::process::Command;
+
+    use test_support::loopdev::LoopDevice;
 
     use super::super::preflight::*;
 
-    /// A loop device over a sparse file; detached on drop.
+    /// A loop device over a sparse file (test-support's, detached on
+    /// drop), and the directory holding the file. One at a time: a loop
+    /// number one test frees is soon another's, and the `losetup -d` that
+    /// freed it can still hold it open while the other test reads the
+    /// real `/proc` for holders.
     struct Loop {
         dev: PathBuf,
+        _lo: LoopDevice,
         _dir: tempfile::TempDir,
+        _one_at_a_time: std::sync::MutexGuard<'static, ()>,
     }
+
+    static LOOPS: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
     impl Loop {
         /// None where loop devices cannot be made (not root, no loop module).
         fn new(size: u64) -> Option<Loop> {
+            let one_at_a_time = LOOPS.lock().unwrap_or_else(|e| e.into_inner());
             let dir = tempfile::tempdir().unwrap();
             let img = dir.path().join("disk.img");
             fs::File::create(&img).unwrap().set_len(size).unwrap();
-            let out = Command::new("losetup")
-                .args(["--find", "--show"])
-                .arg(&img)
-                .output()
-                .ok()?;
-            if !out.status.success() {
-                eprintln!(
-                    "skipped: losetup failed: {}",
-                    String::from_utf8_lossy(&out.stderr).trim()
-                );
-                return None;
+            match LoopDevice::try_attach(&img, false) {
+                Ok(lo) => Some(Loop {
+                    dev: lo.path.clone(),
+                    _lo: lo,
+                    _dir: dir,
+                    _one_at_a_time: one_at_a_time,
+                }),
+                Err(why) => {
+                    eprintln!("skipped: losetup failed: {why}");
+                    None
+                }
             }
-            let dev = PathBuf::from(String::from_utf8(out.stdout).unwrap().trim());
-            Some(Loop { dev, _dir: dir })
-        }
-    }
-
-    impl Drop for Loop {
-        fn drop(&mut self) {
-            let _ = Command::new("losetup").arg("-d").arg(&self.dev).status();
         }
     }
 
