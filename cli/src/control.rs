@@ -396,8 +396,7 @@ impl Drop for LiftedLimits<'_> {
             .enabled
             .store(self.enabled, Ordering::Relaxed);
         tracing::info!(
-            "the handover did not complete (finalize or detach stopped before it): hydration \
-             back to {} ({})",
+            "finalize or detach did not complete the handover: hydration back to {} ({})",
             if self.enabled {
                 "on"
             } else {

@@ -51,8 +51,22 @@ pub struct DetachArgs {
     target: Option<PathBuf>,
     /// QEMU's QMP socket, as given to QEMU with
     /// `-qmp unix:PATH,server=on,wait=off`.
-    #[arg(long, value_name = "PATH")]
-    qmp: PathBuf,
+    #[arg(
+        long,
+        value_name = "PATH",
+        required_unless_present = "libvirt",
+        conflicts_with = "libvirt"
+    )]
+    qmp: Option<PathBuf>,
+    /// Or the libvirt domain the guest runs as (its monitor is reached with
+    /// `virsh qemu-monitor-command`; libvirt marks the domain tainted, and
+    /// its XML still names the NBD disk: see docs/cutover.md).
+    #[arg(long, value_name = "DOMAIN")]
+    libvirt: Option<String>,
+    /// libvirt connection URI for --libvirt [default: virsh's, e.g.
+    /// LIBVIRT_DEFAULT_URI or qemu:///system as root].
+    #[arg(long, value_name = "URI", requires = "libvirt")]
+    libvirt_uri: Option<String>,
     /// The guest's disk: the id of its `-device` (e.g. `vda`; libvirt's
     /// `virtio-disk0`) or the node name of its raw format node.
     #[arg(long, value_name = "ID")]
@@ -114,7 +128,11 @@ pub async fn run(args: DetachArgs) -> anyhow::Result<()> {
     }
     let header = StateDir::read_header(&dir)?;
     let target = PathBuf::from(&header.target.path);
-    let mut qmp = Qmp::connect(&args.qmp).await?;
+    let mut qmp = match (&args.qmp, &args.libvirt) {
+        (Some(path), _) => Qmp::connect(path).await?,
+        (None, Some(domain)) => Qmp::libvirt(domain, args.libvirt_uri.as_deref()).await?,
+        (None, None) => bail!("say where the guest runs: --qmp SOCKET or --libvirt DOMAIN"),
+    };
     let disk = find_disk(&mut qmp, &args.device).await?;
     if disk.read_only {
         bail!(

@@ -50,15 +50,18 @@ use clap::{Parser, Subcommand};
     long_about = "Live streaming migration of legacy disks into OpenStack.\n\n\
         The new instance boots at once from an NBD export whose blocks are fetched \
         lazily from the legacy disk, while the rest is copied in the background; \
-        `stream finalize` then hands the volume over to native storage.",
+        `stream detach` then moves the running guest onto native storage (or, with \
+        the guest stopped, `stream finalize` hands the volume over).",
     after_long_help = "A cutover, in short (docs/cutover.md has the whole runbook):\n\
         \n  legacy host:  stream export /dev/sda --listen 10.0.0.5:10809 --tls-psk /etc/stream/keys.psk\n\
         \n  cloud host:   stream start --source 'nbds://10.0.0.5:10809/?tls-psk-file=/etc/stream/keys.psk' \\\n\
         \x20                   --target /dev/vg/mig-db01\n\
         \x20               (boot the instance from the NBD URI it prints)\n\
         \n                stream status --target /dev/vg/mig-db01 --watch\n\
-        \n                stream finalize --target /dev/vg/mig-db01 --verify\n\
-        \x20               (then boot from native storage: the one reboot)\n\
+        \n                stream verify --target /dev/vg/mig-db01\n\
+        \n                stream detach --target /dev/vg/mig-db01 --libvirt db01-interim --device vda\n\
+        \x20               (the guest goes on, now from native storage; with the guest\n\
+        \x20                stopped instead: stream finalize --target /dev/vg/mig-db01)\n\
         \nThe legacy disk is only ever read, so rolling back is powering the legacy server on."
 )]
 struct Cli {

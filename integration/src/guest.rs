@@ -55,10 +55,32 @@ pub enum Disk<'a> {
 }
 
 pub struct Guest {
+    /// qemu, when started here; `None` for a libvirt domain.
     child: Option<Child>,
-    stdin: ChildStdin,
+    /// The libvirt domain (and its connection URI), destroyed on drop.
+    domain: Option<String>,
+    input: Box<dyn Write + Send>,
     console: Arc<(Mutex<Vec<String>>, Condvar)>,
     log: PathBuf,
+}
+
+/// The console's lines, collected by a thread (and copied to `log`).
+fn read_console(
+    output: impl std::io::Read + Send + 'static,
+    log: &Path,
+) -> Arc<(Mutex<Vec<String>>, Condvar)> {
+    let console = Arc::new((Mutex::new(Vec::new()), Condvar::new()));
+    let lines = console.clone();
+    let mut copy = File::create(log).expect("create the console log");
+    thread::spawn(move || {
+        for line in BufReader::new(output).lines() {
+            let Ok(line) = line else { break };
+            let _ = writeln!(copy, "{line}");
+            lines.0.lock().expect("poisoned").push(line);
+            lines.1.notify_all();
+        }
+    });
+    console
 }
 
 impl Guest {
@@ -101,25 +123,72 @@ impl Guest {
             .stderr(File::create(log.with_extension("stderr")).expect("create the qemu log"))
             .spawn()
             .expect("start qemu-system-x86_64");
-        let stdin = child.stdin.take().expect("piped stdin");
+        let stdin: ChildStdin = child.stdin.take().expect("piped stdin");
         let stdout = child.stdout.take().expect("piped stdout");
-        let console = Arc::new((Mutex::new(Vec::new()), Condvar::new()));
-        let lines = console.clone();
-        let mut copy = File::create(log).expect("create the console log");
-        thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                let _ = writeln!(copy, "{line}");
-                lines.0.lock().expect("poisoned").push(line);
-                lines.1.notify_all();
-            }
-        });
         Guest {
             child: Some(child),
-            stdin,
-            console,
+            domain: None,
+            input: Box::new(stdin),
+            console: read_console(stdout, log),
             log: log.to_path_buf(),
         }
+    }
+
+    /// Run `xml` as a transient libvirt domain called `name` (`virsh
+    /// create`), whose serial console connects to the unix socket
+    /// `console` (listened on here before the domain starts, so no line is
+    /// lost). The domain is destroyed on drop.
+    pub fn libvirt(name: &str, xml: &str, console: &Path, dir: &Path, log: &Path) -> Guest {
+        let virsh = tool::require_tool("virsh", "libvirt-clients");
+        let listener =
+            std::os::unix::net::UnixListener::bind(console).expect("bind the console socket");
+        let file = dir.join(format!("{name}.xml"));
+        std::fs::write(&file, xml).expect("write the domain XML");
+        tool::run_ok(
+            Command::new(&virsh)
+                .args(["-c", LIBVIRT_URI, "create"])
+                .arg(&file),
+            Duration::from_secs(120),
+        );
+        let mut guest = Guest {
+            child: None,
+            domain: Some(name.to_string()),
+            input: Box::new(std::io::sink()),
+            console: Arc::default(),
+            log: log.to_path_buf(),
+        };
+        // qemu connects at its start; a domain that never does is reported
+        // by the accept's deadline (the socket is non-blocking until then).
+        listener
+            .set_nonblocking(true)
+            .expect("non-blocking console listener");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let stream = loop {
+            match listener.accept() {
+                Ok((s, _)) => break s,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    assert!(
+                        Instant::now() < deadline,
+                        "domain {name} never opened its console"
+                    );
+                    thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => panic!("accepting the console of {name}: {e}"),
+            }
+        };
+        stream.set_nonblocking(false).expect("blocking console");
+        guest.input = Box::new(stream.try_clone().expect("clone the console socket"));
+        guest.console = read_console(stream, log);
+        guest
+    }
+
+    /// Whether the libvirt domain still runs (`virsh domstate`).
+    fn domain_running(name: &str) -> bool {
+        let out = tool::run(
+            Command::new("virsh").args(["-c", LIBVIRT_URI, "domstate", name]),
+            Duration::from_secs(30),
+        );
+        out.status.success() && out.stdout_lossy().trim() == "running"
     }
 
     /// The first console line (from the start) for which `pred` holds,
@@ -149,26 +218,40 @@ impl Guest {
 
     /// Type a line on the console.
     pub fn send_line(&mut self, line: &str) {
-        writeln!(self.stdin, "{line}").expect("write to the guest's console");
-        self.stdin.flush().expect("flush the guest's console");
+        writeln!(self.input, "{line}").expect("write to the guest's console");
+        self.input.flush().expect("flush the guest's console");
     }
 
-    pub fn pid(&self) -> u32 {
-        self.child.as_ref().expect("running").id()
-    }
-
-    /// Wait for qemu to exit (the guest powered off).
-    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+    /// Wait for the guest to power off: qemu's exit (`true` if it exited
+    /// with success), or the libvirt domain's end (always `true`).
+    pub fn wait_exit(&mut self, timeout: Duration) -> bool {
+        if let Some(name) = self.domain.clone() {
+            let deadline = Instant::now() + timeout;
+            while Guest::domain_running(&name) {
+                assert!(
+                    Instant::now() < deadline,
+                    "domain {name} did not power off within {timeout:?}; console:\n{}",
+                    tail(&self.lines())
+                );
+                thread::sleep(Duration::from_millis(100));
+            }
+            self.domain = None;
+            return true;
+        }
         let mut child = self.child.take().expect("running");
-        tool::wait_deadline(&mut child, timeout).unwrap_or_else(|| {
+        let status: ExitStatus = tool::wait_deadline(&mut child, timeout).unwrap_or_else(|| {
             panic!(
                 "qemu did not exit within {timeout:?}; console in {}:\n{}",
                 self.log.display(),
                 tail(&self.lines())
             )
-        })
+        });
+        status.success()
     }
 }
+
+/// The libvirt connection the tests use (a root libvirtd's system one).
+pub const LIBVIRT_URI: &str = "qemu:///system";
 
 fn tail(lines: &[String]) -> String {
     lines[lines.len().saturating_sub(30)..].join("\n")
@@ -176,9 +259,83 @@ fn tail(lines: &[String]) -> String {
 
 impl Drop for Guest {
     fn drop(&mut self) {
+        if let Some(name) = self.domain.take() {
+            let _ = tool::run(
+                Command::new("virsh").args(["-c", LIBVIRT_URI, "destroy", &name]),
+                Duration::from_secs(30),
+            );
+        }
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = tool::wait_deadline(&mut child, Duration::from_secs(10));
+        }
+    }
+}
+
+/// A libvirtd started for a test (none when one already answers on
+/// [`LIBVIRT_URI`]); killed by its PID on drop.
+pub struct Libvirtd {
+    child: Option<Child>,
+}
+
+impl Libvirtd {
+    /// A libvirtd answering on [`LIBVIRT_URI`]: the one running, or one
+    /// started here. Its QEMU driver must run QEMU as root without a
+    /// security driver (`/etc/libvirt/qemu.conf`, as integration/run-tests
+    /// writes it), so QEMU reaches the test's sockets and files.
+    pub fn ensure(dir: &Path) -> Libvirtd {
+        let virsh = tool::require_tool("virsh", "libvirt-clients");
+        let answers = || {
+            tool::run(
+                Command::new(&virsh).args(["-c", LIBVIRT_URI, "version"]),
+                Duration::from_secs(30),
+            )
+        };
+        if answers().status.success() {
+            return Libvirtd { child: None };
+        }
+        let daemon = tool::require_tool("libvirtd", "libvirt-daemon-driver-qemu");
+        let log = dir.join("libvirtd.log");
+        let child = Command::new(daemon)
+            .arg("-p")
+            .arg(dir.join("libvirtd.pid"))
+            .stdin(std::process::Stdio::null())
+            .stdout(File::create(&log).expect("create the libvirtd log"))
+            .stderr(File::create(log.with_extension("stderr")).expect("libvirtd stderr"))
+            .spawn()
+            .expect("start libvirtd");
+        let mut daemon = Libvirtd { child: Some(child) };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let out = answers();
+            if out.status.success() {
+                return daemon;
+            }
+            let exited = daemon
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten());
+            assert!(
+                exited.is_none() && Instant::now() < deadline,
+                "libvirtd did not answer on {LIBVIRT_URI} (exited: {exited:?}); its log:\n{}\n\
+                 (integration/run-tests installs libvirt and writes /etc/libvirt/qemu.conf)",
+                std::fs::read_to_string(log.with_extension("stderr")).unwrap_or_default()
+            );
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Libvirtd {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SIGTERM first: libvirtd then leaves its sockets and pid file
+            // clean for the next run.
+            // SAFETY: kill(2) on the pid of a child we have not reaped.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            if tool::wait_deadline(&mut child, Duration::from_secs(10)).is_none() {
+                let _ = child.kill();
+            }
         }
     }
 }

@@ -7,11 +7,17 @@
 //! across the switch and after the export is gone, and the target must
 //! equal the disk as the guest sees it at the end (its sha256, taken in
 //! the guest after a read-only remount).
+//!
+//! The same runs twice: with QEMU started directly (QMP socket), and as a
+//! libvirt domain built around the runbook's own `<qemu:commandline>` disk
+//! (docs/cutover.md), detached through libvirt's monitor. Every domain XML
+//! of the runbook is checked with `virt-xml-validate`.
 
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use integration::guest::{self, Disk, Guest};
+use integration::guest::{self, BootImage, Disk, Guest, Libvirtd};
 use integration::start::Start;
 use integration::{binary, tool};
 
@@ -34,24 +40,21 @@ fn field<'a>(line: &'a str, name: &str) -> &'a str {
         .unwrap_or_else(|| panic!("no {name}= in {line:?}"))
 }
 
-#[test]
-fn a_guest_survives_two_crashes_of_stream_start_and_moves_onto_the_target_live() {
-    tool::require_tool("qemu-system-x86_64", "qemu-system-x86");
+/// Boot through `boot` (given the export's socket), crash `stream start`
+/// twice, detach with `detach` (the arguments that say where the guest
+/// runs), and check everything the module docs promise.
+fn crash_twice_then_detach(
+    dir: &Path,
+    image: &BootImage,
+    boot: impl FnOnce(&Path) -> Guest,
+    detach: &[&str],
+) {
     let debugfs = tool::require_tool("debugfs", "e2fsprogs");
-    let image = guest::boot_image();
-    let dir = tempfile::tempdir().unwrap();
-    let target = dir.path().join("target.raw");
-    let qmp = dir.path().join("qmp.sock");
+    let target = dir.join("target.raw");
     // Slow enough that both crashes come while chunks are still missing.
-    let start = Start::new(&image.disk, &target, dir.path()).rate_limit(Some("20M"));
+    let start = Start::new(&image.disk, &target, dir).rate_limit(Some("20M"));
     let mut running = start.spawn();
-    let mut guest = Guest::start(
-        &image,
-        Disk::Nbd(&dir.path().join("nbd.sock")),
-        &qmp,
-        "/sbin/writer",
-        &dir.path().join("console.log"),
-    );
+    let mut guest = boot(&dir.join("nbd.sock"));
     let boot = Duration::from_secs(180);
 
     // Crash 1: the kernel has just found the disk and reads it.
@@ -74,8 +77,7 @@ fn a_guest_survives_two_crashes_of_stream_start_and_moves_onto_the_target_live()
             .arg("detach")
             .arg("--state")
             .arg(start.state_dir())
-            .arg("--qmp")
-            .arg(&qmp)
+            .args(detach)
             .args(["--device", "vda", "--timeout", "120s", "--json"]),
         Duration::from_secs(240),
     );
@@ -118,8 +120,7 @@ fn a_guest_survives_two_crashes_of_stream_start_and_moves_onto_the_target_live()
     let done = guest.wait_line("the writer's end", boot, |l| {
         l.starts_with("STREAM-WRITER-DONE") || l.starts_with("STREAM-WRITER-FAIL")
     });
-    let exit = guest.wait_exit(Duration::from_secs(60));
-    assert!(exit.success(), "qemu: {exit}");
+    assert!(guest.wait_exit(Duration::from_secs(60)), "qemu failed");
 
     let lines = guest.lines();
     let errors: Vec<_> = lines
@@ -156,4 +157,103 @@ fn a_guest_survives_two_crashes_of_stream_start_and_moves_onto_the_target_live()
     eprintln!(
         "live detach: switch {reopen_ms:.1} ms; writer count {final_count} ({after} at the switch)"
     );
+}
+
+#[test]
+fn a_guest_survives_two_crashes_of_stream_start_and_moves_onto_the_target_live() {
+    tool::require_tool("qemu-system-x86_64", "qemu-system-x86");
+    let image = guest::boot_image();
+    let dir = tempfile::tempdir().unwrap();
+    let qmp = dir.path().join("qmp.sock");
+    let log = dir.path().join("console.log");
+    crash_twice_then_detach(
+        dir.path(),
+        &image,
+        |nbd| Guest::start(&image, Disk::Nbd(nbd), &qmp, "/sbin/writer", &log),
+        &["--qmp", qmp.to_str().unwrap()],
+    );
+}
+
+/// The runbook's fenced ```xml blocks that hold a whole domain.
+fn runbook_domains() -> Vec<String> {
+    let doc = std::fs::read_to_string(binary::workspace_root().join("docs/cutover.md"))
+        .expect("read docs/cutover.md");
+    doc.split("```xml\n")
+        .skip(1)
+        .filter_map(|rest| rest.split_once("```").map(|(block, _)| block.to_string()))
+        .filter(|block| block.trim_start().starts_with("<domain"))
+        .collect()
+}
+
+#[test]
+fn the_runbook_domain_xml_validates_and_its_disk_is_detached_through_libvirt() {
+    tool::require_tool("qemu-system-x86_64", "qemu-system-x86");
+    let validate = tool::require_tool("virt-xml-validate", "libvirt-clients");
+    tool::require_tool("xmllint", "libxml2-utils");
+    let dir = tempfile::tempdir().unwrap();
+    let domains = runbook_domains();
+    assert!(!domains.is_empty(), "docs/cutover.md has no domain XML");
+    for (i, xml) in domains.iter().enumerate() {
+        let file = dir.path().join(format!("runbook-{i}.xml"));
+        std::fs::write(&file, xml).unwrap();
+        let out = tool::run(
+            Command::new(&validate).arg(&file).arg("domain"),
+            Duration::from_secs(30),
+        );
+        assert!(
+            out.status.success(),
+            "the runbook's domain XML #{i} does not validate: {}\n{xml}",
+            out.describe()
+        );
+    }
+
+    // The guest: the fixture, booted by libvirt around the runbook's disk
+    // (its <qemu:commandline>, with the export's address made this test's
+    // socket: the runbook's is TCP on 10809).
+    let disk = domains
+        .iter()
+        .find_map(|xml| {
+            let s = xml.find("<qemu:commandline>")?;
+            let e = xml.find("</qemu:commandline>")? + "</qemu:commandline>".len();
+            Some(xml[s..e].to_string())
+        })
+        .expect("a runbook domain with the disk in <qemu:commandline>");
+    let inet = r#""server":{"type":"inet","host":"127.0.0.1","port":"10809"}"#;
+    assert!(disk.contains(inet), "the runbook's disk should name {inet}");
+    let image = guest::boot_image();
+    let _libvirtd = Libvirtd::ensure(dir.path());
+    let name = format!("stream-test-{}", std::process::id());
+    let console = dir.path().join("console.sock");
+    let log = dir.path().join("console.log");
+    let boot = |nbd: &Path| {
+        let unix = format!(r#""server":{{"type":"unix","path":"{}"}}"#, nbd.display());
+        let xml = format!(
+            "<domain type='qemu' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>
+  <name>{name}</name>
+  <memory unit='MiB'>512</memory>
+  <vcpu>1</vcpu>
+  <os>
+    <type arch='x86_64' machine='q35'>hvm</type>
+    <kernel>{}</kernel>
+    <initrd>{}</initrd>
+    <cmdline>console=ttyS0 panic=-1 stream.init=/sbin/writer</cmdline>
+  </os>
+  <on_poweroff>destroy</on_poweroff>
+  <on_reboot>destroy</on_reboot>
+  <on_crash>destroy</on_crash>
+  <devices>
+    <emulator>/usr/bin/qemu-system-x86_64</emulator>
+    <serial type='unix'><source mode='connect' path='{}'/></serial>
+  </devices>
+  {}
+</domain>
+",
+            image.kernel.display(),
+            image.initrd.display(),
+            console.display(),
+            disk.replace(inet, &unix),
+        );
+        Guest::libvirt(&name, &xml, &console, dir.path(), &log)
+    };
+    crash_twice_then_detach(dir.path(), &image, boot, &["--libvirt", &name]);
 }

@@ -246,6 +246,37 @@ async fn run_seed(seed: u64) {
             .unwrap();
     }
     assert!(volume.map().is_complete(), "seed {seed}: not complete");
+    // `stream detach`: the target becomes shared while clients go on
+    // writing (their in-place changes race the log's last rotation), and
+    // every read still matches the model.
+    let mut tasks = tokio::task::JoinSet::new();
+    for id in 0..CLIENTS {
+        let r = Rng(rng.next() | 1);
+        tasks.spawn(client(world.clone(), r, id));
+    }
+    let yields = rng.below(64);
+    let v = volume.clone();
+    tasks.spawn(async move {
+        for _ in 0..yields {
+            tokio::task::yield_now().await;
+        }
+        v.prepare_detach()
+            .await
+            .map_err(|e| format!("prepare_detach: {e}"))
+    });
+    let all = async {
+        while let Some(done) = tasks.join_next().await {
+            done.expect("a client panicked")?;
+        }
+        Ok::<(), String>(())
+    };
+    match tokio::time::timeout(BOUND, all).await {
+        Err(_) => panic!("seed {seed}: clients racing prepare_detach did not finish: stuck"),
+        Ok(Err(e)) => panic!("seed {seed}: {e}"),
+        Ok(Ok(())) => {}
+    }
+    assert!(volume.target_shared(), "seed {seed}: not shared");
+    assert_eq!(volume.wal_len(), 0, "seed {seed}: logged after sharing");
     // The manifest, built from the hashes kept as chunks were fetched and
     // from what clients changed since, equals the model chunk for chunk.
     let m = lazy_fetch::manifest::write(&volume, &|_, _| {})

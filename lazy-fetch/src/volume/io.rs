@@ -67,19 +67,20 @@ impl<S: Source> Volume<S> {
             InPlace::Write(d) => self.stale(offset, d.len() as u64),
             InPlace::Zero { len, .. } => self.stale(offset, *len),
         }
+        let logged = self.wal.hold().await;
         // A shared target is never replayed onto (the guest may write it
         // directly since), so nothing is logged for it: a change cut short
         // is re-sent by the client, which never had its answer (`detach`).
-        let logged = match self.target_shared() {
-            true => None,
-            false => Some(self.wal.hold().await),
-        };
-        if let Some(held) = &logged {
+        // Read under the hold: `prepare_detach` sets the flag before the
+        // rotation that waits for this hold, so a change that still logs
+        // lands in the generation that rotation retires.
+        if !self.target_shared() {
             let record = match &change {
                 InPlace::Write(data) => Change::Write(data),
                 &InPlace::Zero { len, allocate } => Change::Zero { len, allocate },
             };
-            held.log(offset, record)
+            logged
+                .log(offset, record)
                 .await
                 .map_err(|source| self.wal_error(source))?;
         }
