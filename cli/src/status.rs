@@ -312,7 +312,13 @@ fn render(r: &StatusReply) -> String {
          clients    {} connected to {}\n\
          requests   {} in flight{}\n",
         v.state_dir,
-        phase_name(v.phase),
+        match v.target_shared {
+            true => format!(
+                "{}, target shared with the guest by `stream detach`",
+                phase_name(v.phase)
+            ),
+            false => phase_name(v.phase).to_string(),
+        },
         v.source,
         health,
         target,

@@ -52,7 +52,7 @@ fn crash_twice_then_detach(
     let debugfs = tool::require_tool("debugfs", "e2fsprogs");
     let target = dir.join("target.raw");
     // Slow enough that both crashes come while chunks are still missing.
-    let start = Start::new(&image.disk, &target, dir).rate_limit(Some("20M"));
+    let start = Start::new(&image.disk, &target, dir).rate_limit(Some("2M"));
     let mut running = start.spawn();
     let mut guest = boot(&dir.join("nbd.sock"));
     let boot = Duration::from_secs(180);
@@ -94,6 +94,13 @@ fn crash_twice_then_detach(
         .find(|v| v["event"] == "switched")
         .unwrap_or_else(|| panic!("no switched event: {}", out.describe()));
     let reopen_ms = switched["reopen_ms"].as_f64().expect("reopen_ms");
+    // Every event and the report follow the documented schemas.
+    let events = integration::ops::schema("finalize-event");
+    for line in out.stderr_lossy().lines().filter(|l| l.starts_with('{')) {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert!(events.is_valid(&v), "event off its schema: {line}");
+    }
+    let finalized = integration::ops::schema("finalize");
     let report: serde_json::Value =
         serde_json::from_str(out.stdout_lossy().trim()).unwrap_or_else(|e| {
             panic!(
@@ -101,6 +108,10 @@ fn crash_twice_then_detach(
                 out.describe()
             )
         });
+    assert!(
+        finalized.is_valid(&report),
+        "report off its schema: {report}"
+    );
     assert_eq!(report["phase"], "finalized", "{report}");
     assert_eq!(report["native_path"], target.to_str().unwrap());
     // Nothing of the stream serves the guest any more: `stream start`

@@ -30,6 +30,10 @@ pub struct Status {
     pub source_errors: u64,
     pub target_errors: u64,
     pub hydration_complete: bool,
+    /// `stream detach` shared the target with the guest: the guest may
+    /// run from it directly already (see `Volume::prepare_detach`).
+    #[serde(default)]
+    pub target_shared: bool,
     pub uptime_secs: f64,
     /// Client requests in flight now.
     pub requests_in_flight: u64,
@@ -73,6 +77,7 @@ impl<S: Source> Volume<S> {
             source_errors: Stats::get(&s.source_errors),
             target_errors: Stats::get(&s.target_errors),
             hydration_complete: self.map.is_complete(),
+            target_shared: self.target_shared(),
             uptime_secs: self.opened.elapsed().as_secs_f64(),
             requests_in_flight: self.requests.len() as u64,
             oldest_request_secs: self.requests.oldest_age().map(|d| d.as_secs_f64()),
