@@ -40,6 +40,38 @@ fn field<'a>(line: &'a str, name: &str) -> &'a str {
         .unwrap_or_else(|| panic!("no {name}= in {line:?}"))
 }
 
+/// Run `cmd` (a `stream detach --json`) until its first event named
+/// `event` on stderr, then SIGKILL it; the event line (or how it ended
+/// without one).
+fn kill_at_event(cmd: &mut Command, event: &str) -> String {
+    use std::io::BufRead;
+    let mut child = cmd
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start stream detach");
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let want = format!("\"event\":\"{event}\"");
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if line.contains(&want) {
+                let _ = tx.send(line);
+                return;
+            }
+        }
+    });
+    let seen = rx
+        .recv_timeout(Duration::from_secs(120))
+        .unwrap_or_else(|_| "(it ended or stalled before that event)".into());
+    let _ = child.kill();
+    let _ = child.wait();
+    seen
+}
+
 /// Boot through `boot` (given the export's socket), crash `stream start`
 /// twice, detach with `detach` (the arguments that say where the guest
 /// runs), and check everything the module docs promise.
@@ -48,6 +80,7 @@ fn crash_twice_then_detach(
     image: &BootImage,
     boot: impl FnOnce(&Path) -> Guest,
     detach: &[&str],
+    kill_detach_at: &[&str],
 ) {
     let debugfs = tool::require_tool("debugfs", "e2fsprogs");
     let target = dir.join("target.raw");
@@ -72,15 +105,22 @@ fn crash_twice_then_detach(
     running = start.spawn();
     guest.wait_line("count 15", boot, |l| count(l) >= Some(15));
 
-    let out = tool::run(
-        Command::new(binary::stream_bin())
-            .arg("detach")
+    let detach_cmd = || {
+        let mut cmd = Command::new(binary::stream_bin());
+        cmd.arg("detach")
             .arg("--state")
             .arg(start.state_dir())
             .args(detach)
-            .args(["--device", "vda", "--timeout", "120s", "--json"]),
-        Duration::from_secs(240),
-    );
+            .args(["--device", "vda", "--timeout", "120s", "--json"]);
+        cmd
+    };
+    // `stream detach` killed while it waits for hydration, and again once
+    // it has switched the guest: each re-run finds where the last one was.
+    for event in kill_detach_at {
+        let seen = kill_at_event(&mut detach_cmd(), event);
+        eprintln!("stream detach killed after its first {event:?} event: {seen}");
+    }
+    let out = tool::run(&mut detach_cmd(), Duration::from_secs(240));
     assert!(
         out.status.success(),
         "stream detach: {}\n{}",
@@ -93,7 +133,14 @@ fn crash_twice_then_detach(
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
         .find(|v| v["event"] == "switched")
         .unwrap_or_else(|| panic!("no switched event: {}", out.describe()));
-    let reopen_ms = switched["reopen_ms"].as_f64().expect("reopen_ms");
+    // A run after a killed one that had switched says so.
+    let reopen_ms = match switched["reopen_ms"].as_f64() {
+        Some(ms) => ms,
+        None => {
+            assert_eq!(switched["already"], true, "{switched}");
+            f64::NAN
+        }
+    };
     // Every event and the report follow the documented schemas.
     let events = integration::ops::schema("finalize-event");
     for line in out.stderr_lossy().lines().filter(|l| l.starts_with('{')) {
@@ -182,6 +229,7 @@ fn a_guest_survives_two_crashes_of_stream_start_and_moves_onto_the_target_live()
         &image,
         |nbd| Guest::start(&image, Disk::Nbd(nbd), &qmp, "/sbin/writer", &log),
         &["--qmp", qmp.to_str().unwrap()],
+        &["progress", "switched"],
     );
 }
 
@@ -266,5 +314,5 @@ fn the_runbook_domain_xml_validates_and_its_disk_is_detached_through_libvirt() {
         );
         Guest::libvirt(&name, &xml, &console, dir.path(), &log)
     };
-    crash_twice_then_detach(dir.path(), &image, boot, &["--libvirt", &name]);
+    crash_twice_then_detach(dir.path(), &image, boot, &["--libvirt", &name], &[]);
 }
