@@ -33,7 +33,9 @@ impl LimitArgs {
         let need = max as u64 + FD_HEADROOM;
         match raise_nofile(need) {
             Ok(have) if have < need => {
-                let fit = have.saturating_sub(FD_HEADROOM).max(1) as usize;
+                // `have < max + FD_HEADROOM`, so `fit <= max`, a usize.
+                let fit = usize::try_from(have.saturating_sub(FD_HEADROOM).max(1))
+                    .expect("at most max_connections");
                 tracing::warn!(
                     "the open-file limit is {have}: serving at most {fit} clients instead of \
                      {max} (raise `ulimit -n` or LimitNOFILE= to serve more)"
