@@ -205,7 +205,7 @@ impl Fingerprint {
             return Ok(false);
         }
         let g = self.geometry;
-        let cs = g.chunk_size() as usize;
+        let cs = crate::units::mem_len(g.chunk_size());
         let sample = {
             let mut s = self.samples.lock().expect("poisoned");
             let mut taken = None;
@@ -254,7 +254,7 @@ impl Fingerprint {
         // Find the candidate here (no copy of the whole run), persist on
         // the blocking pool.
         let g = self.geometry;
-        let cs = g.chunk_size() as usize;
+        let cs = crate::units::mem_len(g.chunk_size());
         let candidate = {
             let s = self.samples.lock().expect("poisoned");
             data.chunks(cs).enumerate().find_map(|(k, bytes)| {
@@ -328,7 +328,7 @@ impl Fingerprint {
             .iter()
             .map(|s| {
                 let r = geometry.bytes(crate::units::ChunkIndex(s.chunk));
-                (r.start, (r.end - r.start) as usize)
+                (r.start, crate::units::mem_len(r.end - r.start))
             })
             .collect();
         let hash = |data: Vec<u8>| blake3::hash(&data).to_hex().to_string();
