@@ -70,7 +70,7 @@ fn raise_nofile(want: u64) -> std::io::Result<u64> {
         rlim_cur: want.min(r.rlim_max),
         rlim_max: r.rlim_max,
     };
-    // SAFETY: as above.
+    // SAFETY: setrlimit only reads `raised`, a live, initialised local.
     if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } != 0 {
         return Ok(r.rlim_cur);
     }
