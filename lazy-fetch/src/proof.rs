@@ -200,7 +200,7 @@ mod tests {
                 };
                 out.push(match hole {
                     Some(_) => Piece::Zero(next - at),
-                    None => Piece::Data(self.0[at as usize..next as usize].to_vec()),
+                    None => Piece::Data(self.0[mem_len(at)..mem_len(next)].to_vec()),
                 });
                 at = next;
             }
@@ -216,17 +216,17 @@ mod tests {
         // Chunk 2 a hole, chunk 5 half a hole, chunk 7 all zero data.
         let holes = vec![(2 * chunk, 3 * chunk), (5 * chunk + 2048, 6 * chunk)];
         for (s, e) in &holes {
-            data[*s as usize..*e as usize].fill(0);
+            data[mem_len(*s)..mem_len(*e)].fill(0);
         }
-        data[7 * chunk as usize..8 * chunk as usize].fill(0);
+        data[mem_len(7 * chunk)..mem_len(8 * chunk)].fill(0);
         let dev = HashDevice::new(Arc::new(Mem(data.clone(), holes)), chunk);
         assert_eq!(dev.size(), 11 * HASH_LEN);
         let all = block_device::flatten(dev.read(0, 11 * 32).await.unwrap());
         for i in 0..11u64 {
             let (s, e) = (i * chunk, ((i + 1) * chunk).min(size));
             assert_eq!(
-                &all[(i * 32) as usize..(i * 32 + 32) as usize],
-                blake3::hash(&data[s as usize..e as usize]).as_bytes(),
+                &all[mem_len(i * 32)..mem_len(i * 32 + 32)],
+                blake3::hash(&data[mem_len(s)..mem_len(e)]).as_bytes(),
                 "chunk {i}"
             );
         }

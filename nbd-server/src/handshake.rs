@@ -560,7 +560,7 @@ mod tests {
     }
 
     fn opt(option: u32, data: &[u8]) -> Vec<u8> {
-        let mut v = option_header(option, data.len() as u32).to_vec();
+        let mut v = option_header(option, proto::wire_u32(data.len(), "test option data")).to_vec();
         v.extend_from_slice(data);
         v
     }

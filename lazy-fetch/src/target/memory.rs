@@ -134,7 +134,7 @@ mod tests {
         m.zero(0, 4 * PAGE, false).unwrap();
         assert!(m.data_extents(0, 4 * PAGE).unwrap().is_empty());
         assert!(m.image().iter().all(|&b| b == 0));
-        assert_eq!(m.durable_image()[PAGE as usize + 5], 7);
+        assert_eq!(m.durable_image()[in_memory(PAGE) + 5], 7);
         assert!(m.write_at(&[1], 4 * PAGE).is_err());
     }
 }

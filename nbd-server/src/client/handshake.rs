@@ -407,9 +407,13 @@ mod tests {
     }
 
     async fn reply(s: &mut DuplexStream, opt: u32, rep: u32, data: &[u8]) {
-        s.write_all(&option_reply_header(opt, rep, data.len() as u32))
-            .await
-            .unwrap();
+        s.write_all(&option_reply_header(
+            opt,
+            rep,
+            proto::wire_u32(data.len(), "a test reply"),
+        ))
+        .await
+        .unwrap();
         s.write_all(data).await.unwrap();
     }
 
