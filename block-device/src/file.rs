@@ -214,7 +214,7 @@ pub fn zero_range(
     let mut at = off;
     let end = off + len;
     while at < end {
-        let n = (end - at).min(ZERO_BUF as u64) as usize;
+        let n = usize::try_from(end - at).map_or(ZERO_BUF, |n| n.min(ZERO_BUF));
         file.write_all_at(&ZEROS[..n], at)?;
         at += n as u64;
     }
@@ -269,7 +269,9 @@ impl Inner {
         let mut pieces = Vec::with_capacity(runs.len());
         for (s, e, data) in runs {
             if data {
-                let mut buf = vec![0u8; (e - s) as usize];
+                let len =
+                    usize::try_from(e - s).expect("a run of one read: at most u32::MAX bytes");
+                let mut buf = vec![0u8; len];
                 self.file.read_exact_at(&mut buf, s)?;
                 pieces.push(Piece::Data(buf));
             } else {
@@ -353,7 +355,7 @@ impl Inner {
         let mut at = off;
         let end = off + len;
         while at < end {
-            let n = (end - at).min(ZERO_BUF as u64) as usize;
+            let n = usize::try_from(end - at).map_or(ZERO_BUF, |n| n.min(ZERO_BUF));
             self.file.write_all_at(&ZEROS[..n], at)?;
             at += n as u64;
         }

@@ -103,11 +103,17 @@ pub fn flatten(pieces: Vec<Piece>) -> Vec<u8> {
         return d;
     }
     let total: u64 = pieces.iter().map(Piece::len).sum();
-    let mut out = Vec::with_capacity(total as usize);
+    let mut out = Vec::with_capacity(
+        usize::try_from(total).expect("the pieces of one read: at most u32::MAX bytes"),
+    );
     for p in pieces {
         match p {
             Piece::Data(d) => out.extend_from_slice(&d),
-            Piece::Zero(n) => out.resize(out.len() + n as usize, 0),
+            Piece::Zero(n) => out.resize(
+                out.len()
+                    + usize::try_from(n).expect("a piece of one read: at most u32::MAX bytes"),
+                0,
+            ),
         }
     }
     out

@@ -104,7 +104,8 @@ fn generate(path: &Path, size: u64) -> anyhow::Result<()> {
         x
     };
     let mut region = |off: u64, len: u64| -> std::io::Result<()> {
-        let buf: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+        // The low byte of each draw.
+        let buf: Vec<u8> = (0..len).map(|_| next().to_le_bytes()[0]).collect();
         f.write_all_at(&buf, off)
     };
     region(0, 1 << 20)?;
@@ -116,7 +117,7 @@ fn generate(path: &Path, size: u64) -> anyhow::Result<()> {
         off += 9 * mib + (i % 5) * mib;
         i += 1;
     }
-    f.write_all_at(&vec![0u8; (2 * mib) as usize], size / 2)?;
+    f.write_all_at(&vec![0u8; 2 << 20], size / 2)?;
     f.sync_all()?;
     Ok(())
 }
@@ -273,7 +274,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
 
     // The target must be the legacy disk plus the instance's write.
     let mut expected = std::fs::read(&legacy)?;
-    expected[at as usize..at as usize + note.len()].copy_from_slice(note);
+    let at = usize::try_from(at).expect("an offset inside the disk just read into memory");
+    expected[at..at + note.len()].copy_from_slice(note);
     let got = std::fs::read(&target)?;
     if got != expected {
         bail!("the target differs from the legacy disk plus the client's write");

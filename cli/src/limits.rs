@@ -33,7 +33,9 @@ impl LimitArgs {
         let need = max as u64 + FD_HEADROOM;
         match raise_nofile(need) {
             Ok(have) if have < need => {
-                let fit = have.saturating_sub(FD_HEADROOM).max(1) as usize;
+                // `have < max + FD_HEADROOM`, so `fit <= max`, a usize.
+                let fit = usize::try_from(have.saturating_sub(FD_HEADROOM).max(1))
+                    .expect("at most max_connections");
                 tracing::warn!(
                     "the open-file limit is {have}: serving at most {fit} clients instead of \
                      {max} (raise `ulimit -n` or LimitNOFILE= to serve more)"
@@ -68,7 +70,7 @@ fn raise_nofile(want: u64) -> std::io::Result<u64> {
         rlim_cur: want.min(r.rlim_max),
         rlim_max: r.rlim_max,
     };
-    // SAFETY: as above.
+    // SAFETY: setrlimit only reads `raised`, a live, initialised local.
     if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } != 0 {
         return Ok(r.rlim_cur);
     }

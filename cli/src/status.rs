@@ -355,6 +355,10 @@ fn phase_name(p: lazy_fetch::state::Phase) -> &'static str {
 }
 
 fn humantime(secs: f64) -> String {
+    #[expect(
+        clippy::cast_possible_truncation,
+        reason = "a float to int `as` saturates: a huge or infinite ETA shows as huge, never wraps"
+    )]
     let s = secs.round() as u64;
     match s {
         0..60 => format!("{s}s"),

@@ -578,7 +578,8 @@ impl<D: BlockDevice> Filesystem for Disk<D> {
             return reply.data(&[]);
         };
         self.spawn(reply, move |dev, reply| async move {
-            match dev.read(offset, len as u32).await {
+            let len = u32::try_from(len).expect("at most `size`, a u32");
+            match dev.read(offset, len).await {
                 Ok(pieces) => reply.data(&flatten(pieces)),
                 Err(e) => reply.error(errno(&e)),
             }
@@ -608,7 +609,9 @@ impl<D: BlockDevice> Filesystem for Disk<D> {
         let Some(len) = self.clamp(offset, data.len() as u64).filter(|&l| l > 0) else {
             return reply.error(Errno::ENOSPC);
         };
-        let data = data[..len as usize].to_vec();
+        // At most `data.len()`, so both conversions fit.
+        let data = data[..usize::try_from(len).expect("at most data.len()")].to_vec();
+        let len = u32::try_from(len).expect("a FUSE write request has a u32 size");
         let fua = flags.0 & (libc::O_SYNC | libc::O_DSYNC) != 0 && self.caps.fua;
         let sync_after = flags.0 & (libc::O_SYNC | libc::O_DSYNC) != 0 && !self.caps.fua;
         self.spawn(reply, move |dev, reply| async move {
@@ -617,7 +620,7 @@ impl<D: BlockDevice> Filesystem for Disk<D> {
                 r = dev.flush().await;
             }
             match r {
-                Ok(()) => reply.written(len as u32),
+                Ok(()) => reply.written(len),
                 Err(e) => reply.error(errno(&e)),
             }
         });
@@ -775,7 +778,10 @@ impl<D: BlockDevice> Filesystem for Disk<D> {
             (ROOT, FileType::Directory, ".."),
             (FILE, FileType::RegularFile, FILE_NAME),
         ];
-        for (i, (ino, kind, name)) in entries.into_iter().enumerate().skip(offset as usize) {
+        // The offset comes from the caller (any seekdir): one past the
+        // entries lists nothing, even where usize is narrower than u64.
+        let skip = usize::try_from(offset).unwrap_or(usize::MAX);
+        for (i, (ino, kind, name)) in entries.into_iter().enumerate().skip(skip) {
             if reply.add(ino, (i + 1) as u64, kind, name) {
                 break;
             }

@@ -205,7 +205,7 @@ impl Fingerprint {
             return Ok(false);
         }
         let g = self.geometry;
-        let cs = g.chunk_size() as usize;
+        let cs = crate::units::mem_len(g.chunk_size());
         let sample = {
             let mut s = self.samples.lock().expect("poisoned");
             let mut taken = None;
@@ -254,7 +254,7 @@ impl Fingerprint {
         // Find the candidate here (no copy of the whole run), persist on
         // the blocking pool.
         let g = self.geometry;
-        let cs = g.chunk_size() as usize;
+        let cs = crate::units::mem_len(g.chunk_size());
         let candidate = {
             let s = self.samples.lock().expect("poisoned");
             data.chunks(cs).enumerate().find_map(|(k, bytes)| {
@@ -328,7 +328,7 @@ impl Fingerprint {
             .iter()
             .map(|s| {
                 let r = geometry.bytes(crate::units::ChunkIndex(s.chunk));
-                (r.start, (r.end - r.start) as usize)
+                (r.start, crate::units::mem_len(r.end - r.start))
             })
             .collect();
         let hash = |data: Vec<u8>| blake3::hash(&data).to_hex().to_string();
@@ -357,6 +357,7 @@ impl Fingerprint {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::units::mem_len;
 
     #[test]
     fn one_sample_per_region_survives_a_reload() {
@@ -386,13 +387,13 @@ mod tests {
         let a: Vec<u8> = (0..1u32 << 20).map(|i| (i % 251) as u8 + 1).collect();
         let fp = Fingerprint::load(dir.path(), g).unwrap();
         for c in 0..16u64 {
-            let r = (c << 16) as usize..((c + 1) << 16) as usize;
+            let r = mem_len(c << 16)..mem_len((c + 1) << 16);
             fp.offer(c, &a[r]).unwrap();
         }
         assert_eq!(fp.samples().len(), 16);
         let read = |disk: Vec<u8>| {
             move |o: u64, n: usize| {
-                let d = disk[o as usize..o as usize + n].to_vec();
+                let d = disk[mem_len(o)..mem_len(o) + n].to_vec();
                 async move { Ok(d) }
             }
         };

@@ -139,7 +139,9 @@ impl ChunkHashes {
 
     /// The records of chunks `first..first + n`, as stored.
     pub fn read(&self, first: ChunkIndex, n: u64) -> io::Result<Vec<u8>> {
-        let mut buf = vec![0u8; (n * RECORD) as usize];
+        let len =
+            usize::try_from(n * RECORD).expect("callers read a window of at most 65536 records");
+        let mut buf = vec![0u8; len];
         self.file.read_exact_at(&mut buf, first.0 * RECORD)?;
         Ok(buf)
     }

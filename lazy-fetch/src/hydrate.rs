@@ -70,6 +70,8 @@ const HOLE_WINDOW: u64 = 256 << 20;
 
 /// A token bucket: `rate` bytes per second, bursts up to one second's worth.
 struct Bucket {
+    /// The configured rate, to notice a change.
+    limit: u64,
     rate: f64,
     tokens: f64,
     at: Instant,
@@ -78,6 +80,7 @@ struct Bucket {
 impl Bucket {
     fn new(rate: u64) -> Bucket {
         Bucket {
+            limit: rate,
             rate: rate as f64,
             tokens: rate as f64,
             at: Instant::now(),
@@ -162,7 +165,7 @@ async fn hydrate<S: Source>(volume: Arc<Volume<S>>, opts: Options) {
             }
         }
         let rate = opts.rate_limit.load(Ordering::Relaxed);
-        if bucket.as_ref().map(|b| b.rate as u64) != Some(rate).filter(|&r| r > 0) {
+        if bucket.as_ref().map(|b| b.limit) != Some(rate).filter(|&r| r > 0) {
             bucket = (rate > 0).then(|| Bucket::new(rate));
         }
         if let Some(b) = bucket.as_mut() {

@@ -49,7 +49,7 @@ pub struct ChunkGuard {
 
 impl ChunkLocks {
     fn shard(&self, c: ChunkIndex) -> &Mutex<HashMap<u64, Entry>> {
-        &self.shards[(c.0 as usize) % SHARDS]
+        &self.shards[usize::try_from(c.0 % SHARDS as u64).expect("below SHARDS")]
     }
 
     fn entry(self: &Arc<Self>, c: ChunkIndex) -> ChunkGuard {

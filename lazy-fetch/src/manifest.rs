@@ -35,7 +35,7 @@ use crate::error::{Error, Result};
 use crate::presence::ChunkState;
 use crate::source::{Class, Source};
 use crate::state::{SourceId, TargetId};
-use crate::units::{ChunkIndex, Geometry};
+use crate::units::{ChunkIndex, Geometry, mem_len};
 use crate::volume::Volume;
 
 pub const MANIFEST: &str = "manifest.json";
@@ -116,13 +116,13 @@ impl Manifest {
 }
 
 fn zero_hash(len: u64) -> blake3::Hash {
-    blake3::hash(&vec![0u8; len as usize])
+    blake3::hash(&vec![0u8; mem_len(len)])
 }
 
 /// Read chunk `c` of the target (zeros for a hole of a sparse target).
 async fn target_chunk<S: Source>(v: &Volume<S>, c: ChunkIndex) -> Result<Vec<u8>> {
     let r = v.geometry().bytes(c);
-    let len = (r.end - r.start) as usize;
+    let len = mem_len(r.end - r.start);
     if v.map().state(c) == ChunkState::Zero && v.header().target.created_sparse {
         // Confirm it is a hole; if the target holds data there, read it.
         let t = v.target().clone();
@@ -183,7 +183,7 @@ pub async fn write<S: Source>(
                         let n = RECORD_WINDOW.min(total - next);
                         records = (next, v.kept_hashes(c, n).await?);
                     }
-                    Some(records.1[(next - records.0) as usize])
+                    Some(records.1[mem_len(next - records.0)])
                 }
                 _ => None,
             };
@@ -316,7 +316,9 @@ pub async fn verify<S: Source>(
         });
     }
     // Where the source reads as zeros, compare with zeros instead of reading.
-    let mut source_zero = vec![false; g.chunks() as usize];
+    let chunks =
+        usize::try_from(g.chunks()).expect("the chunk count: the presence map is in memory");
+    let mut source_zero = vec![false; chunks];
     let mut at = 0u64;
     while at < g.size() {
         let len = (g.size() - at).min(1 << 30);
@@ -330,7 +332,7 @@ pub async fn verify<S: Source>(
                             if !g.covers(c, at, e.length) {
                                 break;
                             }
-                            source_zero[i as usize] = true;
+                            source_zero[mem_len(i)] = true;
                         }
                     }
                     at += e.length;
@@ -363,8 +365,9 @@ pub async fn verify<S: Source>(
             let c = ChunkIndex(next);
             let v = v.clone();
             let written = v.map().is_written(c);
-            let zero_source = source_zero[next as usize];
-            let expect_manifest = hashes[next as usize];
+            // `next < total`, and both vectors hold `total` entries.
+            let zero_source = source_zero[mem_len(next)];
+            let expect_manifest = hashes[mem_len(next)];
             let source_hash = match &remote {
                 Some(r) if !written && !zero_source => {
                     if next >= window.0 + window.1.len() as u64 {
@@ -376,7 +379,7 @@ pub async fn verify<S: Source>(
                         report.source_hash_bytes += n * crate::proof::HASH_LEN;
                         window = (next, got);
                     }
-                    Some(window.1[(next - window.0) as usize])
+                    Some(window.1[mem_len(next - window.0)])
                 }
                 _ => None,
             };
@@ -399,7 +402,7 @@ pub async fn verify<S: Source>(
                 } else {
                     let data = v
                         .source()
-                        .read(r.start, (r.end - r.start) as usize, Class::Background)
+                        .read(r.start, mem_len(r.end - r.start), Class::Background)
                         .await
                         .map_err(|source| Error::FetchChunk { index: c, source })?;
                     (blake3::hash(&data), r.end - r.start)

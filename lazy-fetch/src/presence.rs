@@ -106,7 +106,8 @@ impl Bitmap {
     /// Rebuild from [`Bitmap::to_bytes`]; `None` if the length is wrong or
     /// bits past `len` are set (a sign of a map from another geometry).
     pub fn from_bytes(len: u64, bytes: &[u8]) -> Option<Bitmap> {
-        let words = len.div_ceil(64) as usize;
+        // `len` comes from a state file: too large for memory is wrong too.
+        let words = usize::try_from(len.div_ceil(64)).ok()?;
         if bytes.len() != words * 8 {
             return None;
         }

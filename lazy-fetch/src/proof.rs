@@ -24,7 +24,7 @@ use std::sync::Arc;
 use block_device::{BlockDevice, Capabilities, Piece};
 use futures_util::future::BoxFuture;
 
-use crate::units::{MAX_CHUNK, MIN_CHUNK};
+use crate::units::{MAX_CHUNK, MIN_CHUNK, mem_len};
 
 /// Bytes of one chunk's record.
 pub const HASH_LEN: u64 = 32;
@@ -61,7 +61,7 @@ impl<D: BlockDevice> HashDevice<D> {
             chunk,
             chunks: disk_size.div_ceil(chunk),
             disk_size,
-            zero_chunk: *blake3::hash(&vec![0u8; chunk as usize]).as_bytes(),
+            zero_chunk: *blake3::hash(&vec![0u8; mem_len(chunk)]).as_bytes(),
             hashers: Arc::new(tokio::sync::Semaphore::new(HASHERS)),
         }
     }
@@ -71,7 +71,10 @@ impl<D: BlockDevice> HashDevice<D> {
         let s = first * self.chunk;
         let e = (end * self.chunk).min(self.disk_size);
         let _slot = self.hashers.acquire().await.expect("never closed");
-        let pieces = self.disk.read(s, (e - s) as u32).await?;
+        // At most max(GROUP_BYTES, chunk) <= MAX_CHUNK bytes (`read` makes
+        // groups of GROUP_BYTES / chunk chunks, at least one).
+        let len = u32::try_from(e - s).expect("a group is at most MAX_CHUNK bytes");
+        let pieces = self.disk.read(s, len).await?;
         let (chunk, zero_chunk) = (self.chunk, self.zero_chunk);
         tokio::task::spawn_blocking(move || hash_pieces(&pieces, s, e, chunk, zero_chunk))
             .await
@@ -83,7 +86,7 @@ impl<D: BlockDevice> HashDevice<D> {
 /// that is one zero piece whole (a hole) takes the precomputed hash.
 fn hash_pieces(pieces: &[Piece], s: u64, e: u64, chunk: u64, zero_chunk: [u8; 32]) -> Vec<u8> {
     static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
-    let mut out = Vec::with_capacity(((e - s).div_ceil(chunk) * HASH_LEN) as usize);
+    let mut out = Vec::with_capacity(mem_len((e - s).div_ceil(chunk) * HASH_LEN));
     let mut h = blake3::Hasher::new();
     let mut at = s;
     for p in pieces {
@@ -100,16 +103,16 @@ fn hash_pieces(pieces: &[Piece], s: u64, e: u64, chunk: u64, zero_chunk: [u8; 32
                 Piece::Zero(_) => {
                     let mut z = n;
                     while z > 0 {
-                        let k = z.min(ZEROS.len() as u64);
-                        h.update(&ZEROS[..k as usize]);
-                        z -= k;
+                        let k = usize::try_from(z).map_or(ZEROS.len(), |z| z.min(ZEROS.len()));
+                        h.update(&ZEROS[..k]);
+                        z -= k as u64;
                     }
                 }
                 Piece::Data(d) => {
-                    h.update(&d[off..off + n as usize]);
+                    h.update(&d[off..off + mem_len(n)]);
                 }
             }
-            off += n as usize;
+            off += mem_len(n);
             left -= n;
             at += n;
             let whole_hole = matches!(p, Piece::Zero(_)) && n == chunk;
@@ -148,7 +151,7 @@ impl<D: BlockDevice> BlockDevice for HashDevice<D> {
             c = g_end;
         }
         let hashes: Vec<u8> = futures_util::future::try_join_all(groups).await?.concat();
-        let skip = (offset - first * HASH_LEN) as usize;
+        let skip = usize::try_from(offset - first * HASH_LEN).expect("below HASH_LEN");
         Ok(vec![Piece::Data(
             hashes[skip..skip + len as usize].to_vec(),
         )])
@@ -197,7 +200,7 @@ mod tests {
                 };
                 out.push(match hole {
                     Some(_) => Piece::Zero(next - at),
-                    None => Piece::Data(self.0[at as usize..next as usize].to_vec()),
+                    None => Piece::Data(self.0[mem_len(at)..mem_len(next)].to_vec()),
                 });
                 at = next;
             }
@@ -213,17 +216,17 @@ mod tests {
         // Chunk 2 a hole, chunk 5 half a hole, chunk 7 all zero data.
         let holes = vec![(2 * chunk, 3 * chunk), (5 * chunk + 2048, 6 * chunk)];
         for (s, e) in &holes {
-            data[*s as usize..*e as usize].fill(0);
+            data[mem_len(*s)..mem_len(*e)].fill(0);
         }
-        data[7 * chunk as usize..8 * chunk as usize].fill(0);
+        data[mem_len(7 * chunk)..mem_len(8 * chunk)].fill(0);
         let dev = HashDevice::new(Arc::new(Mem(data.clone(), holes)), chunk);
         assert_eq!(dev.size(), 11 * HASH_LEN);
         let all = block_device::flatten(dev.read(0, 11 * 32).await.unwrap());
         for i in 0..11u64 {
             let (s, e) = (i * chunk, ((i + 1) * chunk).min(size));
             assert_eq!(
-                &all[(i * 32) as usize..(i * 32 + 32) as usize],
-                blake3::hash(&data[s as usize..e as usize]).as_bytes(),
+                &all[mem_len(i * 32)..mem_len(i * 32 + 32)],
+                blake3::hash(&data[mem_len(s)..mem_len(e)]).as_bytes(),
                 "chunk {i}"
             );
         }

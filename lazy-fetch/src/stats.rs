@@ -22,7 +22,8 @@ impl Default for Histogram {
 
 impl Histogram {
     pub fn record(&self, d: Duration) {
-        let us = d.as_micros().max(1) as u64;
+        // Saturates: u64 microseconds is 584,000 years.
+        let us = u64::try_from(d.as_micros().max(1)).unwrap_or(u64::MAX);
         let b = (63 - us.leading_zeros()) as usize;
         self.buckets[b.min(31)].fetch_add(1, Ordering::Relaxed);
         self.sum_us.fetch_add(us, Ordering::Relaxed);
@@ -56,6 +57,10 @@ impl Histogram {
         if total == 0 {
             return None;
         }
+        #[expect(
+            clippy::cast_possible_truncation,
+            reason = "q is a quantile in [0, 1], so the rank is at most `total`; float `as` saturates"
+        )]
         let rank = ((total as f64) * q).ceil().max(1.0) as u64;
         let mut seen = 0;
         for (i, c) in counts.iter().enumerate() {

@@ -30,6 +30,15 @@ pub const MIN_CHUNK: u64 = 4096;
 pub const MAX_CHUNK: u64 = 16 << 20;
 pub const DEFAULT_CHUNK: u64 = 64 * 1024;
 
+/// A length or offset inside a buffer the engine holds in memory (a chunk
+/// of at most [`MAX_CHUNK`] bytes, a run of at most
+/// [`MAX_RUN`](crate::volume::MAX_RUN) chunks, one client request) as a
+/// `usize`. Such a span fits by construction; the conversion is checked
+/// anyway, so a broken bound panics here instead of truncating.
+pub fn mem_len(n: u64) -> usize {
+    usize::try_from(n).expect("a span of an in-memory buffer (chunk, run or request) fits usize")
+}
+
 /// Size of the volume and of its chunks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Geometry {

@@ -3,6 +3,11 @@
 //! for the sources (file, memory); plus the single-flight promise seen
 //! from the source: a chunk is fetched once however many clients race.
 
+#![allow(
+    clippy::cast_possible_truncation,
+    reason = "test fixtures: offsets and sizes of small in-memory disks, byte patterns"
+)]
+
 use std::io::Write;
 use std::sync::Arc;
 

@@ -2,6 +2,11 @@
 //! nothing of the engine writes it on its own once shared, even after a
 //! crash, and a write through the export is no longer logged.
 
+#![allow(
+    clippy::cast_possible_truncation,
+    reason = "test fixtures: offsets and sizes of small in-memory disks, byte patterns"
+)]
+
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Arc;

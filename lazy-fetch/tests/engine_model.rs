@@ -3,6 +3,11 @@
 //! hydration steps, flushes and restarts, with the hydrator racing client
 //! writes in the background.
 
+#![allow(
+    clippy::cast_possible_truncation,
+    reason = "test fixtures: offsets and sizes of small in-memory disks, byte patterns"
+)]
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;

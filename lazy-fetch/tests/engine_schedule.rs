@@ -21,6 +21,11 @@
 //! Seeded jitter at every I/O seam on a real multi-threaded runtime is what
 //! reaches the interleavings here; `STREAM_SCHEDULE_SEEDS=N` runs more.
 
+#![allow(
+    clippy::cast_possible_truncation,
+    reason = "test fixtures: offsets and sizes of small in-memory disks, byte patterns"
+)]
+
 use std::ops::Range;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

@@ -1,6 +1,11 @@
 //! The manifest and the verifier on a real migration: clean runs pass, a
 //! corrupted chunk is reported with its byte range and what it differs from.
 
+#![allow(
+    clippy::cast_possible_truncation,
+    reason = "test fixtures: offsets and sizes of small in-memory disks, byte patterns"
+)]
+
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Arc;

@@ -270,7 +270,10 @@ where
 }
 
 fn reply(out: &mut Vec<u8>, option: u32, kind: u32, data: &[u8]) {
-    out.extend_from_slice(&proto::option_reply_header(option, kind, data.len() as u32));
+    // Our replies: export names and descriptions (operator strings, from a
+    // command line), info and context payloads of a few bytes.
+    let len = proto::wire_u32(data.len(), "an option reply");
+    out.extend_from_slice(&proto::option_reply_header(option, kind, len));
     out.extend_from_slice(data);
 }
 
@@ -338,7 +341,9 @@ fn handle_option(
                 return Ok(None);
             }
             for e in exports.iter().filter(|e| e.listed) {
-                let mut payload = (e.name.len() as u32).to_be_bytes().to_vec();
+                let mut payload = proto::wire_u32(e.name.len(), "an export name")
+                    .to_be_bytes()
+                    .to_vec();
                 payload.extend_from_slice(e.name.as_bytes());
                 if let Some(d) = &e.description {
                     payload.extend_from_slice(d.as_bytes());
@@ -555,7 +560,7 @@ mod tests {
     }
 
     fn opt(option: u32, data: &[u8]) -> Vec<u8> {
-        let mut v = option_header(option, data.len() as u32).to_vec();
+        let mut v = option_header(option, proto::wire_u32(data.len(), "test option data")).to_vec();
         v.extend_from_slice(data);
         v
     }

@@ -109,7 +109,9 @@ pub const STATE_ZERO: u32 = 1 << 1;
 pub const BASE_ALLOCATION: &str = "base:allocation";
 
 /// Longest string the spec allows (export names, messages, queries).
-pub const MAX_STRING: usize = 4096;
+pub const MAX_STRING: usize = MAX_STRING_U32 as usize;
+/// [`MAX_STRING`] as the wire's u32, for limits computed from it.
+pub const MAX_STRING_U32: u32 = 4096;
 /// The payload limit the spec says no one should treat as denial of
 /// service; we advertise it as our maximum payload.
 pub const MAX_PAYLOAD: u32 = block_device::MAX_PAYLOAD;
@@ -461,11 +463,14 @@ impl InfoRequest {
         Ok(InfoRequest { name, requests })
     }
 
+    /// The client checks the name against [`MAX_STRING`] before it
+    /// builds a request; it asks for a few info types.
     pub fn encode(&self) -> Vec<u8> {
         let mut v = Vec::with_capacity(6 + self.name.len() + 2 * self.requests.len());
-        v.extend_from_slice(&(self.name.len() as u32).to_be_bytes());
+        v.extend_from_slice(&wire_u32(self.name.len(), "an export name").to_be_bytes());
         v.extend_from_slice(self.name.as_bytes());
-        v.extend_from_slice(&(self.requests.len() as u16).to_be_bytes());
+        let n = u16::try_from(self.requests.len()).expect("a few info types");
+        v.extend_from_slice(&n.to_be_bytes());
         for r in &self.requests {
             v.extend_from_slice(&r.to_be_bytes());
         }
@@ -493,13 +498,14 @@ impl MetaContextRequest {
         Ok(MetaContextRequest { export, queries })
     }
 
+    /// As [`InfoRequest::encode`]: a checked name and a few queries.
     pub fn encode(&self) -> Vec<u8> {
         let mut v = Vec::new();
-        v.extend_from_slice(&(self.export.len() as u32).to_be_bytes());
+        v.extend_from_slice(&wire_u32(self.export.len(), "an export name").to_be_bytes());
         v.extend_from_slice(self.export.as_bytes());
-        v.extend_from_slice(&(self.queries.len() as u32).to_be_bytes());
+        v.extend_from_slice(&wire_u32(self.queries.len(), "a few queries").to_be_bytes());
         for q in &self.queries {
-            v.extend_from_slice(&(q.len() as u32).to_be_bytes());
+            v.extend_from_slice(&wire_u32(q.len(), "a query").to_be_bytes());
             v.extend_from_slice(q.as_bytes());
         }
         v
@@ -532,7 +538,10 @@ impl Info {
                 Info::Export { size, flags }
             }
             INFO_NAME | INFO_DESCRIPTION => {
-                let s = c.string(c.buf.len() as u32)?;
+                // The rest of the payload, from the server: never truncated.
+                let len =
+                    u32::try_from(c.buf.len()).map_err(|_| OptionParseError::StringTooLong)?;
+                let s = c.string(len)?;
                 if kind == INFO_NAME {
                     Info::Name(s)
                 } else {
@@ -595,7 +604,11 @@ pub fn encode_error_chunk(errno: Errno, message: &str, offset: Option<u64>) -> V
     let msg = &message.as_bytes()[..cut];
     let mut v = Vec::with_capacity(6 + msg.len() + 8);
     v.extend_from_slice(&errno.code().to_be_bytes());
-    v.extend_from_slice(&(msg.len() as u16).to_be_bytes());
+    v.extend_from_slice(
+        &u16::try_from(msg.len())
+            .expect("cut to MAX_STRING")
+            .to_be_bytes(),
+    );
     v.extend_from_slice(msg);
     if let Some(off) = offset {
         v.extend_from_slice(&off.to_be_bytes());
@@ -643,6 +656,13 @@ pub(crate) fn be_u64(b: &[u8]) -> u64 {
     let mut a = [0u8; 8];
     a.copy_from_slice(&b[..8]);
     u64::from_be_bytes(a)
+}
+
+/// A length our own side puts on the wire as a u32: names, messages,
+/// queries and payloads this process built, each far below 4 GiB (`what`
+/// says which bound holds). Never for a length a peer sent.
+pub(crate) fn wire_u32(len: usize, what: &str) -> u32 {
+    u32::try_from(len).unwrap_or_else(|_| panic!("{what} of {len} bytes does not fit a u32 length"))
 }
 
 #[cfg(test)]

@@ -35,7 +35,8 @@ impl Reply {
             flags: if done { proto::REPLY_FLAG_DONE } else { 0 },
             kind,
             cookie,
-            length: payload.len() as u32,
+            // At most 2^20 descriptors (8 MiB) or one MAX_STRING message.
+            length: proto::wire_u32(payload.len(), "a reply chunk"),
         };
         self.parts.push(header.encode().to_vec());
         if !payload.is_empty() {
@@ -83,7 +84,12 @@ pub fn read(cookie: u64, structured: bool, df: bool, offset: u64, pieces: Vec<Pi
             match p {
                 Piece::Data(d) if !d.is_empty() => r.parts.push(d),
                 Piece::Data(_) => {}
-                Piece::Zero(n) => r.parts.push(vec![0; n as usize]),
+                Piece::Zero(n) => r.parts.push(vec![
+                    0;
+                    usize::try_from(n).expect(
+                        "a piece of one read: at most MAX_PAYLOAD"
+                    )
+                ]),
             }
         }
         return r;
@@ -109,7 +115,10 @@ pub fn read(cookie: u64, structured: bool, df: bool, offset: u64, pieces: Vec<Pi
                     flags: if i == last { proto::REPLY_FLAG_DONE } else { 0 },
                     kind: proto::REPLY_TYPE_OFFSET_DATA,
                     cookie,
-                    length: 8 + d.len() as u32,
+                    length: 8 + proto::wire_u32(
+                        d.len(),
+                        "a piece of one read (at most MAX_PAYLOAD)",
+                    ),
                 };
                 let mut head = header.encode().to_vec();
                 head.extend_from_slice(&at.to_be_bytes());
@@ -118,7 +127,8 @@ pub fn read(cookie: u64, structured: bool, df: bool, offset: u64, pieces: Vec<Pi
             }
             Piece::Zero(n) => {
                 let mut payload = at.to_be_bytes().to_vec();
-                payload.extend_from_slice(&(n as u32).to_be_bytes());
+                let n = u32::try_from(n).expect("a piece of one read: at most MAX_PAYLOAD");
+                payload.extend_from_slice(&n.to_be_bytes());
                 r.chunk(cookie, proto::REPLY_TYPE_OFFSET_HOLE, i == last, payload);
             }
         }
@@ -146,7 +156,8 @@ pub fn descriptors(extents: &[Extent], len: u32, req_one: bool) -> Vec<(u32, u32
         }
         let flags = (if e.hole { proto::STATE_HOLE } else { 0 })
             | (if e.zero { proto::STATE_ZERO } else { 0 });
-        let take = e.length.min(remaining) as u32;
+        // At most `remaining`, which starts at the u32 `len`.
+        let take = u32::try_from(e.length.min(remaining)).expect("at most len");
         remaining -= u64::from(take);
         let full = out.len() == limit;
         match out.last_mut() {

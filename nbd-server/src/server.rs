@@ -383,7 +383,8 @@ impl Listener {
     pub fn from_activation_fd(fd: OwnedFd) -> io::Result<Listener> {
         // SAFETY: sockaddr_storage is plain old data; all zeros is valid.
         let mut addr: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-        let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+        let mut len = libc::socklen_t::try_from(std::mem::size_of::<libc::sockaddr_storage>())
+            .expect("sockaddr_storage is 128 bytes");
         // SAFETY: addr and len are valid for writes of the given size.
         let rc = unsafe {
             libc::getsockname(

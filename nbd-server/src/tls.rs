@@ -235,7 +235,7 @@ fn decode_hex(s: &str) -> Result<Vec<u8>, String> {
         .map(|p| {
             let d = |c: u8| (c as char).to_digit(16);
             match (d(p[0]), d(p[1])) {
-                (Some(h), Some(l)) => Ok((h * 16 + l) as u8),
+                (Some(h), Some(l)) => Ok(u8::try_from(h * 16 + l).expect("two hex digits")),
                 _ => Err(format!(
                     "key is not hexadecimal (found {:?})",
                     String::from_utf8_lossy(p)

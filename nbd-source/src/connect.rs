@@ -74,13 +74,13 @@ impl Common {
         client: &Client,
         fp: &Fingerprint,
     ) -> Result<(), String> {
-        let max = client.max_payload().max(4096) as usize;
+        let max = client.max_payload().max(4096);
         let found = Fingerprint::check(&fp.samples(), fp.geometry(), &self.location, |o, n| {
             let client = client.clone();
             async move {
                 let mut out = Vec::with_capacity(n);
                 while out.len() < n {
-                    let k = (n - out.len()).min(max) as u32;
+                    let k = u32::try_from(n - out.len()).map_or(max, |k| k.min(max));
                     let part = client
                         .read(o + out.len() as u64, k)
                         .await

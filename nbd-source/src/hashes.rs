@@ -30,17 +30,18 @@ impl RemoteHashes {
     pub async fn read(&self, first: u64, n: u64) -> io::Result<Vec<[u8; 32]>> {
         let max = u64::from(self.client.max_payload().max(4096)) / HASH_LEN * HASH_LEN;
         let (mut at, end) = (first * HASH_LEN, (first + n) * HASH_LEN);
-        let mut out = Vec::with_capacity(n as usize);
+        let mut out =
+            Vec::with_capacity(usize::try_from(n).expect("a window of records in memory"));
         while at < end {
             let len = (end - at).min(max);
             let bytes = self
                 .client
-                .read(at, len as u32)
+                .read(at, u32::try_from(len).expect("at most max_payload, a u32"))
                 .await
                 .map_err(io::Error::other)?;
             out.extend(
                 bytes
-                    .chunks_exact(HASH_LEN as usize)
+                    .chunks_exact(usize::try_from(HASH_LEN).expect("HASH_LEN is 32"))
                     .map(|r| <[u8; 32]>::try_from(r).expect("32 bytes")),
             );
             at += len;

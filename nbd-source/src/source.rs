@@ -81,9 +81,10 @@ impl Source for NbdSource {
         // Learn the largest request the server takes from a connection.
         let max = self
             .with_retry(class, |c| async move { Ok(c.max_payload()) })
-            .await? as usize;
-        let pieces = (0..len).step_by(max.max(512)).map(|at| {
-            let n = (len - at).min(max.max(512)) as u32;
+            .await?
+            .max(512);
+        let pieces = (0..len).step_by(max as usize).map(|at| {
+            let n = u32::try_from(len - at).map_or(max, |n| n.min(max));
             let off = offset + at as u64;
             self.with_retry(class, move |c| async move { c.read(off, n).await })
         });
@@ -101,7 +102,8 @@ impl Source for NbdSource {
         }
         // The client takes a u32 length; the engine asks again from where
         // the answer ends.
-        let len = len.min(u64::from(u32::MAX) & !0xfff) as u32;
+        const MAX: u32 = u32::MAX - 0xfff; // the largest 4 KiB multiple
+        let len = u32::try_from(len).map_or(MAX, |l| l.min(MAX));
         self.with_retry(Class::Background, move |c| async move {
             if !c.can_block_status() {
                 return Ok(None);

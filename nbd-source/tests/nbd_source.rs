@@ -10,6 +10,11 @@
 //! never awaited with fixed sleeps. A missing nbdkit fails the test with the
 //! Debian package to install.
 
+#![allow(
+    clippy::cast_possible_truncation,
+    reason = "test fixtures: offsets and sizes of small in-memory disks, byte patterns"
+)]
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

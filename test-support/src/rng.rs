@@ -27,9 +27,9 @@ impl Rng {
         self.next() % n.max(1)
     }
 
-    /// `n` random bytes, one per draw.
+    /// `n` random bytes, one per draw (its low byte).
     pub fn bytes(&mut self, n: usize) -> Vec<u8> {
-        (0..n).map(|_| self.next() as u8).collect()
+        (0..n).map(|_| self.next().to_le_bytes()[0]).collect()
     }
 
     /// Fills `buf` eight bytes per draw (little-endian words; a short tail

@@ -38,7 +38,7 @@ impl Source for FileSource {
         let mut at = offset;
         // FileDevice reads at most u32 at a time; chunks are far smaller.
         while out.len() < len {
-            let n = (len - out.len()).min(1 << 30) as u32;
+            let n = u32::try_from(len - out.len()).map_or(1 << 30, |n| n.min(1 << 30));
             let pieces = self.device.read(at, n).await?;
             out.extend_from_slice(&block_device::flatten(pieces));
             at += u64::from(n);

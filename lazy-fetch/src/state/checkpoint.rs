@@ -11,6 +11,7 @@ use super::journal::Journal;
 use super::{HASH_LEN, StateDir, hash16, write_atomic};
 use crate::error::{Error, Result};
 use crate::presence::{Bitmap, PresenceMap};
+use crate::units::mem_len;
 
 const MAP_MAGIC: &[u8; 8] = b"STRMMAP1";
 
@@ -75,15 +76,17 @@ pub(super) fn read_checkpoint(dir: &Path, chunks: u64) -> Result<(PresenceMap, u
         return Err(corrupt("checksum does not match (torn or damaged)"));
     }
     let generation = u64::from_le_bytes(body[8..16].try_into().expect("8"));
-    let len = u64::from_le_bytes(body[16..24].try_into().expect("8")) as usize;
+    let len = u64::from_le_bytes(body[16..24].try_into().expect("8"));
     let bitmaps = &body[24..];
     if len == 0 && bitmaps.is_empty() {
         return Ok((PresenceMap::new(chunks), generation));
     }
-    let one = chunks.div_ceil(64) as usize * 8;
-    if len != bitmaps.len() || bitmaps.len() != 3 * one {
+    // Compared as u64: a length from the file is never truncated.
+    let one = chunks.div_ceil(64) * 8;
+    if len != bitmaps.len() as u64 || bitmaps.len() as u64 != 3 * one {
         return Err(corrupt("size does not match the header's geometry"));
     }
+    let one = mem_len(one);
     let parts: Option<Vec<Bitmap>> = (0..3)
         .map(|i| Bitmap::from_bytes(chunks, &bitmaps[i * one..(i + 1) * one]))
         .collect();

@@ -16,7 +16,7 @@ use std::path::Path;
 use super::{HASH_LEN, StateDir, hash16, write_atomic};
 use crate::error::{Error, Result};
 use crate::presence::{ChunkState, PresenceMap};
-use crate::units::ChunkIndex;
+use crate::units::{ChunkIndex, mem_len};
 
 const JOURNAL_MAGIC: &[u8; 8] = b"STRMJRN1";
 const BATCH_MAGIC: u32 = 0x4a42_4154; // "JBAT"
@@ -35,6 +35,9 @@ pub(super) struct Journal {
 /// for thousands of chunks.
 const COUNT_BITS: u32 = 20;
 const MAX_COUNT: u64 = 1 << COUNT_BITS;
+
+/// Most entries in one batch: its count is a u32.
+const BATCH_MAX: usize = u32::MAX as usize;
 
 pub(super) fn entry(c: ChunkIndex, count: u64, state: ChunkState, written: bool) -> u64 {
     debug_assert!((1..=MAX_COUNT).contains(&count) && c.0 < 1 << 42);
@@ -114,10 +117,15 @@ impl StateDir {
             return Ok(());
         }
         let mut j = self.journal.lock().expect("poisoned");
-        j.append(entries).map_err(|source| Error::PersistMap {
-            dir: self.dir.clone(),
-            source,
-        })
+        // A batch counts its entries in a u32: more (only on a huge volume
+        // with 4 KiB chunks) go in several batches, each one complete.
+        for batch in entries.chunks(BATCH_MAX) {
+            j.append(batch).map_err(|source| Error::PersistMap {
+                dir: self.dir.clone(),
+                source,
+            })?;
+        }
+        Ok(())
     }
 
     pub fn journal_len(&self) -> u64 {
@@ -178,7 +186,7 @@ impl Journal {
         // create: its batches may be acknowledged flushes, and dropping
         // them would make written chunks absent (refetched over the
         // client's data). Only an older generation is legitimately stale.
-        if bytes.len() < Self::HEADER_LEN as usize || &bytes[..8] != JOURNAL_MAGIC {
+        if (bytes.len() as u64) < Self::HEADER_LEN || &bytes[..8] != JOURNAL_MAGIC {
             return Err(Error::StateCorrupt {
                 path,
                 detail: "journal header is damaged (bad magic or cut short)".into(),
@@ -196,7 +204,7 @@ impl Journal {
             // two renames): the checkpoint already holds all of it.
             return Journal::create(dir, generation).map_err(io);
         }
-        let mut at = Self::HEADER_LEN as usize;
+        let mut at = mem_len(Self::HEADER_LEN);
         let mut seq = 0u64;
         while let Some((entries, next)) = parse_batch(&bytes, at, seq) {
             for e in entries {
@@ -249,7 +257,8 @@ impl Journal {
         let mut v = Vec::with_capacity(16 + entries.len() * 8 + HASH_LEN);
         v.extend_from_slice(&BATCH_MAGIC.to_le_bytes());
         v.extend_from_slice(&self.next_seq.to_le_bytes());
-        v.extend_from_slice(&(entries.len() as u32).to_le_bytes());
+        let count = u32::try_from(entries.len()).expect("StateDir::append splits at BATCH_MAX");
+        v.extend_from_slice(&count.to_le_bytes());
         for e in entries {
             v.extend_from_slice(&e.to_le_bytes());
         }

@@ -34,7 +34,8 @@ impl StateDir {
                 .unwrap_or_else(|_| "its lock file was removed".into())
         };
         let d = File::open(dir).map_err(io)?;
-        // SAFETY: flock on an fd we own.
+        // SAFETY: flock(2) on the fd of a File alive for the call; it touches
+        // no memory, and the lock goes with the fd.
         if unsafe { libc::flock(d.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
             return Err(Error::Locked {
                 dir: dir.to_path_buf(),
@@ -49,7 +50,8 @@ impl StateDir {
             .truncate(false)
             .open(&path)
             .map_err(io)?;
-        // SAFETY: flock on an fd we own.
+        // SAFETY: flock(2) on the fd of a File alive for the call; it touches
+        // no memory, and the lock goes with the fd.
         let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
         if r != 0 {
             return Err(Error::Locked {

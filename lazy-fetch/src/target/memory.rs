@@ -31,7 +31,7 @@ impl MemoryBackend {
         MemoryBackend {
             inner: Mutex::new(Inner {
                 bytes: vec![0; len],
-                allocated: vec![false; size.div_ceil(PAGE) as usize],
+                allocated: vec![false; in_memory(size.div_ceil(PAGE))],
                 durable: vec![0; len],
                 syncs: 0,
             }),
@@ -58,7 +58,13 @@ fn range(len: usize, offset: u64, n: u64) -> io::Result<std::ops::Range<usize>> 
         .checked_add(n)
         .filter(|&e| e <= len as u64)
         .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
-    Ok(offset as usize..end as usize)
+    Ok(in_memory(offset)..in_memory(end))
+}
+
+/// An offset, length or page number of the target, which is held in
+/// memory whole: it fits a usize.
+fn in_memory(n: u64) -> usize {
+    usize::try_from(n).expect("inside the in-memory target")
 }
 
 impl Backend for MemoryBackend {
@@ -74,7 +80,7 @@ impl Backend for MemoryBackend {
         let r = range(t.bytes.len(), offset, data.len() as u64)?;
         t.bytes[r.clone()].copy_from_slice(data);
         for p in r.start as u64 / PAGE..(r.end as u64).div_ceil(PAGE) {
-            t.allocated[p as usize] = true;
+            t.allocated[in_memory(p)] = true;
         }
         Ok(())
     }
@@ -86,7 +92,7 @@ impl Backend for MemoryBackend {
         // Pages wholly inside are punched unless asked to stay allocated.
         let (first, last) = ((r.start as u64).div_ceil(PAGE), r.end as u64 / PAGE);
         for p in first..last.max(first) {
-            t.allocated[p as usize] = allocate;
+            t.allocated[in_memory(p)] = allocate;
         }
         Ok(())
     }
@@ -102,7 +108,7 @@ impl Backend for MemoryBackend {
         let t = self.inner.lock().expect("poisoned");
         let mut out: Vec<(u64, u64)> = Vec::new();
         for p in offset / PAGE..end.div_ceil(PAGE) {
-            if !t.allocated[p as usize] {
+            if !t.allocated[in_memory(p)] {
                 continue;
             }
             let (s, e) = ((p * PAGE).max(offset), ((p + 1) * PAGE).min(end));
@@ -128,7 +134,7 @@ mod tests {
         m.zero(0, 4 * PAGE, false).unwrap();
         assert!(m.data_extents(0, 4 * PAGE).unwrap().is_empty());
         assert!(m.image().iter().all(|&b| b == 0));
-        assert_eq!(m.durable_image()[PAGE as usize + 5], 7);
+        assert_eq!(m.durable_image()[in_memory(PAGE) + 5], 7);
         assert!(m.write_at(&[1], 4 * PAGE).is_err());
     }
 }

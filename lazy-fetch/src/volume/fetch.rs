@@ -20,7 +20,7 @@ impl<S: Source> Volume<S> {
                 drop(g);
                 return self
                     .target
-                    .read_at(s, (e - s) as usize)
+                    .read_at(s, mem_len(e - s))
                     .await
                     .map(Piece::Data)
                     .map_err(|source| Error::ReadTarget { offset: s, source });
@@ -39,7 +39,7 @@ impl<S: Source> Volume<S> {
             // it. Serve it from the source, under the same lock.
             Err(err) if err.kind() == crate::error::ErrorKind::NoSpace => {
                 let data = self
-                    .source_read(s, (e - s) as usize, Class::Foreground)
+                    .source_read(s, mem_len(e - s), Class::Foreground)
                     .await
                     .map_err(|source| {
                         Stats::add(&self.stats.source_errors, 1);
@@ -56,7 +56,7 @@ impl<S: Source> Volume<S> {
             Fetched::Zero => Piece::Zero(e - s),
             Fetched::Data(buf) if s == r.start && e == r.end => Piece::Data(buf),
             Fetched::Data(buf) => {
-                Piece::Data(buf[(s - r.start) as usize..(e - r.start) as usize].to_vec())
+                Piece::Data(buf[mem_len(s - r.start)..mem_len(e - r.start)].to_vec())
             }
         })
     }
@@ -93,16 +93,14 @@ impl<S: Source> Volume<S> {
         });
         let piece = {
             let _fg = ForegroundGuard::new(&self.fg_active);
-            self.source_read(ps, (pe - ps) as usize, Class::Foreground)
+            self.source_read(ps, mem_len(pe - ps), Class::Foreground)
                 .await
         };
         match piece {
-            Ok(data) if data.len() == (pe - ps) as usize => {
+            Ok(data) if data.len() == mem_len(pe - ps) => {
                 Stats::add(&self.stats.bytes_fetched, pe - ps);
                 self.stats.foreground_fetch.record(started.elapsed());
-                Ok(Piece::Data(
-                    data[(s - ps) as usize..(e - ps) as usize].to_vec(),
-                ))
+                Ok(Piece::Data(data[mem_len(s - ps)..mem_len(e - ps)].to_vec()))
             }
             // Fall back on the whole chunk (its error, if it fails too).
             _ => {
@@ -114,7 +112,7 @@ impl<S: Source> Volume<S> {
                 Ok(match fetched {
                     Fetched::Zero => Piece::Zero(e - s),
                     Fetched::Data(buf) => {
-                        Piece::Data(buf[(s - r.start) as usize..(e - r.start) as usize].to_vec())
+                        Piece::Data(buf[mem_len(s - r.start)..mem_len(e - r.start)].to_vec())
                     }
                 })
             }
@@ -128,7 +126,7 @@ impl<S: Source> Volume<S> {
         let first = guards.first().expect("at least one chunk").index();
         let last = guards.last().expect("at least one chunk").index();
         let range = self.geometry.bytes(first).start..self.geometry.bytes(last).end;
-        let len = (range.end - range.start) as usize;
+        let len = mem_len(range.end - range.start);
         let _fg = (class == Class::Foreground).then(|| ForegroundGuard::new(&self.fg_active));
         let data = self
             .source_read(range.start, len, class)
@@ -158,7 +156,7 @@ impl<S: Source> Volume<S> {
             let mut digests = Vec::with_capacity(chunks.len());
             for c in chunks {
                 let r = g.bytes(c);
-                let piece = &data[(r.start - start) as usize..(r.end - start) as usize];
+                let piece = &data[mem_len(r.start - start)..mem_len(r.end - start)];
                 let z = is_zero(piece);
                 zero.push(z);
                 digests.push(match (z, keep) {
@@ -187,14 +185,13 @@ impl<S: Source> Volume<S> {
                     self.store_zero(c.0..c.0 + 1, false, false).await?;
                     Stats::add(&self.stats.chunks_found_zero, 1);
                 } else {
-                    let piece = data
-                        [(r.start - range.start) as usize..(r.end - range.start) as usize]
-                        .to_vec();
+                    let piece =
+                        data[mem_len(r.start - range.start)..mem_len(r.end - range.start)].to_vec();
                     self.target
                         .write_at(r.start, piece)
                         .await
                         .map_err(|source| self.target_error(c, source))?;
-                    self.record_hashes(c, &digests[(c.0 - first.0) as usize..][..1])?;
+                    self.record_hashes(c, &digests[mem_len(c.0 - first.0)..][..1])?;
                     self.mark(c, ChunkState::Data, false);
                 }
             }
@@ -312,13 +309,17 @@ impl<S: Source> Volume<S> {
             // they are busy, one run at a time on the volume, after giving
             // their requests a head start.
             let busy = self.yield_to_clients(CACHE_YIELD_WINDOW).await;
-            let slots = if busy { CACHE_SLOTS as u32 } else { 1 };
+            let slots = if busy {
+                u32::try_from(CACHE_SLOTS).expect("CACHE_SLOTS is 4")
+            } else {
+                1
+            };
             let _slot = self
                 .cache_slots
                 .acquire_many(slots)
                 .await
                 .expect("never closed");
-            let max = ((chunks.end - i) as usize).min(MAX_RUN);
+            let max = usize::try_from(chunks.end - i).map_or(MAX_RUN, |n| n.min(MAX_RUN));
             let mut guards = self.lock_run(c, max);
             if guards.is_empty() {
                 // Someone else is changing it: wait for them, then look again.

@@ -30,7 +30,7 @@ impl<S: Source> Volume<S> {
                 ChunkState::Zero => Box::pin(async move { Ok(Piece::Zero(e - s)) }),
                 ChunkState::Data => Box::pin(async move {
                     self.target
-                        .read_at(s, (e - s) as usize)
+                        .read_at(s, mem_len(e - s))
                         .await
                         .map(Piece::Data)
                         .map_err(|source| Error::ReadTarget { offset: s, source })
@@ -149,7 +149,7 @@ impl<S: Source> Volume<S> {
             for i in chunks {
                 let c = ChunkIndex(i);
                 let e = self.geometry.bytes(c).end.min(offset + data.len() as u64);
-                let piece = data[(at - offset) as usize..(e - offset) as usize].to_vec();
+                let piece = data[mem_len(at - offset)..mem_len(e - offset)].to_vec();
                 parts.push(self.write_chunk(c, at, piece));
                 at = e;
             }
@@ -194,7 +194,7 @@ impl<S: Source> Volume<S> {
                 let started = Instant::now();
                 let _fg = ForegroundGuard::new(&self.fg_active);
                 let mut buf = self
-                    .source_read(r.start, (r.end - r.start) as usize, Class::Foreground)
+                    .source_read(r.start, mem_len(r.end - r.start), Class::Foreground)
                     .await
                     .map_err(|source| {
                         Stats::add(&self.stats.source_errors, 1);
@@ -205,7 +205,7 @@ impl<S: Source> Volume<S> {
                 Stats::add(&self.stats.bytes_fetched, r.end - r.start);
                 Stats::add(&self.stats.chunks_fetched_on_demand, 1);
                 self.stats.foreground_fetch.record(started.elapsed());
-                let at = (offset - r.start) as usize;
+                let at = mem_len(offset - r.start);
                 buf[at..at + data.len()].copy_from_slice(&data);
                 self.stale(r.start, r.end - r.start);
                 self.target
@@ -302,7 +302,7 @@ impl<S: Source> Volume<S> {
                 }
                 ChunkState::Absent => {
                     drop(g);
-                    self.write_chunk(c, s, vec![0u8; (e - s) as usize]).await?;
+                    self.write_chunk(c, s, vec![0u8; mem_len(e - s)]).await?;
                 }
             }
         }

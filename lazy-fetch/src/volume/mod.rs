@@ -76,7 +76,7 @@ use crate::source::{Class, Source};
 use crate::state::{self, Header, Phase, StateDir};
 use crate::stats::Stats;
 use crate::target::Target;
-use crate::units::{ChunkIndex, DEFAULT_CHUNK, Geometry};
+use crate::units::{ChunkIndex, DEFAULT_CHUNK, Geometry, mem_len};
 use crate::wal::{self, Change, Wal};
 use crate::watchdog::{Requests, Wait, waiting};
 
@@ -233,9 +233,7 @@ impl<S: Source> Volume<S> {
             return true;
         }
         let last = self.fg_last.load(Ordering::Relaxed);
-        last != 0
-            && (self.opened.elapsed().as_nanos() as u64).saturating_sub(last)
-                < window.as_nanos() as u64
+        last != 0 && nanos(self.opened.elapsed()).saturating_sub(last) < nanos(window)
     }
 
     /// Background work (hydration, CACHE) gives clients a head start: if
@@ -253,7 +251,7 @@ impl<S: Source> Volume<S> {
     }
 
     fn note_foreground(&self) {
-        let now = (self.opened.elapsed().as_nanos() as u64).max(1);
+        let now = nanos(self.opened.elapsed()).max(1);
         self.fg_last.store(now, Ordering::Relaxed);
     }
 
@@ -279,3 +277,8 @@ impl<S: Source> Volume<S> {
 /// A fast write-zeroes could not be fast (NBD answers `ENOTSUP`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FastZeroUnsupported;
+
+/// A duration in nanoseconds, saturating (u64 nanoseconds is 584 years).
+fn nanos(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}

@@ -73,7 +73,7 @@ impl<S: Source> Volume<S> {
     /// where [`Volume::hash_is_kept`]).
     pub async fn kept_hashes(&self, first: ChunkIndex, n: u64) -> Result<Vec<[u8; 32]>> {
         let Some(h) = self.hashes.clone() else {
-            return Ok(vec![[0u8; 32]; n as usize]);
+            return Ok(vec![[0u8; 32]; mem_len(n)]);
         };
         let dir = self.state.path().to_path_buf();
         tokio::task::spawn_blocking(move || h.read(first, n))
@@ -115,7 +115,7 @@ impl<S: Source> Volume<S> {
             let r = self.geometry.bytes(c);
             let data = self
                 .target
-                .read_at(r.start, (r.end - r.start) as usize)
+                .read_at(r.start, mem_len(r.end - r.start))
                 .await
                 .map_err(|source| Error::ReadTarget {
                     offset: r.start,

@@ -61,7 +61,7 @@ impl<S: Source> Volume<S> {
                 let n = match volume
                     .fetch_run_from(
                         ChunkIndex(i),
-                        ((until - i) as usize).min(MAX_RUN),
+                        usize::try_from(until - i).map_or(MAX_RUN, |n| n.min(MAX_RUN)),
                         Class::Foreground,
                     )
                     .await

@@ -21,15 +21,15 @@ use super::error::{ClientError, reply_name};
 use crate::proto::{
     self, BASE_ALLOCATION, BlockSizes, FLAG_C_FIXED_NEWSTYLE, FLAG_C_NO_ZEROES,
     FLAG_FIXED_NEWSTYLE, FLAG_NO_ZEROES, IHAVEOPT, INFO_BLOCK_SIZE, Info, InfoRequest, MAX_STRING,
-    MetaContextRequest, NBDMAGIC, OPT_EXPORT_NAME, OPT_GO, OPT_SET_META_CONTEXT, OPT_STARTTLS,
-    OPT_STRUCTURED_REPLY, OptionReplyHeader, REP_ACK, REP_ERR_BIT, REP_ERR_SHUTDOWN,
+    MAX_STRING_U32, MetaContextRequest, NBDMAGIC, OPT_EXPORT_NAME, OPT_GO, OPT_SET_META_CONTEXT,
+    OPT_STARTTLS, OPT_STRUCTURED_REPLY, OptionReplyHeader, REP_ACK, REP_ERR_BIT, REP_ERR_SHUTDOWN,
     REP_ERR_TLS_REQD, REP_ERR_UNSUP, REP_INFO, REP_META_CONTEXT, TF_HAS_FLAGS,
 };
 
 /// Largest option reply payload we accept: the longest legal one is a
 /// 4096-byte string plus a few bytes of fixed fields (`REP_INFO` name or
 /// description, `REP_META_CONTEXT`, an error message).
-pub(crate) const MAX_OPTION_REPLY: u32 = MAX_STRING as u32 + 64;
+pub(crate) const MAX_OPTION_REPLY: u32 = MAX_STRING_U32 + 64;
 
 /// The magic an oldstyle server sends where newstyle servers send
 /// `IHAVEOPT`.
@@ -172,7 +172,9 @@ where
     S: AsyncWrite + Unpin,
 {
     let mut msg = Vec::with_capacity(16 + data.len());
-    msg.extend_from_slice(&proto::option_header(option, data.len() as u32));
+    // Option data: an export name checked against MAX_STRING, fixed queries.
+    let len = proto::wire_u32(data.len(), "option data");
+    msg.extend_from_slice(&proto::option_header(option, len));
     msg.extend_from_slice(data);
     s.write_all(&msg)
         .await
@@ -405,9 +407,13 @@ mod tests {
     }
 
     async fn reply(s: &mut DuplexStream, opt: u32, rep: u32, data: &[u8]) {
-        s.write_all(&option_reply_header(opt, rep, data.len() as u32))
-            .await
-            .unwrap();
+        s.write_all(&option_reply_header(
+            opt,
+            rep,
+            proto::wire_u32(data.len(), "a test reply"),
+        ))
+        .await
+        .unwrap();
         s.write_all(data).await.unwrap();
     }
 

@@ -18,7 +18,7 @@ use super::handshake::Negotiated;
 use crate::device::Extent;
 use crate::proto::{
     self, CHUNK_HEADER_LEN, CMD_BLOCK_STATUS, CMD_READ, ChunkHeader, Errno, MAX_PAYLOAD,
-    MAX_STRING, REPLY_TYPE_BLOCK_STATUS, REPLY_TYPE_ERROR_BIT, REPLY_TYPE_ERROR_OFFSET,
+    MAX_STRING_U32, REPLY_TYPE_BLOCK_STATUS, REPLY_TYPE_ERROR_BIT, REPLY_TYPE_ERROR_OFFSET,
     REPLY_TYPE_NONE, REPLY_TYPE_OFFSET_DATA, REPLY_TYPE_OFFSET_HOLE, SIMPLE_REPLY_MAGIC,
     STATE_HOLE, STATE_ZERO, STRUCTURED_REPLY_MAGIC,
 };
@@ -29,7 +29,7 @@ use crate::proto::{
 const MAX_BLOCK_STATUS_CHUNK: u32 = MAX_PAYLOAD + 4;
 /// Largest error chunk: error, message length, a 4096-byte message and an
 /// offset.
-const MAX_ERROR_CHUNK: u32 = 4 + 2 + MAX_STRING as u32 + 8;
+const MAX_ERROR_CHUNK: u32 = 4 + 2 + MAX_STRING_U32 + 8;
 /// Most disjoint pieces a read may be answered in at any one moment (chunks
 /// that touch are merged). Real servers answer in order, so one piece; a
 /// hostile server scattering 1-byte chunks is cut off here instead of
@@ -593,8 +593,9 @@ fn complete(conn: &Conn, cookie: u64) -> Result<(), ClientError> {
 /// `[req_offset, req_offset + req_len)`, if it lies inside it.
 fn relative_start(offset: u64, len: u32, req_offset: u64, req_len: u32) -> Option<u32> {
     let start = offset.checked_sub(req_offset)?;
-    let end = start.checked_add(len as u64)?;
-    (end <= req_len as u64).then_some(start as u32)
+    let end = start.checked_add(u64::from(len))?;
+    // `start <= end <= req_len`, a u32: the conversion cannot fail here.
+    (end <= u64::from(req_len)).then(|| u32::try_from(start).ok())?
 }
 
 /// Descriptors of a `base:allocation` chunk, clipped to the request. The

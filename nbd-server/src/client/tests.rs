@@ -44,7 +44,7 @@ impl Server {
             flags,
             kind,
             cookie,
-            length: payload.len() as u32,
+            length: proto::wire_u32(payload.len(), "a test chunk"),
         };
         self.s.write_all(&h.encode()).await.unwrap();
         self.s.write_all(payload).await.unwrap();
@@ -88,9 +88,13 @@ async fn option(s: &mut UnixStream) -> (u32, Vec<u8>) {
 }
 
 async fn reply(s: &mut UnixStream, opt: u32, rep: u32, data: &[u8]) {
-    s.write_all(&option_reply_header(opt, rep, data.len() as u32))
-        .await
-        .unwrap();
+    s.write_all(&option_reply_header(
+        opt,
+        rep,
+        proto::wire_u32(data.len(), "a test reply"),
+    ))
+    .await
+    .unwrap();
     s.write_all(data).await.unwrap();
 }
 
@@ -194,7 +198,8 @@ async fn replies_out_of_order_reach_their_own_requesters() {
             let b = s.request().await;
             // Answer in reverse order, with data naming the offset.
             for r in [b, a] {
-                s.data(true, r.cookie, r.offset, &[r.offset as u8; 4]).await;
+                s.data(true, r.cookie, r.offset, &[r.offset.to_le_bytes()[0]; 4])
+                    .await;
             }
             s
         });
@@ -469,7 +474,8 @@ async fn many_requests_in_flight_each_get_their_own_data() {
             }
             reqs.reverse();
             for r in reqs {
-                let fill = vec![(r.offset / 512) as u8; r.length as usize];
+                // The low byte of the sector number names the request.
+                let fill = vec![(r.offset / 512).to_le_bytes()[0]; r.length as usize];
                 s.data(true, r.cookie, r.offset, &fill).await;
             }
             s
@@ -479,7 +485,7 @@ async fn many_requests_in_flight_each_get_their_own_data() {
             async move { (i, c.read(i * 512, 512).await) }
         });
         for (i, r) in futures_join_all(reads).await {
-            assert_eq!(r.unwrap(), vec![i as u8; 512]);
+            assert_eq!(r.unwrap(), vec![i.to_le_bytes()[0]; 512]);
         }
         server.await.unwrap();
     })

@@ -16,7 +16,7 @@ const SAMPLES: u64 = 256;
 const SAMPLE_LEN: u64 = 4096;
 
 fn nonzero_in(f: &File, start: u64, end: u64) -> io::Result<Option<u64>> {
-    let mut buf = vec![0u8; SAMPLE_EDGE as usize];
+    let mut buf = vec![0u8; crate::units::mem_len(SAMPLE_EDGE)];
     let mut at = start;
     while at < end {
         let n = (end - at).min(SAMPLE_EDGE) as usize;
