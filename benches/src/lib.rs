@@ -39,7 +39,9 @@
 //! 6: every peer, every scenario, one run. The older `export-bench`
 //! measures `stream export`; `start-bench` measures `stream start` (cold
 //! and warm reads, hydration, memory) in more depth against fewer peers; `boot_bench` boots the real OS
-//! through each peer on its own.
+//! through each peer on its own; `detach_bench` (issue 15) measures the
+//! guest's pause during `stream detach` and the cold cutover beside a
+//! plain reboot.
 
 pub mod boot;
 pub mod boot_hook;
