@@ -213,12 +213,19 @@ async fn handover<S: Source, W: tokio::io::AsyncWrite + Unpin>(
     if !hydrate_fully(ctx, deadline, wr).await? {
         return Ok(());
     }
+    // Polled every 50 ms (a count is cheap), told on a change or each
+    // second: a client that just left (the guest moved off the export by
+    // `stream detach`) is seen at once, not a second later.
+    let mut told = (Instant::now(), 0usize);
     loop {
         let connected = (ctx.clients)();
         if connected == 0 || force {
             break;
         }
-        send(wr, &Event::WaitingForClients { connected }).await?;
+        if connected != told.1 || told.0.elapsed() >= Duration::from_secs(1) {
+            send(wr, &Event::WaitingForClients { connected }).await?;
+            told = (Instant::now(), connected);
+        }
         if expired() {
             let message = format!(
                 "{connected} NBD client(s) still connected to {}: shut the instance down \
@@ -228,7 +235,7 @@ async fn handover<S: Source, W: tokio::io::AsyncWrite + Unpin>(
             send(wr, &Event::Error { message }).await?;
             return Ok(());
         }
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
     tracing::info!("finalize: stopping to hand the volume over");
     send(

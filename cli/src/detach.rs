@@ -118,7 +118,7 @@ struct Child {
 }
 
 pub async fn run(args: DetachArgs) -> anyhow::Result<()> {
-    let dir = crate::start::resolve_state(args.state.clone(), args.target.clone())?;
+    let dir = crate::locate::resolve_state(args.state.clone(), args.target.clone())?;
     if !StateDir::exists(&dir) {
         bail!(
             "{} holds no migration (wrong --state or --target? `stream status` lists the \

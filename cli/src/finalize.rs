@@ -337,7 +337,7 @@ async fn open(
 }
 
 pub async fn run(args: FinalizeArgs) -> anyhow::Result<()> {
-    let dir = crate::start::resolve_state(args.state.clone(), args.target.clone())?;
+    let dir = crate::locate::resolve_state(args.state.clone(), args.target.clone())?;
     if !StateDir::exists(&dir) {
         bail!(
             "{} holds no migration (wrong --state or --target? `stream status` lists the \
@@ -701,7 +701,7 @@ fn report(
 }
 
 pub async fn verify(args: VerifyArgs) -> anyhow::Result<()> {
-    let dir = crate::start::resolve_state(args.state, args.target)?;
+    let dir = crate::locate::resolve_state(args.state, args.target)?;
     if !StateDir::exists(&dir) {
         bail!(
             "{} holds no migration (wrong --state or --target? `stream status` lists the \

@@ -28,6 +28,7 @@ mod detach;
 mod export;
 mod finalize;
 mod limits;
+mod locate;
 mod metrics;
 mod mount;
 mod notify;

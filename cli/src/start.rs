@@ -468,18 +468,3 @@ pub async fn open_source(
         || format!("cannot open the source {}", path.display()),
     )?))
 }
-
-/// The state directory a command should use.
-pub fn resolve_state(state: Option<PathBuf>, target: Option<PathBuf>) -> anyhow::Result<PathBuf> {
-    match (state, target) {
-        (Some(s), _) => Ok(s),
-        (None, Some(t)) => Ok(state::default_dir(&t)),
-        (None, None) => anyhow::bail!(
-            "say which migration: --state DIR or --target PATH (`stream status` lists the running ones)"
-        ),
-    }
-}
-
-pub fn exists(dir: &std::path::Path) -> bool {
-    StateDir::exists(dir)
-}

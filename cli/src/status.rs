@@ -32,8 +32,8 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
     if args.state.is_none() && args.target.is_none() {
         return list(&args).await;
     }
-    let dir = crate::start::resolve_state(args.state, args.target)?;
-    if !crate::start::exists(&dir) {
+    let dir = crate::locate::resolve_state(args.state, args.target)?;
+    if !lazy_fetch::state::StateDir::exists(&dir) {
         anyhow::bail!(
             "{} holds no migration (wrong --state or --target? `stream status` with no \
              argument lists the running ones)",

@@ -20,23 +20,8 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::http::{Http, describe_error};
+pub use super::secret::Secret;
 use super::{Error, Result};
-
-/// A password or token: never printed.
-#[derive(Clone)]
-pub struct Secret(String);
-
-impl Secret {
-    pub(crate) fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl std::fmt::Debug for Secret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Secret(<redacted>)")
-    }
-}
 
 /// A user, project or domain given by id or by name.
 #[derive(Debug, Clone, PartialEq, Eq)]

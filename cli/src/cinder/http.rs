@@ -10,7 +10,7 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
-use super::auth::Secret;
+use super::secret::Secret;
 use super::{Error, Result};
 
 /// Time allowed for one whole exchange.

@@ -16,6 +16,8 @@
 //! - `client`: `Client::manage_existing`, `find_volume_by_name`,
 //!   `wait_available` over `http` (blocking `ureq`; call it from
 //!   `tokio::task::spawn_blocking` in async code).
+//! - `secret`: a password or token that is never printed, shared by `auth`
+//!   and `http` (so neither depends on the other).
 //!
 //! # The order finalize follows (so that a re-run never manages twice)
 //!
@@ -37,6 +39,7 @@ mod auth;
 mod client;
 mod http;
 mod preflight;
+mod secret;
 #[cfg(test)]
 mod tests;
 
