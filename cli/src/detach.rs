@@ -174,10 +174,7 @@ pub async fn run(args: DetachArgs) -> anyhow::Result<()> {
         );
     }
     remove_nbd_node(&mut qmp, &dir).await?;
-    if StateDir::read_header(&dir)?.phase == Phase::Finalized {
-        crate::outln!("finalized: the guest runs from {}", target.display());
-        return Ok(());
-    }
+    // Finalized already (a re-run): finalize only reports it again.
     finalize::run(FinalizeArgs::after_detach(dir, args.timeout, args.json)).await
 }
 

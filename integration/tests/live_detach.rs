@@ -168,6 +168,22 @@ fn crash_twice_then_detach(
         status.success(),
         "stream start after the handover: {status}"
     );
+    // Once more, all done: it says so, and changes nothing.
+    let again = tool::run(&mut detach_cmd(), Duration::from_secs(120));
+    assert!(
+        again.status.success(),
+        "a detach after the detach: {}",
+        again.describe()
+    );
+    let report_again: serde_json::Value = serde_json::from_str(again.stdout_lossy().trim())
+        .unwrap_or_else(|e| {
+            panic!(
+                "no report from the repeated detach ({e}): {}",
+                again.describe()
+            )
+        });
+    assert!(finalized.is_valid(&report_again), "{report_again}");
+    assert_eq!(report_again["manifest"], report["manifest"]);
 
     // The writer goes on, on the target alone.
     let after = last_count(&guest);
