@@ -32,7 +32,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use lazy_fetch::state::{self, Phase, StateDir};
+use lazy_fetch::state::{self, Phase};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -118,15 +118,7 @@ struct Child {
 }
 
 pub async fn run(args: DetachArgs) -> anyhow::Result<()> {
-    let dir = crate::locate::resolve_state(args.state.clone(), args.target.clone())?;
-    if !StateDir::exists(&dir) {
-        bail!(
-            "{} holds no migration (wrong --state or --target? `stream status` lists the \
-             running ones with their state directories)",
-            dir.display()
-        );
-    }
-    let header = StateDir::read_header(&dir)?;
+    let (dir, header) = crate::locate::existing(args.state.clone(), args.target.clone())?;
     let target = PathBuf::from(&header.target.path);
     let mut qmp = match (&args.qmp, &args.libvirt) {
         (Some(path), _) => Qmp::connect(path).await?,

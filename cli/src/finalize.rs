@@ -337,15 +337,7 @@ async fn open(
 }
 
 pub async fn run(args: FinalizeArgs) -> anyhow::Result<()> {
-    let dir = crate::locate::resolve_state(args.state.clone(), args.target.clone())?;
-    if !StateDir::exists(&dir) {
-        bail!(
-            "{} holds no migration (wrong --state or --target? `stream status` lists the \
-             running ones with their state directories)",
-            dir.display()
-        );
-    }
-    let header = StateDir::read_header(&dir)?;
+    let (dir, header) = crate::locate::existing(args.state.clone(), args.target.clone())?;
     if header.phase == Phase::Finalized {
         return already_finalized(&dir, &header, &args).await;
     }
@@ -701,15 +693,7 @@ fn report(
 }
 
 pub async fn verify(args: VerifyArgs) -> anyhow::Result<()> {
-    let dir = crate::locate::resolve_state(args.state, args.target)?;
-    if !StateDir::exists(&dir) {
-        bail!(
-            "{} holds no migration (wrong --state or --target? `stream status` lists the \
-             running ones with their state directories)",
-            dir.display()
-        );
-    }
-    let header = StateDir::read_header(&dir)?;
+    let (dir, header) = crate::locate::existing(args.state, args.target)?;
     let manifest = Manifest::load(&dir).with_context(|| {
         format!(
             "{} has no manifest yet: run `stream finalize` first (it writes one)",

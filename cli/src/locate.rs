@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use lazy_fetch::state;
+use lazy_fetch::state::{self, Header, StateDir};
 
 /// The state directory a command should use.
 pub fn resolve_state(state: Option<PathBuf>, target: Option<PathBuf>) -> anyhow::Result<PathBuf> {
@@ -14,4 +14,22 @@ pub fn resolve_state(state: Option<PathBuf>, target: Option<PathBuf>) -> anyhow:
             "say which migration: --state DIR or --target PATH (`stream status` lists the running ones)"
         ),
     }
+}
+
+/// The state directory of an existing migration and its header; a clear
+/// error when the directory holds none.
+pub fn existing(
+    state: Option<PathBuf>,
+    target: Option<PathBuf>,
+) -> anyhow::Result<(PathBuf, Header)> {
+    let dir = resolve_state(state, target)?;
+    if !StateDir::exists(&dir) {
+        anyhow::bail!(
+            "{} holds no migration (wrong --state or --target? `stream status` lists the \
+             running ones with their state directories)",
+            dir.display()
+        );
+    }
+    let header = StateDir::read_header(&dir)?;
+    Ok((dir, header))
 }
