@@ -149,7 +149,7 @@ pub(crate) struct Step {
 }
 
 impl Step {
-    fn chunks(name: &'static str, json: bool) -> Step {
+    pub(crate) fn chunks(name: &'static str, json: bool) -> Step {
         let bar = if json {
             indicatif::ProgressBar::hidden()
         } else {
@@ -329,6 +329,7 @@ async fn open(
             allow_finalized,
             serving: false,
             target_device: None,
+            source_may_differ: false,
         },
     )
     .await

@@ -35,6 +35,7 @@ mod notify;
 mod output;
 mod qmp;
 mod rundir;
+mod seed;
 mod start;
 mod status;
 mod tls_args;
@@ -124,6 +125,16 @@ enum Command {
     /// Re-read source and target and compare every chunk no client wrote,
     /// and check the chunks clients wrote against the manifest.
     Verify(finalize::VerifyArgs),
+    /// Copy the legacy disk into the target while the legacy server still
+    /// runs, in passes; the cutover (`stream start`) then fetches only what
+    /// changed since.
+    ///
+    /// Each pass compares the copy with the source (32 bytes per chunk over
+    /// the link with `stream export`), copies again what changed and reports
+    /// how much that was, and the estimate of the cutover's transfer. Run it
+    /// again until that is small; then stop the legacy server and run
+    /// `stream start` on the same target and state: it serves at once.
+    Seed(seed::SeedArgs),
     /// Move a running QEMU guest from the export onto the target, live, and
     /// finalize: the guest keeps running, now from native storage.
     ///
@@ -187,6 +198,7 @@ fn main() -> ExitCode {
             Command::Finalize(args) => finalize::run(args).await,
             Command::Verify(args) => finalize::verify(args).await,
             Command::Detach(args) => detach::run(args).await,
+            Command::Seed(args) => seed::run(args).await,
             Command::Completions { .. } => unreachable!("answered before the runtime starts"),
         }
     });

@@ -54,6 +54,12 @@ pub struct StartArgs {
     /// fetches for clients are never limited.
     #[arg(long, value_name = "BYTES/s", value_parser = parse_size)]
     rate_limit: Option<u64>,
+    /// For a migration seeded with `stream seed` whose source serves no
+    /// chunk hashes (nbdkit, qemu-nbd, an older `stream export`): fetch
+    /// every chunk again at the cutover instead of refusing (the seeded copy
+    /// cannot be checked against the source without reading all of it).
+    #[arg(long)]
+    refetch_all: bool,
     /// Serve only: fetch chunks when clients touch them, hydrate nothing else.
     #[arg(long)]
     no_hydrate: bool,
@@ -110,10 +116,16 @@ pub async fn run(args: StartArgs) -> anyhow::Result<()> {
         .id
         .clone()
         .unwrap_or_else(|| crate::rundir::default_id(&args.target));
-    let expected = StateDir::exists(&state_dir)
+    let recorded = StateDir::exists(&state_dir)
         .then(|| StateDir::read_header(&state_dir).ok())
-        .flatten()
-        .map(|h| h.source.size);
+        .flatten();
+    let expected = recorded.as_ref().map(|h| h.source.size);
+    // A seeded migration before its cutover: the source has changed since
+    // the copy (the legacy server ran); the delta below finds what.
+    let cutover = recorded
+        .as_ref()
+        .and_then(|h| h.seed.as_ref())
+        .is_some_and(|s| s.cutover_pending);
     if let Some(chosen) = &args.id {
         // A taken --id fails before the volume is opened.
         crate::rundir::preflight(&crate::rundir::dir(), chosen).await?;
@@ -145,10 +157,14 @@ pub async fn run(args: StartArgs) -> anyhow::Result<()> {
             allow_finalized: false,
             serving: true,
             target_device: None,
+            source_may_differ: cutover,
         },
     )
     .await
     .with_context(|| format!("cannot start the migration in {}", state_dir.display()))?;
+    if cutover {
+        cutover_from_seed(&volume, args.refetch_all).await?;
+    }
 
     volume.serve_again()?;
 
@@ -437,6 +453,49 @@ fn check_target_is_new(target: &Path, state_dir: &Path, overwrite: bool) -> anyh
             state_dir.display()
         );
     }
+    Ok(())
+}
+
+/// The cutover of a seeded migration (`stream seed`): the legacy server has
+/// stopped; every chunk whose copy differs from the source now is
+/// forgotten (fetched again on demand, then by hydration), and the copy is
+/// trusted from here on. Before anything is served.
+async fn cutover_from_seed(
+    volume: &Arc<Volume<AnySource>>,
+    refetch_all: bool,
+) -> anyhow::Result<()> {
+    let t0 = Instant::now();
+    let g = volume.geometry();
+    let changed = match volume.changed_chunks(&|_, _| {}).await? {
+        Some(list) => list,
+        None if refetch_all => {
+            tracing::warn!(
+                "the source serves no chunk hashes: every chunk is fetched again (--refetch-all)"
+            );
+            (0..g.chunks()).collect()
+        }
+        None => anyhow::bail!(
+            "the source {} serves no chunk hashes (nbdkit, qemu-nbd or an older stream \
+             export), so the seeded copy cannot be checked against it without reading the \
+             whole disk over the link. Serve the legacy disk with `stream export` (it computes \
+             the hashes where the disk is), or add --refetch-all to fetch every chunk again; \
+             nothing was changed",
+            volume.header().source.location
+        ),
+    };
+    let forgotten = volume.forget_changed(&changed).await?;
+    volume.update_header(|h| {
+        if let Some(s) = h.seed.as_mut() {
+            s.cutover_pending = false;
+        }
+    })?;
+    tracing::info!(
+        "cutover from the seed: {forgotten} of {} chunks changed since it was copied ({} bytes \
+         to fetch), found in {:.2} s; the rest is served from the target",
+        g.chunks(),
+        forgotten.saturating_mul(g.chunk_size()).min(g.size()),
+        t0.elapsed().as_secs_f64()
+    );
     Ok(())
 }
 

@@ -312,12 +312,18 @@ fn render(r: &StatusReply) -> String {
          clients    {} connected to {}\n\
          requests   {} in flight{}\n",
         v.state_dir,
-        match v.target_shared {
-            true => format!(
+        match (v.target_shared, &v.seed) {
+            (true, _) => format!(
                 "{}, target shared with the guest by `stream detach`",
                 phase_name(v.phase)
             ),
-            false => phase_name(v.phase).to_string(),
+            (false, Some(s)) => format!(
+                "{}, seeded in {} pass(es), {} chunks changed in the last",
+                phase_name(v.phase),
+                s.passes,
+                s.changed_last_pass
+            ),
+            (false, None) => phase_name(v.phase).to_string(),
         },
         v.source,
         health,

@@ -115,7 +115,7 @@ impl Manifest {
     }
 }
 
-fn zero_hash(len: u64) -> blake3::Hash {
+pub(crate) fn zero_hash(len: u64) -> blake3::Hash {
     blake3::hash(&vec![0u8; mem_len(len)])
 }
 

@@ -205,6 +205,20 @@ impl PresenceMap {
         }
     }
 
+    /// Make chunk `c` absent again: only for a seeded migration's delta,
+    /// before anything serves or fetches (`Volume::forget_changed`), and
+    /// never for a chunk a client wrote (its write would be lost). Returns
+    /// whether it was present.
+    pub(crate) fn forget(&self, c: ChunkIndex) -> bool {
+        debug_assert!(!self.written.get(c.0), "a written chunk is never forgotten");
+        let was = self.present.clear(c.0);
+        self.zero.clear(c.0);
+        if was {
+            self.present_count.fetch_sub(1, Ordering::Relaxed);
+        }
+        was
+    }
+
     /// Chunks present (data or zero).
     pub fn present_count(&self) -> u64 {
         self.present_count.load(Ordering::Relaxed)

@@ -79,6 +79,26 @@ pub struct Header {
     /// its own again (see `Volume::prepare_detach`). Never cleared.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detach: Option<DetachRecord>,
+    /// A migration copied by `stream seed` while the legacy disk was in
+    /// use: what was copied may differ from the source since.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<SeedRecord>,
+}
+
+/// The passes of `stream seed` over a disk still in use.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SeedRecord {
+    /// Complete passes.
+    pub passes: u32,
+    /// Unix seconds at the end of the last complete pass.
+    pub last_pass_at: u64,
+    /// Chunks the last pass found changed since the pass before (every
+    /// chunk for the first).
+    pub changed_last_pass: u64,
+    /// Set by every pass, cleared by the cutover: until then the copy is
+    /// not trusted, and `stream start` first compares it with the source
+    /// and forgets every chunk that changed.
+    pub cutover_pending: bool,
 }
 
 /// When `stream detach` made the target shared with the guest.

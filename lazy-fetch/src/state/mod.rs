@@ -47,8 +47,8 @@ use std::sync::Mutex;
 
 pub use checkpoint::map_bytes;
 pub use header::{
-    CinderRecord, DetachRecord, FORMAT, FinalizeRecord, Header, Phase, SourceId, TargetId, VERSION,
-    new_migration_id,
+    CinderRecord, DetachRecord, FORMAT, FinalizeRecord, Header, Phase, SeedRecord, SourceId,
+    TargetId, VERSION, new_migration_id,
 };
 
 use checkpoint::{read_checkpoint, write_checkpoint};

@@ -33,6 +33,7 @@ fn header() -> Header {
         finalize: None,
         migration_id: None,
         detach: None,
+        seed: None,
     }
 }
 

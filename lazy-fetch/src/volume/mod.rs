@@ -80,6 +80,7 @@ use crate::units::{ChunkIndex, DEFAULT_CHUNK, Geometry, mem_len};
 use crate::wal::{self, Change, Wal};
 use crate::watchdog::{Requests, Wait, waiting};
 
+mod delta;
 mod detach;
 mod fetch;
 mod io;

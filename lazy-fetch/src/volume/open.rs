@@ -20,6 +20,11 @@ pub struct OpenOptions {
     /// An already open target (tests: in-memory or fault-injecting
     /// backends); `target` then only names it.
     pub target_device: Option<Target>,
+    /// The source is the same disk but its content may have changed since
+    /// chunks were copied (a seeded migration before its cutover): its
+    /// fingerprint is taken afresh instead of compared, and the delta
+    /// (`Volume::changed_chunks`) finds what changed.
+    pub source_may_differ: bool,
 }
 
 /// The target `opts` names: the one given, or the file or device opened
@@ -180,6 +185,7 @@ impl<S: Source> Volume<S> {
                 finalize: None,
                 migration_id: Some(state::new_migration_id(&opts.state_dir)),
                 detach: None,
+                seed: None,
             };
             let (state, map) = StateDir::create(&opts.state_dir, &header)?;
             Fingerprint::discard(&opts.state_dir)?;
@@ -189,6 +195,9 @@ impl<S: Source> Volume<S> {
         // finalized migration fetches nothing (verify compares instead), so
         // its source is not sampled: that would read chunks over the link
         // that the comparison then reads or hashes anyway.
+        if opts.source_may_differ && !read_only {
+            Fingerprint::discard(&opts.state_dir)?;
+        }
         let fingerprint = Arc::new(Fingerprint::load(&opts.state_dir, header.geometry())?);
         if !read_only {
             source

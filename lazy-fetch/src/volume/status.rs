@@ -34,6 +34,10 @@ pub struct Status {
     /// run from it directly already (see `Volume::prepare_detach`).
     #[serde(default)]
     pub target_shared: bool,
+    /// A migration copied by `stream seed` (its passes, and whether the
+    /// cutover is still to come).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<crate::state::SeedRecord>,
     pub uptime_secs: f64,
     /// Client requests in flight now.
     pub requests_in_flight: u64,
@@ -78,6 +82,7 @@ impl<S: Source> Volume<S> {
             target_errors: Stats::get(&s.target_errors),
             hydration_complete: self.map.is_complete(),
             target_shared: self.target_shared(),
+            seed: self.header().seed,
             uptime_secs: self.opened.elapsed().as_secs_f64(),
             requests_in_flight: self.requests.len() as u64,
             oldest_request_secs: self.requests.oldest_age().map(|d| d.as_secs_f64()),
