@@ -192,10 +192,15 @@ async fn pass(args: &SeedArgs, state_dir: &std::path::Path) -> anyhow::Result<Pa
     let opts = hydrate::Options::limited(args.rate_limit);
     let step = Step::bytes("seed", args.json, g.size());
     let v = volume.clone();
+    let (t_copy, present_at_start) = (Instant::now(), v.status().bytes_present);
     let watch = async {
         loop {
             let st = v.status();
-            step.update("bytes", st.bytes_present, st.size, None);
+            // The pass's average rate: the bar's ETA and the JSON `rate`.
+            let secs = t_copy.elapsed().as_secs_f64();
+            let rate = (secs >= 1.0)
+                .then(|| st.bytes_present.saturating_sub(present_at_start) as f64 / secs);
+            step.update("bytes", st.bytes_present, st.size, rate);
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
     };

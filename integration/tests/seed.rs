@@ -56,8 +56,18 @@ fn seed_pass(source: &str, target: &Path, state: &Path, extra: &[&str]) -> Value
         T,
     );
     let last = out.stdout_lossy().lines().last().unwrap_or("").to_string();
-    serde_json::from_str(&last)
-        .unwrap_or_else(|e| panic!("stream seed printed no report ({e}): {}", out.describe()))
+    let report: Value = serde_json::from_str(&last)
+        .unwrap_or_else(|e| panic!("stream seed printed no report ({e}): {}", out.describe()));
+    assert!(
+        integration::ops::schema("seed").is_valid(&report),
+        "off docs/schema/seed.json: {report}"
+    );
+    let events = integration::ops::schema("finalize-event");
+    for line in out.stderr_lossy().lines().filter(|l| l.starts_with('{')) {
+        let v: Value = serde_json::from_str(line).unwrap();
+        assert!(events.is_valid(&v), "event off its schema: {line}");
+    }
+    report
 }
 
 fn status(state: &Path) -> Value {
@@ -232,4 +242,59 @@ fn a_cutover_from_a_server_without_hashes_is_refused_unless_refetch_all() {
     Finalize::new(&state).args(&["--verify"]).run_ok(T);
     assert!(reaped.join().unwrap().expect("start exited").success());
     assert!(std::fs::read(&target).unwrap() == std::fs::read(&src).unwrap());
+}
+
+#[test]
+fn a_killed_pass_is_resumed_by_the_next_and_a_started_migration_is_never_seeded() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("legacy.img");
+    legacy_disk(&src, 5);
+    let target = dir.path().join("target.img");
+    let state = dir.path().join("state");
+    let source = src.to_str().unwrap();
+    // A slow first pass, killed once it has copied something.
+    let mut child = Command::new(binary::stream_bin())
+        .args(["seed", "--source", source, "--target"])
+        .arg(&target)
+        .arg("--state")
+        .arg(&state)
+        .args(["--rate-limit", "4M", "--json"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let copied = std::io::BufRead::lines(std::io::BufReader::new(stderr))
+        .map_while(Result::ok)
+        .find(|l| {
+            serde_json::from_str::<Value>(l)
+                .is_ok_and(|v| v["step"] == "seed" && v["done"].as_u64() > Some(0))
+        });
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(copied.is_some(), "the first pass reported no progress");
+    // The next pass finishes the copy, and the copy is the disk.
+    let next = seed_pass(source, &target, &state, &[]);
+    assert_eq!(next["pass"], 1, "{next}");
+    assert!(std::fs::read(&target).unwrap() == std::fs::read(&src).unwrap());
+
+    // A migration `stream start` began is not seeded (clients may write).
+    let other = dir.path().join("other");
+    std::fs::create_dir(&other).unwrap();
+    let started = Start::new(source, other.join("target.img"), &other);
+    drop(started.spawn());
+    let out = tool::run(
+        Command::new(binary::stream_bin())
+            .args(["seed", "--source", source, "--target"])
+            .arg(other.join("target.img"))
+            .arg("--state")
+            .arg(other.join("state")),
+        T,
+    );
+    assert!(!out.status.success(), "{}", out.describe());
+    assert!(
+        out.stderr_lossy().contains("not a seeded one"),
+        "{}",
+        out.describe()
+    );
 }
