@@ -100,3 +100,106 @@ async fn changed_chunks_are_found_forgotten_durably_and_fetched_again() {
     assert!(err.contains("clients have written"), "{err}");
     assert_eq!(v.map().present_count(), CHUNKS);
 }
+
+/// After a delta, clients (each in its own lane of chunks, so the model is
+/// exact) read and write while background fetches race them over runs
+/// that span every lane, the forgotten chunks among them; every read, and
+/// the target at the end, match the stopped source plus the writes.
+/// `STREAM_DELTA_SEEDS` sets how many schedules (default 12).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn clients_and_fetches_race_over_forgotten_chunks_and_match_the_model() {
+    use lazy_fetch::source::Class;
+    use lazy_fetch::units::ChunkIndex;
+    use test_support::Rng;
+    const LANES: u64 = 4;
+    let seeds: u64 = std::env::var("STREAM_DELTA_SEEDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(12);
+    for seed in 0..seeds {
+        let dir = tempfile::tempdir().unwrap();
+        let mut rng = Rng::new(seed + 1);
+        let size = CHUNKS * CHUNK;
+        std::fs::write(dir.path().join("src"), rng.filled(size as usize)).unwrap();
+        let v = open(dir.path()).await;
+        hydrate::run(
+            v.clone(),
+            hydrate::Options::default(),
+            std::future::pending(),
+        )
+        .await;
+        v.close().await.unwrap();
+        drop(v);
+        // The legacy disk changes in a third of its chunks, then stops.
+        for c in 0..CHUNKS {
+            if rng.below(3) == 0 {
+                write_src(dir.path(), c, rng.below(256) as u8);
+            }
+        }
+        let v = open(dir.path()).await;
+        let changed = v.changed_chunks(&|_, _| {}).await.unwrap().unwrap();
+        v.forget_changed(&changed).await.unwrap();
+        let model = Arc::new(std::sync::Mutex::new(
+            std::fs::read(dir.path().join("src")).unwrap(),
+        ));
+        let mut tasks = tokio::task::JoinSet::new();
+        for lane in 0..LANES {
+            let (v, model, mut rng) = (v.clone(), model.clone(), Rng::new(rng.next()));
+            tasks.spawn(async move {
+                for _ in 0..40 {
+                    let c = rng.below(CHUNKS / LANES) * LANES + lane;
+                    let off = c * CHUNK + rng.below(CHUNK - 512);
+                    let len = 1 + rng.below(512);
+                    let (s, e) = (off as usize, (off + len) as usize);
+                    if rng.below(2) == 0 {
+                        let data = rng.filled(len as usize);
+                        v.write(off, data.clone(), false).await.unwrap();
+                        model.lock().unwrap()[s..e].copy_from_slice(&data);
+                    } else {
+                        let mut got = Vec::new();
+                        for p in v.read(off, len).await.unwrap() {
+                            match p {
+                                block_device::Piece::Data(d) => got.extend_from_slice(&d),
+                                block_device::Piece::Zero(n) => {
+                                    got.resize(got.len() + n as usize, 0)
+                                }
+                            }
+                        }
+                        assert!(
+                            got == model.lock().unwrap()[s..e],
+                            "seed {seed}: read {off}+{len}"
+                        );
+                    }
+                    tokio::task::yield_now().await;
+                }
+            });
+        }
+        for _ in 0..2 {
+            let (v, mut rng) = (v.clone(), Rng::new(rng.next()));
+            tasks.spawn(async move {
+                for _ in 0..40 {
+                    let c = ChunkIndex(rng.below(CHUNKS));
+                    let _ = v
+                        .fetch_run_from(c, 1 + rng.below(8) as usize, Class::Background)
+                        .await;
+                    tokio::task::yield_now().await;
+                }
+            });
+        }
+        while let Some(t) = tasks.join_next().await {
+            t.unwrap();
+        }
+        hydrate::run(
+            v.clone(),
+            hydrate::Options::default(),
+            std::future::pending(),
+        )
+        .await;
+        v.flush().await.unwrap();
+        let want = model.lock().unwrap().clone();
+        assert!(
+            std::fs::read(dir.path().join("tgt")).unwrap() == want,
+            "seed {seed}: the target differs from the stopped source plus the writes"
+        );
+    }
+}
