@@ -75,6 +75,36 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     let sock = state::control_socket(&dir);
+    // A seeded migration between passes runs no process: say where it is
+    // from its state.
+    if let Ok(h) = state::StateDir::read_header(&dir)
+        && let Some(seed) = h.seed.as_ref().filter(|s| s.cutover_pending)
+        && control::connect(&sock).await.is_err()
+    {
+        if args.json {
+            let doc = serde_json::json!({
+                "schema": control::SCHEMA,
+                "phase": "seeded",
+                "state_dir": dir,
+                "source": h.source.location,
+                "target": h.target.path,
+                "seed": seed,
+            });
+            crate::outln!("{doc}");
+        } else {
+            crate::outln!(
+                "migration  {} (seeded: {} pass(es), {} chunks changed in the last; cutover to \
+                 come)\nsource     {}\ntarget     {} holds the copy: run `stream seed` again \
+                 for another pass, or stop the legacy server and run `stream start` to cut over\n",
+                dir.display(),
+                seed.passes,
+                seed.changed_last_pass,
+                h.source.location,
+                h.target.path
+            );
+        }
+        return Ok(());
+    }
     let bars = args.watch && !args.json && crate::output::bars_enabled();
     let mut bar = None;
     loop {

@@ -130,6 +130,11 @@ fn seed_while_written_then_a_cutover_fetches_only_the_changes_and_finalize_prove
         std::fs::read(&target).unwrap() == std::fs::read(&src).unwrap(),
         "after a quiet pass the copy differs from the legacy disk"
     );
+    // Between passes nothing runs; status says where the seed is.
+    let st = status(&state);
+    assert_eq!(st["phase"], "seeded", "{st}");
+    assert_eq!(st["seed"]["passes"], 2, "{st}");
+    assert_eq!(st["seed"]["changed_last_pass"], changed, "{st}");
 
     // The legacy server keeps running a little (2% of the chunks), stops.
     let mut rng = Rng::new(99);
