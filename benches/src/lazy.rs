@@ -44,6 +44,9 @@ pub struct StreamStart {
     pub state: PathBuf,
     /// When the process was started (hydration time counts from here).
     pub started: Instant,
+    /// From the process start to its URI line (ready to serve), before
+    /// the `nbdinfo` check.
+    pub to_uri: Duration,
 }
 
 impl StreamStart {
@@ -66,6 +69,7 @@ impl StreamStart {
         let started = Instant::now();
         let mut guard = ChildGuard::spawn("stream start", &mut cmd)?;
         let uri = read_uri_line(&mut guard, &spec.log)?;
+        let to_uri = started.elapsed();
         wait_until_served(&mut guard, &uri, spec.size, &spec.log)?;
         Ok(StreamStart {
             server: RunningServer {
@@ -76,6 +80,7 @@ impl StreamStart {
             },
             state: spec.state.clone(),
             started,
+            to_uri,
         })
     }
 

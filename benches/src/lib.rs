@@ -41,7 +41,9 @@
 //! and warm reads, hydration, memory) in more depth against fewer peers; `boot_bench` boots the real OS
 //! through each peer on its own; `detach_bench` (issue 15) measures the
 //! guest's pause during `stream detach` and the cold cutover beside a
-//! plain reboot.
+//! plain reboot; `seed_bench` (issue 16) what a delta cutover after
+//! `stream seed` reads and how soon it serves, beside nbdcopy and rsync,
+//! and a boot right after it.
 
 pub mod boot;
 pub mod boot_hook;
