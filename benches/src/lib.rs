@@ -45,6 +45,7 @@
 //! `stream seed` reads and how soon it serves, beside nbdcopy and rsync,
 //! and a boot right after it.
 
+pub mod bench_main;
 pub mod boot;
 pub mod boot_hook;
 pub mod cpu;

@@ -141,34 +141,13 @@ fn parse_args() -> Result<Options, String> {
 }
 
 fn main() -> ExitCode {
-    let opts = match parse_args() {
-        Ok(o) => o,
-        Err(e) => {
-            if !e.is_empty() {
-                eprintln!("detach_bench: {e}");
-            }
-            eprintln!("{USAGE}");
-            return ExitCode::from(2);
-        }
-    };
-    if !opts.stream_bin.is_file() {
-        eprintln!(
-            "detach_bench: {} not found: run `cargo build --release -p stream-cli --bin stream` \
-             first (or pass --stream-bin)",
-            opts.stream_bin.display()
-        );
-        return ExitCode::from(2);
-    }
-    match run(&opts) {
-        Ok(report) => {
-            print!("{report}");
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("detach_bench: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    stream_benches::bench_main::run(
+        "detach_bench",
+        USAGE,
+        parse_args(),
+        |o: &Options| o.stream_bin.as_path(),
+        run,
+    )
 }
 
 fn run(opts: &Options) -> io::Result<String> {

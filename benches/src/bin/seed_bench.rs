@@ -125,33 +125,13 @@ fn parse_args() -> Result<Options, String> {
 }
 
 fn main() -> ExitCode {
-    let opts = match parse_args() {
-        Ok(o) => o,
-        Err(e) => {
-            if !e.is_empty() {
-                eprintln!("seed_bench: {e}");
-            }
-            eprintln!("{USAGE}");
-            return ExitCode::from(2);
-        }
-    };
-    if !opts.stream_bin.is_file() {
-        eprintln!(
-            "seed_bench: {} not found: build it first (or pass --stream-bin)",
-            opts.stream_bin.display()
-        );
-        return ExitCode::from(2);
-    }
-    match run(&opts) {
-        Ok(report) => {
-            print!("{report}");
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("seed_bench: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    stream_benches::bench_main::run(
+        "seed_bench",
+        USAGE,
+        parse_args(),
+        |o: &Options| o.stream_bin.as_path(),
+        run,
+    )
 }
 
 fn run(opts: &Options) -> io::Result<String> {
