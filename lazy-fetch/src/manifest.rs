@@ -119,6 +119,30 @@ pub(crate) fn zero_hash(len: u64) -> blake3::Hash {
     blake3::hash(&vec![0u8; mem_len(len)])
 }
 
+/// The hash of a zero chunk of any length, a whole chunk's computed once:
+/// most zero chunks are whole, and hashing a fresh zero buffer for each
+/// would cost more than all the rest of a manifest or a delta.
+pub(crate) struct ZeroHashes {
+    chunk: u64,
+    full: [u8; 32],
+}
+
+impl ZeroHashes {
+    pub(crate) fn new(chunk: u64) -> ZeroHashes {
+        ZeroHashes {
+            chunk,
+            full: *zero_hash(chunk).as_bytes(),
+        }
+    }
+
+    pub(crate) fn of(&self, len: u64) -> [u8; 32] {
+        match len == self.chunk {
+            true => self.full,
+            false => *zero_hash(len).as_bytes(),
+        }
+    }
+}
+
 /// Read chunk `c` of the target (zeros for a hole of a sparse target).
 async fn target_chunk<S: Source>(v: &Volume<S>, c: ChunkIndex) -> Result<Vec<u8>> {
     let r = v.geometry().bytes(c);
@@ -164,7 +188,7 @@ pub async fn write<S: Source>(
     let hashes_path = dir.join(format!(".{CHUNK_HASHES}.tmp"));
     let mut hashes_file = std::io::BufWriter::new(std::fs::File::create(&hashes_path).map_err(io)?);
     let mut list = blake3::Hasher::new();
-    let full_zero = *zero_hash(g.chunk_size()).as_bytes();
+    let zeros = ZeroHashes::new(g.chunk_size());
     let mut pending = FuturesOrdered::new();
     let mut next = 0u64;
     let total = g.chunks();
@@ -187,8 +211,7 @@ pub async fn write<S: Source>(
             let c = ChunkIndex(next);
             let r = g.bytes(c);
             let known = match v.map().state(c) {
-                ChunkState::Zero if r.end - r.start == g.chunk_size() => Some(full_zero),
-                ChunkState::Zero => Some(*zero_hash(r.end - r.start).as_bytes()),
+                ChunkState::Zero => Some(zeros.of(r.end - r.start)),
                 _ if v.hash_is_kept(c) => {
                     if next >= records.0 + records.1.len() as u64 {
                         let n = RECORD_WINDOW.min(total - next);

@@ -22,7 +22,7 @@
 //! crash in between recovery clears them.
 
 use super::*;
-use crate::manifest::zero_hash;
+use crate::manifest::ZeroHashes;
 
 /// Records compared per request.
 const BATCH: u64 = 4096;
@@ -41,6 +41,7 @@ impl<S: Source> Volume<S> {
         if remote.is_none() && self.source.id().kind != "file" {
             return Ok(None);
         }
+        let zeros = ZeroHashes::new(g.chunk_size());
         let mut changed = Vec::new();
         let mut first = 0;
         while first < n {
@@ -58,7 +59,7 @@ impl<S: Source> Volume<S> {
                 let r = g.bytes(c);
                 let same = match self.map.state(c) {
                     ChunkState::Absent => continue,
-                    ChunkState::Zero => zero_hash(r.end - r.start).as_bytes() == theirs,
+                    ChunkState::Zero => zeros.of(r.end - r.start) == *theirs,
                     ChunkState::Data => self.hash_is_kept(c) && ours == theirs,
                 };
                 if !same {

@@ -14,6 +14,11 @@
 //!     └─────────────────────────────────────────────▶ data+written
 //! ```
 //!
+//! One edge goes back: a seeded migration's delta *forgets* data and zero
+//! chunks whose copy differs from the source (`delta`), only before
+//! anything serves or fetches and never for a written chunk
+//! (`Volume::forget_changed` checks; `PresenceMap::set` refuses absent).
+//!
 //! Invariants of the design and where they are enforced:
 //!
 //! 1. *Durable map implies durable data*: bits are set only after the
@@ -28,7 +33,10 @@
 //!    durable; FUA writes call it before answering. *Unflushed writes
 //!    never become a mix*: changes to present chunks are logged first
 //!    (`wal`, replayed at an unclean start); changes to absent or zero
-//!    chunks are returned whole to "old" by `recover`.
+//!    chunks are returned whole to "old" by `recover`. Except on a target
+//!    shared with a guest (`detach`): nothing is logged, replayed or
+//!    cleared there (`change_in_place`, `open`, `recover` check
+//!    `target_shared`), and the client re-sends a write cut short.
 //! 4. *No fetch needed*: whole-chunk writes, trims and write-zeroes never
 //!    read the source (`write_chunk`, `zero_chunks`).
 //! 5. *Holes stay holes*: source holes and all-zero chunks become `zero`

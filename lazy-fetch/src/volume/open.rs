@@ -299,14 +299,14 @@ impl<S: Source> Volume<S> {
                 source: std::io::Error::other(e),
             })?
             .map_err(|source| Error::ReadTarget { offset: 0, source })?;
+        // A shared target is never cleared: data where the map says zero
+        // may be the guest's, written directly (`detach`).
+        let clear = self.sparse_target && !self.target_shared();
         let (mut punched, mut demoted) = (0u64, 0u64);
         for (s, e) in extents {
             for i in self.geometry.chunks_of(s, e - s) {
                 let c = ChunkIndex(i);
                 let r = self.geometry.bytes(c);
-                // A shared target is never cleared: data where the map says
-                // zero may be the guest's, written directly (`detach`).
-                let clear = self.sparse_target && !self.target_shared();
                 match (self.map.state(c), clear) {
                     (ChunkState::Data, _) | (ChunkState::Absent, false) => {}
                     (ChunkState::Absent | ChunkState::Zero, true) => {
