@@ -336,8 +336,8 @@ async fn prepare_detach<S: Source, W: tokio::io::AsyncWrite + Unpin>(
         return send(wr, &Event::Error { message }).await;
     };
     let deadline = timeout.map(|t| Instant::now() + t);
-    // Full speed until complete; the operator's limits come back after
-    // (nothing is left for them to limit).
+    // Full speed until complete; the operator's limits come back if this
+    // gives up, and stay lifted once every chunk is present.
     let lifted = LiftedLimits::lift(&ctx.hydration);
     tracing::info!("detach: hydrating the rest at full speed");
     if !hydrate_fully(ctx, deadline, wr).await? {
