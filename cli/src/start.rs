@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use lazy_fetch::frontend::VolumeDevice;
+use lazy_fetch::source::Source;
 use lazy_fetch::source::file::FileSource;
 use lazy_fetch::state::{self, StateDir};
 use lazy_fetch::target::identity;
@@ -466,6 +467,19 @@ async fn cutover_from_seed(
 ) -> anyhow::Result<()> {
     let t0 = Instant::now();
     let g = volume.geometry();
+    // A source that serves its chunk hashes: nothing is compared now. Every
+    // copied chunk becomes a candidate, compared with the source's hash
+    // when it is first needed (on demand, then by hydration).
+    if volume.source().chunk_hashes(g.chunk_size()).await.is_some() {
+        let made = volume.make_candidates().await?;
+        end_cutover(volume)?;
+        tracing::info!(
+            "cutover from the seed in {:.2} s: {made} copied chunks are compared with the \
+             source's hashes as they are needed (only changed ones are fetched)",
+            t0.elapsed().as_secs_f64()
+        );
+        return Ok(());
+    }
     let changed = match volume.changed_chunks(&|_, _| {}).await? {
         Some(list) => list,
         None if refetch_all => {
@@ -484,11 +498,7 @@ async fn cutover_from_seed(
         ),
     };
     let forgotten = volume.forget_changed(&changed).await?;
-    volume.update_header(|h| {
-        if let Some(s) = h.seed.as_mut() {
-            s.cutover_pending = false;
-        }
-    })?;
+    end_cutover(volume)?;
     tracing::info!(
         "cutover from the seed: {forgotten} of {} chunks changed since it was copied ({} bytes \
          to fetch), found in {:.2} s; the rest is served from the target",
@@ -496,6 +506,16 @@ async fn cutover_from_seed(
         forgotten.saturating_mul(g.chunk_size()).min(g.size()),
         t0.elapsed().as_secs_f64()
     );
+    Ok(())
+}
+
+/// The copy is trusted from here on (as far as the cutover left it).
+fn end_cutover(volume: &Arc<Volume<AnySource>>) -> anyhow::Result<()> {
+    volume.update_header(|h| {
+        if let Some(s) = h.seed.as_mut() {
+            s.cutover_pending = false;
+        }
+    })?;
     Ok(())
 }
 

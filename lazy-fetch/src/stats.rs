@@ -85,6 +85,10 @@ pub struct Stats {
     pub chunks_source_holes: AtomicU64,
     /// Chunks fetched and found all zero.
     pub chunks_found_zero: AtomicU64,
+    /// Seeded copies found equal to the source by their hash, made present
+    /// without a fetch (`candidate`; also counted as hydrated or fetched
+    /// on demand, whichever made them present).
+    pub chunks_confirmed: AtomicU64,
     /// Foreground fetches and their latency.
     pub foreground_fetch: Histogram,
     pub source_errors: AtomicU64,
@@ -104,6 +108,8 @@ pub struct Totals {
     pub chunks_hydrated: u64,
     pub chunks_source_holes: u64,
     pub chunks_found_zero: u64,
+    #[serde(default)]
+    pub chunks_confirmed: u64,
 }
 
 impl Stats {
@@ -114,6 +120,7 @@ impl Stats {
             chunks_hydrated: Self::get(&self.chunks_hydrated),
             chunks_source_holes: Self::get(&self.chunks_source_holes),
             chunks_found_zero: Self::get(&self.chunks_found_zero),
+            chunks_confirmed: Self::get(&self.chunks_confirmed),
         }
     }
 
@@ -124,6 +131,7 @@ impl Stats {
         Self::add(&self.chunks_hydrated, t.chunks_hydrated);
         Self::add(&self.chunks_source_holes, t.chunks_source_holes);
         Self::add(&self.chunks_found_zero, t.chunks_found_zero);
+        Self::add(&self.chunks_confirmed, t.chunks_confirmed);
     }
 
     pub fn add(counter: &AtomicU64, n: u64) {

@@ -12,6 +12,7 @@
 //! | `fingerprint.json` | blake3 of sampled source chunks (one per 1/16 of the disk), checked on resume and reconnect |
 //! | `wal.N`      | the write-ahead log of in-place changes (see `wal`)         |
 //! | `hashes`     | the kept manifest's records (see `hashes`)                  |
+//! | `candidates` | absent chunks whose target bytes are a seeded copy to confirm (see `candidates`) |
 //!
 //! Durability order (invariant 1: a chunk marked present in the durable
 //! state has its correct data durable in the target):
@@ -32,6 +33,7 @@
 //! directory), `checkpoint.rs` (`map`) and `journal.rs` (the batches since
 //! the checkpoint, and how a torn last batch is told from damaged ones).
 
+mod candidates;
 mod checkpoint;
 mod header;
 mod journal;

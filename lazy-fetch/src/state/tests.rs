@@ -8,7 +8,7 @@ use super::*;
 use crate::presence::ChunkState;
 use crate::units::ChunkIndex;
 
-fn header() -> Header {
+pub(super) fn sample_header() -> Header {
     Header {
         format: FORMAT.into(),
         version: VERSION,
@@ -35,6 +35,10 @@ fn header() -> Header {
         detach: None,
         seed: None,
     }
+}
+
+fn header() -> Header {
+    sample_header()
 }
 
 #[test]

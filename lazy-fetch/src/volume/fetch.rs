@@ -29,7 +29,9 @@ impl<S: Source> Volume<S> {
         }
         let started = Instant::now();
         Stats::add(&self.stats.chunks_fetched_on_demand, 1);
-        if s != r.start || e != r.end {
+        // A candidate is compared, not read from the source: its bytes are
+        // in the target already, most likely right.
+        if (s != r.start || e != r.end) && !self.is_candidate(c) {
             return self.read_piece_first(g, s, e, started).await;
         }
         let fetched = match self.fetch_locked(&[g], Class::Foreground).await {
@@ -120,9 +122,25 @@ impl<S: Source> Volume<S> {
     }
 
     /// Fetch the contiguous absent chunks whose locks are `guards` (in
-    /// order) with one source read, and store them. The returned buffer
-    /// covers all of them (all zero and `Fetched::Zero` if every chunk was).
+    /// order) and store them: candidates among them are compared with the
+    /// source first (`candidate`), the rest read with one source read per
+    /// stretch. The returned buffer covers all of them (`Fetched::Zero`
+    /// only if every chunk was fetched and found zero).
     pub async fn fetch_locked(&self, guards: &[ChunkGuard], class: Class) -> Result<Fetched> {
+        if let Some(k) = self.candidates.get() {
+            if guards.iter().any(|x| k.bits_get(x.index())) {
+                return self.confirm_or_fetch(k, guards, class).await;
+            }
+        }
+        self.fetch_from_source(guards, class).await
+    }
+
+    /// [`Volume::fetch_locked`] without candidates: one source read.
+    pub(super) async fn fetch_from_source(
+        &self,
+        guards: &[ChunkGuard],
+        class: Class,
+    ) -> Result<Fetched> {
         let first = guards.first().expect("at least one chunk").index();
         let last = guards.last().expect("at least one chunk").index();
         let range = self.geometry.bytes(first).start..self.geometry.bytes(last).end;

@@ -95,7 +95,11 @@ impl<S: Source> Volume<S> {
     /// Set the state of `c` and record it for the journal (under its lock,
     /// after the target write).
     pub(super) fn mark(&self, c: ChunkIndex, state: ChunkState, written: bool) {
+        let was_absent = self.map.state(c) == ChunkState::Absent;
         self.map.set(c, state, written);
+        if was_absent {
+            self.candidate_resolved(c);
+        }
         self.state.record(c, state, self.map.is_written(c));
     }
 
@@ -111,7 +115,9 @@ impl<S: Source> Volume<S> {
         let any_present = run
             .clone()
             .any(|i| self.map.state(ChunkIndex(i)) != ChunkState::Absent);
-        if !self.sparse_target || allocate || any_present {
+        // A candidate's target bytes are an old copy, not zeros.
+        let any_candidate = run.clone().any(|i| self.is_candidate(ChunkIndex(i)));
+        if !self.sparse_target || allocate || any_present || any_candidate {
             let s = self.geometry.bytes(ChunkIndex(run.start)).start;
             let e = self.geometry.bytes(ChunkIndex(run.end - 1)).end;
             let first = ChunkIndex(run.start);
@@ -168,9 +174,17 @@ impl<S: Source> Volume<S> {
         offset: u64,
         data: Vec<u8>,
     ) -> Result<()> {
-        let _g = self.locks.lock(c).await;
+        let g = self.locks.lock(c).await;
         let r = self.geometry.bytes(c);
         let whole = offset == r.start && offset + data.len() as u64 == r.end;
+        if !whole && self.map.state(c) == ChunkState::Absent {
+            if let Some(k) = self.candidates.get().filter(|k| k.bits_get(c)) {
+                // Compared (or fetched) into place first, then written as
+                // any present chunk.
+                self.confirm_or_fetch(k, std::slice::from_ref(&g), Class::Foreground)
+                    .await?;
+            }
+        }
         match self.map.state(c) {
             // The target holds the chunk (data, or zeros for a zero chunk):
             // write in place.

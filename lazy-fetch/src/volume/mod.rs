@@ -15,9 +15,12 @@
 //! ```
 //!
 //! One edge goes back: a seeded migration's delta *forgets* data and zero
-//! chunks whose copy differs from the source (`delta`), only before
-//! anything serves or fetches and never for a written chunk
-//! (`Volume::forget_changed` checks; `PresenceMap::set` refuses absent).
+//! chunks whose copy differs from the source (`delta`), or at the cutover
+//! makes every copied chunk an absent *candidate* whose bytes are compared
+//! with the source's hash when it is fetched (`candidate`); both only
+//! before anything serves or fetches and never for a written chunk
+//! (`Volume::forget_changed` and `Volume::make_candidates` check;
+//! `PresenceMap::set` refuses absent).
 //!
 //! Invariants of the design and where they are enforced:
 //!
@@ -40,7 +43,8 @@
 //! 4. *No fetch needed*: whole-chunk writes, trims and write-zeroes never
 //!    read the source (`write_chunk`, `zero_chunks`).
 //! 5. *Holes stay holes*: source holes and all-zero chunks become `zero`
-//!    without a data write (`store_zero`).
+//!    without a data write (`store_zero`), except over a candidate, whose
+//!    target bytes are an old copy, not zeros.
 //! 6. *State names source, target, chunk size*: checked in [`Volume::open`].
 //! 7. *Foreground first*: foreground fetches use [`Class::Foreground`]
 //!    (their own source connection) and are counted in `fg_active`; every
@@ -88,6 +92,7 @@ use crate::units::{ChunkIndex, DEFAULT_CHUNK, Geometry, mem_len};
 use crate::wal::{self, Change, Wal};
 use crate::watchdog::{Requests, Wait, waiting};
 
+mod candidate;
 mod delta;
 mod detach;
 mod fetch;
@@ -153,6 +158,10 @@ pub struct Volume<S> {
     /// it, see `detach`): in-place changes are no longer logged, and
     /// nothing replays or clears chunks of the target on its own.
     shared_target: std::sync::atomic::AtomicBool,
+    /// Absent chunks whose target bytes are a seeded copy, compared with
+    /// the source's hash before they are fetched (`candidate`); set at a
+    /// seeded migration's cutover.
+    candidates: std::sync::OnceLock<candidate::Candidates>,
 }
 
 /// An in-place change to a present chunk (see [`Volume::change_in_place`]).

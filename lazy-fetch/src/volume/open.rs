@@ -256,6 +256,12 @@ impl<S: Source> Volume<S> {
             }
             Some(Arc::new(h))
         };
+        let candidates = std::sync::OnceLock::new();
+        if !read_only {
+            if let Some(bits) = state.read_candidates(header.geometry().chunks())? {
+                let _ = candidates.set(super::candidate::Candidates::new(bits, header.chunk_size));
+            }
+        }
         let volume = Arc::new(Volume {
             geometry: header.geometry(),
             source,
@@ -279,8 +285,10 @@ impl<S: Source> Volume<S> {
             read_only,
             hashes,
             shared_target: std::sync::atomic::AtomicBool::new(shared),
+            candidates,
         });
         volume.stats.resume(&volume.state.load_totals());
+        volume.count_candidates();
         if unclean {
             volume.recover().await?;
         }
@@ -309,6 +317,8 @@ impl<S: Source> Volume<S> {
                 let r = self.geometry.bytes(c);
                 match (self.map.state(c), clear) {
                     (ChunkState::Data, _) | (ChunkState::Absent, false) => {}
+                    // An old copy, compared before it is used (`candidate`).
+                    (ChunkState::Absent, true) if self.is_candidate(c) => {}
                     (ChunkState::Absent | ChunkState::Zero, true) => {
                         self.target
                             .zero(r.start, r.end - r.start, false)

@@ -21,6 +21,12 @@ pub struct Status {
     pub chunks_hydrated: u64,
     pub chunks_source_holes: u64,
     pub chunks_found_zero: u64,
+    /// Seeded copies confirmed equal to the source without a fetch.
+    #[serde(default)]
+    pub chunks_confirmed: u64,
+    /// Seeded copies not yet compared (absent until then).
+    #[serde(default)]
+    pub chunks_to_confirm: u64,
     pub foreground_fetches: u64,
     pub foreground_fetch_p50_us: Option<u64>,
     pub foreground_fetch_p99_us: Option<u64>,
@@ -73,6 +79,8 @@ impl<S: Source> Volume<S> {
             chunks_hydrated: Stats::get(&s.chunks_hydrated),
             chunks_source_holes: Stats::get(&s.chunks_source_holes),
             chunks_found_zero: Stats::get(&s.chunks_found_zero),
+            chunks_confirmed: Stats::get(&s.chunks_confirmed),
+            chunks_to_confirm: self.candidates_left(),
             foreground_fetches: s.foreground_fetch.count(),
             foreground_fetch_p50_us: s.foreground_fetch.quantile_us(0.5),
             foreground_fetch_p99_us: s.foreground_fetch.quantile_us(0.99),
