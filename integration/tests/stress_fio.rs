@@ -8,6 +8,11 @@
 //! engine (a FLUSH that never returned) in 4 of 5 tries; fio then never
 //! finished. Here every round must finish within its bound and verify.
 //! `STREAM_FIO_STRESS_ROUNDS=N` runs more rounds per depth (default 1).
+//!
+//! Issue 16: the same load right after a seeded cutover, where every
+//! chunk is a candidate compared with `stream export`'s hashes as it is
+//! needed, and hydration confirms candidates under the writes; then
+//! finalize --verify proves the chunks fio did not write equal the source.
 
 use std::process::Command;
 use std::time::Duration;
@@ -37,7 +42,17 @@ fn fio_jobs(text: &str) -> Vec<Value> {
     v["jobs"].as_array().expect("jobs").clone()
 }
 
-fn stress_round(depth: u32, round: usize) {
+/// How the migration begins.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// `stream start` on a fresh migration, without hydration.
+    Fresh,
+    /// `stream seed` through a real `stream export`, the legacy disk
+    /// changes, then the cutover with hydration running under the load.
+    Seeded,
+}
+
+fn stress_round(depth: u32, round: usize, mode: Mode) {
     let fio = require_tool("fio", "fio");
     let dir = tempfile::tempdir().unwrap();
     // 64 MiB: data in the first 40 MiB (some of it made present below),
@@ -51,7 +66,31 @@ fn stress_round(depth: u32, round: usize) {
         }],
         round as u64 + 1,
     );
-    let start = Start::new(&img.path, dir.path().join("target.img"), dir.path()).no_hydrate(true);
+    let target = dir.path().join("target.img");
+    let export = (mode == Mode::Seeded).then(|| integration::Export::new(&img.path).spawn());
+    let source = match &export {
+        Some(e) => e.uri.clone(),
+        None => img.path.display().to_string(),
+    };
+    if mode == Mode::Seeded {
+        integration::tool::run_ok(
+            Command::new(integration::binary::stream_bin())
+                .args(["seed", "--source", &source, "--target"])
+                .arg(&target)
+                .arg("--state")
+                .arg(dir.path().join("state")),
+            ROUND_BOUND,
+        );
+        // The legacy server wrote after the pass: 1 chunk in 16 changed.
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&img.path)
+            .unwrap();
+        for c in (0..64 * MIB / 65536).step_by(16) {
+            std::os::unix::fs::FileExt::write_all_at(&f, &[0xa5; 512], c * 65536 + 1024).unwrap();
+        }
+    }
+    let start = Start::new(&source, &target, dir.path()).no_hydrate(mode == Mode::Fresh);
     let mut running = start.spawn();
     let uri = format!("--uri={}", running.uri);
 
@@ -124,19 +163,42 @@ fn stress_round(depth: u32, round: usize) {
         );
     }
     running.assert_alive();
+    if mode == Mode::Seeded {
+        let st = running.wait_hydrated(ROUND_BOUND);
+        assert_eq!(st["volume"]["chunks_to_confirm"], 0, "{st}");
+        // Fio wrote over most of the disk; what it left was confirmed.
+        assert!(
+            st["volume"]["chunks_confirmed"].as_u64().unwrap() > 0,
+            "{st}"
+        );
+        let reaped = running.reap_in_background(ROUND_BOUND);
+        integration::finalize::Finalize::new(&dir.path().join("state"))
+            .args(&["--verify"])
+            .run_ok(ROUND_BOUND);
+        assert!(reaped.join().unwrap().expect("start exited").success());
+        drop(export);
+        return;
+    }
     running.sigterm_and_wait(STOP_TIMEOUT);
 }
 
 #[test]
 fn fio_depth_16_mixed_writes_with_flushes_finish_and_verify() {
     for round in 0..rounds() {
-        stress_round(16, round);
+        stress_round(16, round, Mode::Fresh);
     }
 }
 
 #[test]
 fn fio_depth_32_mixed_writes_with_flushes_finish_and_verify() {
     for round in 0..rounds() {
-        stress_round(32, round);
+        stress_round(32, round, Mode::Fresh);
+    }
+}
+
+#[test]
+fn fio_depth_16_over_a_seeded_cutover_finishes_and_verifies() {
+    for round in 0..rounds() {
+        stress_round(16, round, Mode::Seeded);
     }
 }
