@@ -161,6 +161,18 @@ pub fn render(ctx: &Context_<AnySource>, id: &str) -> String {
         st.chunks_source_holes.to_string(),
     );
     metric(
+        "stream_confirmed_chunks_total",
+        "counter",
+        "Seeded copies found equal to the source by hash (never fetched).",
+        st.chunks_confirmed.to_string(),
+    );
+    metric(
+        "stream_candidate_chunks",
+        "gauge",
+        "Seeded copies still to compare with the source after a cutover.",
+        st.chunks_to_confirm.to_string(),
+    );
+    metric(
         "stream_client_written_bytes_total",
         "counter",
         "Bytes clients wrote, trimmed or zeroed in this run.",

@@ -245,6 +245,27 @@ pub async fn run(args: StartArgs) -> anyhow::Result<()> {
             stop.wait().await
         }))
     };
+    // After a seeded cutover: compare the source's chunk hashes with the
+    // copy, beside the clients, so fetches need no round trip for them.
+    if volume.candidates_left() > 0 {
+        let (v, stop) = (volume.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            let t0 = Instant::now();
+            tokio::select! {
+                _ = stop.wait() => {}
+                r = v.sweep_candidates() => match r {
+                    Ok(()) => tracing::info!(
+                        "the source's chunk hashes compared with the seeded copy in {:.2} s",
+                        t0.elapsed().as_secs_f64()
+                    ),
+                    Err(e) => tracing::warn!(
+                        "comparing the source's chunk hashes stopped ({e}); each chunk is \
+                         compared as it is fetched instead"
+                    ),
+                },
+            }
+        });
+    }
 
     let fuse = crate::mount::mount(VolumeDevice(volume.clone()), &args.mount).await?;
     if let (Some(f), Some(_)) = (&file, &listener) {

@@ -348,10 +348,13 @@ fn render(r: &StatusReply) -> String {
                 phase_name(v.phase)
             ),
             (false, Some(s)) => format!(
-                "{}, seeded in {} pass(es), {} chunks changed in the last",
+                "{}, seeded in {} pass(es), {} chunks changed in the last; {} copied chunks \
+                 confirmed by hash, {} still to compare",
                 phase_name(v.phase),
                 s.passes,
-                s.changed_last_pass
+                s.changed_last_pass,
+                v.chunks_confirmed,
+                v.chunks_to_confirm
             ),
             (false, None) => phase_name(v.phase).to_string(),
         },

@@ -13,7 +13,8 @@
 //! write-zeroes): such a chunk is the instance's own and is never compared
 //! with, or refilled from, the source.
 //!
-//! A chunk never goes back to absent. Bits are only set by the volume while
+//! A chunk goes back to absent only through `forget` (a seeded migration,
+//! before serving). Bits are only set by the volume while
 //! it holds the chunk's single-flight lock, *after* the target write they
 //! describe has completed (so an fsync issued after reading a bit covers the
 //! data; see `state` for the order and `volume/persist.rs` for the flush). Readers load with `Acquire` and writers store with
@@ -205,8 +206,9 @@ impl PresenceMap {
         }
     }
 
-    /// Make chunk `c` absent again: only for a seeded migration's delta,
-    /// before anything serves or fetches (`Volume::forget_changed`), and
+    /// Make chunk `c` absent again: only for a seeded migration's delta or
+    /// cutover, before anything serves or fetches
+    /// (`Volume::forget_changed`, `Volume::make_candidates`), and
     /// never for a chunk a client wrote (its write would be lost). Returns
     /// whether it was present.
     pub(crate) fn forget(&self, c: ChunkIndex) -> bool {

@@ -1,7 +1,8 @@
 //! `candidates`: the absent chunks whose bytes in the target are a copy made
-//! by `stream seed` and may still equal the source (see
-//! `volume/candidate.rs`). A bitmap with a magic and a checksum, written
-//! once at the cutover, before the map that makes those chunks absent.
+//! by `stream seed` and may still equal the source, and which of them were
+//! zero chunks (see `volume/candidate.rs`). Two bitmaps with a magic and a
+//! checksum, written once at the cutover, before the map that makes those
+//! chunks absent.
 //!
 //! Only ever a hint: a candidate's bytes are compared with the source's
 //! hash before they are trusted, so a lost or stale file costs fetches,
@@ -20,20 +21,23 @@ const MAGIC: &[u8; 8] = b"STRMCND1";
 const FILE: &str = "candidates";
 
 impl StateDir {
-    /// Write the candidate bitmap (blocking; atomic replace, synced).
-    pub fn write_candidates(&self, bits: &Bitmap) -> Result<()> {
-        let body = bits.to_bytes();
-        let mut v = Vec::with_capacity(body.len() + 16 + HASH_LEN);
+    /// Write the candidates and which of them were zero chunks (blocking;
+    /// atomic replace, synced).
+    pub fn write_candidates(&self, bits: &Bitmap, zero: &Bitmap) -> Result<()> {
+        let (a, b) = (bits.to_bytes(), zero.to_bytes());
+        let mut v = Vec::with_capacity(a.len() + b.len() + 16 + HASH_LEN);
         v.extend_from_slice(MAGIC);
         v.extend_from_slice(&bits.len().to_le_bytes());
-        v.extend_from_slice(&body);
+        v.extend_from_slice(&a);
+        v.extend_from_slice(&b);
         let h = hash16(&[&v]);
         v.extend_from_slice(&h);
         write_atomic(&self.dir, FILE, &v).map_err(|e| self.io(e))
     }
 
-    /// The candidate bitmap of a migration of `chunks` chunks, if it has one.
-    pub fn read_candidates(&self, chunks: u64) -> Result<Option<Bitmap>> {
+    /// The candidates of a migration of `chunks` chunks and which were zero
+    /// chunks, if it has them.
+    pub fn read_candidates(&self, chunks: u64) -> Result<Option<(Bitmap, Bitmap)>> {
         let path = self.dir.join(FILE);
         let v = match fs::read(&path) {
             Ok(v) => v,
@@ -55,9 +59,13 @@ impl StateDir {
         if len != chunks {
             return Err(corrupt("size does not match the header's geometry"));
         }
-        Bitmap::from_bytes(len, &body[16..])
-            .map(Some)
-            .ok_or_else(|| corrupt("size does not match the header's geometry"))
+        let one = (body.len() - 16) / 2;
+        let bits = Bitmap::from_bytes(len, &body[16..16 + one]);
+        let zero = Bitmap::from_bytes(len, &body[16 + one..]);
+        match (bits, zero) {
+            (Some(b), Some(z)) => Ok(Some((b, z))),
+            _ => Err(corrupt("size does not match the header's geometry")),
+        }
     }
 }
 
@@ -77,13 +85,15 @@ mod tests {
         let chunks = h.geometry().chunks();
         let (st, _) = StateDir::create(dir.path(), &h).unwrap();
         assert!(st.read_candidates(chunks).unwrap().is_none());
-        let b = Bitmap::new(chunks);
+        let (b, z) = (Bitmap::new(chunks), Bitmap::new(chunks));
         b.set(0);
         b.set(chunks - 1);
-        st.write_candidates(&b).unwrap();
-        let back = st.read_candidates(chunks).unwrap().unwrap();
+        z.set(chunks - 1);
+        st.write_candidates(&b, &z).unwrap();
+        let (back, zero) = st.read_candidates(chunks).unwrap().unwrap();
         assert!(back.get(0) && back.get(chunks - 1));
         assert_eq!(back.count_ones(), 2);
+        assert!(zero.get(chunks - 1) && !zero.get(0));
         assert!(st.read_candidates(chunks + 1).is_err(), "another geometry");
         let p = dir.path().join(FILE);
         let mut v = fs::read(&p).unwrap();

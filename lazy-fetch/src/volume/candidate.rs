@@ -1,32 +1,40 @@
 //! A seeded migration's cutover that serves at once (issue 16): every chunk
 //! `stream seed` copied becomes absent, but keeps its bytes in the target as
-//! a *candidate*; fetching a candidate first asks the source for the hash of
-//! the chunk (32 bytes over the link, computed where the disk is) and
-//! compares it with the blake3 of the candidate's bytes read from the
-//! target. Equal, the chunk becomes present without a data transfer;
-//! different (the legacy server changed it after the last pass), it is
-//! fetched as any absent chunk.
+//! a *candidate*, compared with the source before it is trusted. Equal, the
+//! chunk becomes present without a data transfer; different (the legacy
+//! server changed it after the last pass), it is fetched as any absent
+//! chunk.
 //!
-//! Why here and not before serving: comparing every chunk at the cutover
-//! (`delta`) waits for the legacy host to hash its whole disk after the
-//! stop, which grows with the disk (1.8 s at 16 GiB, 30% data). Comparing
-//! per chunk as it is needed puts that cost where hydration runs, after the
-//! new instance is up; `stream start` serves after one checkpoint.
+//! Why not compare before serving: that waits for the legacy host to hash
+//! its whole disk after the stop, which grows with the disk (1.8 s at
+//! 16 GiB, 30% data). Here `stream start` serves after one checkpoint, and
+//! the comparison runs beside the new instance:
 //!
-//! Safety rests on comparing the *target's bytes*, not the hash kept when
-//! they were copied: a candidate changed since (a crash in the middle of
-//! fetching it over the old copy, a recovery that cleared it) simply does
-//! not match and is fetched. The candidate set is a hint, never trusted
-//! data, with one consequence: on a target created sparse an absent chunk
-//! normally reads as zeros there, and a candidate does not, so every path
-//! that makes an absent chunk zero without writing it writes zeros over a
-//! candidate (`store_zero`), and crash recovery leaves candidates alone
-//! rather than clearing them (they are compared before use anyway).
+//! - a *sweep* (`Volume::sweep_candidates`, started with the server) reads
+//!   the source's chunk hashes in order, 4096 a request (32 bytes a chunk,
+//!   computed where the disk is), and notes in memory which candidates the
+//!   source still agrees with (their hash at the copy, kept in `hashes`, or
+//!   the zero chunk's). Behind the sweep a candidate costs no round trip:
+//!   an agreeing one is confirmed locally, the others are fetched at once;
+//! - ahead of the sweep (the first reads after the cutover), a fetch asks
+//!   the source for the hashes of just its run: one round trip.
+//!
+//! Safety rests on comparing the *target's bytes*, never the record alone:
+//! a candidate is confirmed only when the blake3 of the bytes read from the
+//! target equals the source's hash, so a candidate changed since (a crash
+//! in the middle of fetching it over the old copy, an unflushed client
+//! write lost in a crash) simply does not match and is fetched. The
+//! candidate set is a hint, never trusted data, with one consequence: on a
+//! target created sparse an absent chunk normally reads as zeros there, and
+//! a candidate does not, so every path that makes an absent chunk zero
+//! without writing it writes zeros over a candidate (`store_zero`), and
+//! crash recovery leaves candidates alone rather than clearing them.
 //!
 //! The set is written (`state/candidates.rs`) before the checkpoint that
 //! makes the chunks absent, so a crash between the two leaves chunks
 //! present with a set that merely lists them; a cutover repeated after such
-//! a crash adds to the set, never drops from it.
+//! a crash adds to the set, never drops from it. Memory: three bits a chunk
+//! (candidate, was zero, agrees), beside the map's three.
 
 use super::*;
 use crate::manifest::ZeroHashes;
@@ -35,10 +43,23 @@ use crate::presence::Bitmap;
 /// After the source failed to give a hash reader, how long fetches go
 /// straight to the source before asking again.
 const RETRY_HASHES_AFTER: std::time::Duration = std::time::Duration::from_secs(5);
+/// Chunk hashes per request of the sweep.
+const SWEEP_BATCH: u64 = 4096;
+/// The sweep's backoff while the source fails (doubling from 1 s).
+const SWEEP_MAX_BACKOFF: std::time::Duration = std::time::Duration::from_secs(30);
 
-/// The candidate chunks and the source's hash reader.
+/// The candidate chunks, what the sweep learnt of them, and the source's
+/// hash reader.
 pub(super) struct Candidates {
     bits: Bitmap,
+    /// Which candidates were zero chunks (their expected hash is the zero
+    /// chunk's, not a record).
+    zero: Bitmap,
+    /// Candidates whose source hash equals their expected one, for chunks
+    /// below `swept_to`.
+    agrees: Bitmap,
+    /// Chunks below this have been compared with the source by the sweep.
+    swept_to: AtomicU64,
     /// Candidates still absent (kept by `Volume::mark`, for `status`).
     left: AtomicU64,
     zeros: ZeroHashes,
@@ -64,17 +85,21 @@ enum Verdict {
 }
 
 impl Candidates {
-    pub(super) fn bits_get(&self, c: ChunkIndex) -> bool {
-        self.bits.get(c.0)
-    }
-
-    pub(super) fn new(bits: Bitmap, chunk: u64) -> Candidates {
+    pub(super) fn new(bits: Bitmap, zero: Bitmap, chunk: u64) -> Candidates {
+        let n = bits.len();
         Candidates {
             bits,
+            zero,
+            agrees: Bitmap::new(n),
+            swept_to: AtomicU64::new(0),
             left: AtomicU64::new(0),
             zeros: ZeroHashes::new(chunk),
             remote: tokio::sync::Mutex::new(Remote::default()),
         }
+    }
+
+    pub(super) fn bits_get(&self, c: ChunkIndex) -> bool {
+        self.bits.get(c.0)
     }
 
     /// The source's hashes of chunks `first..first + n`.
@@ -170,23 +195,31 @@ impl<S: Source> Volume<S> {
             ));
         }
         let g = self.geometry;
-        let k = self
-            .candidates
-            .get_or_init(|| Candidates::new(Bitmap::new(g.chunks()), g.chunk_size()));
+        let k = self.candidates.get_or_init(|| {
+            Candidates::new(
+                Bitmap::new(g.chunks()),
+                Bitmap::new(g.chunks()),
+                g.chunk_size(),
+            )
+        });
         let mut made = 0;
         for i in 0..g.chunks() {
-            if self.map.is_present(ChunkIndex(i)) {
-                k.bits.set(i);
-                made += 1;
-            }
+            match self.map.state(ChunkIndex(i)) {
+                ChunkState::Absent => continue,
+                ChunkState::Zero => k.zero.set(i),
+                ChunkState::Data => k.zero.clear(i),
+            };
+            k.bits.set(i);
+            made += 1;
         }
-        let copy = Bitmap::from_bytes(g.chunks(), &k.bits.to_bytes()).expect("same geometry");
+        let copy = |b: &Bitmap| Bitmap::from_bytes(g.chunks(), &b.to_bytes()).expect("same size");
+        let (bits, zero) = (copy(&k.bits), copy(&k.zero));
         let st = self.state.clone();
         let persist = |e: tokio::task::JoinError| Error::PersistMap {
             dir: self.state.path().to_path_buf(),
             source: std::io::Error::other(e),
         };
-        tokio::task::spawn_blocking(move || st.write_candidates(&copy))
+        tokio::task::spawn_blocking(move || st.write_candidates(&bits, &zero))
             .await
             .map_err(persist)??;
         for i in 0..g.chunks() {
@@ -204,6 +237,65 @@ impl<S: Source> Volume<S> {
         Ok(made)
     }
 
+    /// What the sweep learnt of candidate `c`: whether the source agrees
+    /// with its copy, or `None` when the sweep has not reached it.
+    fn swept_expectation(&self, k: &Candidates, c: ChunkIndex) -> Option<bool> {
+        (c.0 < k.swept_to.load(Ordering::Acquire)).then(|| k.agrees.get(c.0))
+    }
+
+    /// Compare the source's hashes of every candidate with what was
+    /// copied, in order, 4096 chunks a request, so fetches behind it need
+    /// no round trip (see the module docs). Runs until every chunk is
+    /// swept; while the source fails it waits and tries again.
+    pub async fn sweep_candidates(&self) -> Result<()> {
+        let Some(k) = self.candidates.get() else {
+            return Ok(());
+        };
+        let g = self.geometry;
+        let n = g.chunks();
+        let mut backoff = std::time::Duration::from_secs(1);
+        let mut first = k.swept_to.load(Ordering::Acquire);
+        while first < n {
+            let count = SWEEP_BATCH.min(n - first);
+            let wanted = (first..first + count)
+                .any(|i| k.bits.get(i) && !self.map.is_present(ChunkIndex(i)));
+            if wanted {
+                let theirs = match k
+                    .source_hashes(&self.source, g.chunk_size(), first, count)
+                    .await
+                {
+                    Ok(h) => h,
+                    Err(e) => {
+                        tracing::debug!("the candidate sweep waits {backoff:?}: {e}");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(SWEEP_MAX_BACKOFF);
+                        continue;
+                    }
+                };
+                backoff = std::time::Duration::from_secs(1);
+                let kept = self.kept_hashes(ChunkIndex(first), count).await?;
+                for j in 0..count {
+                    let c = ChunkIndex(first + j);
+                    let r = g.bytes(c);
+                    let ours = match (k.bits.get(c.0), k.zero.get(c.0)) {
+                        (false, _) => continue,
+                        (true, true) => k.zeros.of(r.end - r.start),
+                        (true, false) if self.hashes.as_ref().is_some_and(|h| !h.is_dirty(c)) => {
+                            kept[mem_len(j)]
+                        }
+                        (true, false) => continue,
+                    };
+                    if ours == theirs[mem_len(j)] {
+                        k.agrees.set(c.0);
+                    }
+                }
+            }
+            first += count;
+            k.swept_to.store(first, Ordering::Release);
+        }
+        Ok(())
+    }
+
     /// Make present the candidates among the absent chunks locked by
     /// `guards` (contiguous, in order) whose bytes match the source, and
     /// fetch the rest with one source read per stretch. The buffer covers
@@ -219,53 +311,98 @@ impl<S: Source> Volume<S> {
         let last = guards.last().expect("at least one chunk").index();
         let range = g.bytes(first).start..g.bytes(last).end;
         let n = guards.len() as u64;
-        let verdicts = {
-            let _fg = (class == Class::Foreground).then(|| ForegroundGuard::new(&self.fg_active));
-            let wait = Wait::SourceRead {
-                offset: range.start,
-                len: n * crate::proof::HASH_LEN,
-            };
-            let (theirs, ours) = tokio::join!(
-                waiting(
+        let len_of = |c: ChunkIndex| g.bytes(c).end - g.bytes(c).start;
+        // The hash each chunk must have to be confirmed, if any.
+        let swept: Option<Vec<bool>> = guards
+            .iter()
+            .map(|x| {
+                let c = x.index();
+                match k.bits.get(c.0) {
+                    true => self.swept_expectation(k, c),
+                    false => Some(false),
+                }
+            })
+            .collect();
+        let expected: Vec<Option<[u8; 32]>> = match swept {
+            // Behind the sweep: no round trip.
+            Some(agree) => {
+                let kept = match agree.iter().any(|&a| a) {
+                    true => self.kept_hashes(first, n).await?,
+                    false => Vec::new(),
+                };
+                guards
+                    .iter()
+                    .zip(&agree)
+                    .enumerate()
+                    .map(|(j, (x, &a))| {
+                        let c = x.index();
+                        a.then(|| match k.zero.get(c.0) {
+                            true => k.zeros.of(len_of(c)),
+                            false => kept[j],
+                        })
+                    })
+                    .collect()
+            }
+            // Ahead of it: ask the source for this run's hashes.
+            None => {
+                let _fg =
+                    (class == Class::Foreground).then(|| ForegroundGuard::new(&self.fg_active));
+                let wait = Wait::SourceRead {
+                    offset: range.start,
+                    len: n * crate::proof::HASH_LEN,
+                };
+                let theirs = waiting(
                     wait,
-                    k.source_hashes(&self.source, g.chunk_size(), first.0, n)
-                ),
-                self.target
-                    .read_at(range.start, mem_len(range.end - range.start))
-            );
-            let ours = ours.map_err(|source| Error::ReadTarget {
-                offset: range.start,
-                source,
-            })?;
-            let theirs = theirs
+                    k.source_hashes(&self.source, g.chunk_size(), first.0, n),
+                )
+                .await
                 .inspect_err(|e| tracing::debug!("chunk hashes from the source: {e}"))
                 .ok();
-            let candidate: Vec<bool> = guards.iter().map(|x| k.bits.get(x.index().0)).collect();
+                guards
+                    .iter()
+                    .enumerate()
+                    .map(|(j, x)| {
+                        let t = theirs.as_ref()?;
+                        k.bits.get(x.index().0).then_some(t[j])
+                    })
+                    .collect()
+            }
+        };
+        let (mut buf, verdicts) = if expected.iter().any(Option::is_some) {
+            let ours = self
+                .target
+                .read_at(range.start, mem_len(range.end - range.start))
+                .await
+                .map_err(|source| Error::ReadTarget {
+                    offset: range.start,
+                    source,
+                })?;
             let zero = k.zeros.of(g.chunk_size());
-            let short_zero = k.zeros.of(g.bytes(last).end - g.bytes(last).start);
+            let short_zero = k.zeros.of(len_of(last));
             let start = range.start;
             tokio::task::spawn_blocking(move || {
-                let v: Vec<Verdict> = (0..candidate.len())
-                    .map(|j| {
-                        let (Some(theirs), true) = (&theirs, candidate[j]) else {
+                let v: Vec<Verdict> = expected
+                    .iter()
+                    .enumerate()
+                    .map(|(j, e)| {
+                        let Some(e) = e else {
                             return Verdict::Fetch;
                         };
                         let r = g.bytes(ChunkIndex(first.0 + j as u64));
                         let piece = &ours[mem_len(r.start - start)..mem_len(r.end - start)];
-                        let zero = if j + 1 == candidate.len() {
+                        let zero = if j + 1 == expected.len() {
                             short_zero
                         } else {
                             zero
                         };
-                        if theirs[j] == zero {
+                        if *e == zero {
                             return match is_zero(piece) {
                                 true => Verdict::Zero,
                                 false => Verdict::Fetch,
                             };
                         }
-                        let ours = *blake3::hash(piece).as_bytes();
-                        match ours == theirs[j] {
-                            true => Verdict::Data(ours),
+                        match blake3::hash(piece).as_bytes() == e {
+                            true => Verdict::Data(*e),
                             false => Verdict::Fetch,
                         }
                     })
@@ -277,8 +414,12 @@ impl<S: Source> Volume<S> {
                 index: first,
                 source: std::io::Error::other(e),
             })?
+        } else {
+            (
+                vec![0u8; mem_len(range.end - range.start)],
+                vec![Verdict::Fetch; guards.len()],
+            )
         };
-        let (mut buf, verdicts) = verdicts;
         let mut confirmed = 0;
         for (x, v) in guards.iter().zip(&verdicts) {
             let c = x.index();

@@ -258,8 +258,12 @@ impl<S: Source> Volume<S> {
         };
         let candidates = std::sync::OnceLock::new();
         if !read_only {
-            if let Some(bits) = state.read_candidates(header.geometry().chunks())? {
-                let _ = candidates.set(super::candidate::Candidates::new(bits, header.chunk_size));
+            if let Some((bits, zero)) = state.read_candidates(header.geometry().chunks())? {
+                let _ = candidates.set(super::candidate::Candidates::new(
+                    bits,
+                    zero,
+                    header.chunk_size,
+                ));
             }
         }
         let volume = Arc::new(Volume {
