@@ -24,11 +24,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::source::AnySource;
 use anyhow::{Context, bail};
 use lazy_fetch::manifest::{self, Manifest, VerifyReport};
 use lazy_fetch::state::{self, FinalizeRecord, Header, Phase, StateDir};
 use lazy_fetch::{OpenOptions, Volume, hydrate};
-use nbd_source::AnySource;
 use serde::Serialize;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
@@ -318,8 +318,13 @@ async fn open(
     // Finalize's own reads (no `stream start` running) use the default
     // stall timeout; a running start hydrates with its own.
     let stall = nbd_source::NbdOptions::default().stall_timeout;
-    let source =
-        crate::start::open_source(&header.source.location, Some(header.source.size), stall).await?;
+    let source = crate::start::open_source(
+        &header.source.location,
+        Some(header.source.size),
+        stall,
+        false,
+    )
+    .await?;
     let volume = Volume::open(
         source,
         &OpenOptions {

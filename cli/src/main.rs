@@ -36,6 +36,7 @@ mod output;
 mod qmp;
 mod rundir;
 mod seed;
+mod source;
 mod start;
 mod status;
 mod tls_args;

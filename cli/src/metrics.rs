@@ -11,10 +11,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::source::AnySource;
 use anyhow::Context;
 use lazy_fetch::source::Health;
 use lazy_fetch::state::Phase;
-use nbd_source::AnySource;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -103,7 +103,7 @@ pub fn render(ctx: &Context_<AnySource>, id: &str) -> String {
     let get = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
     let reconnects = match v.source() {
         AnySource::Nbd(s) => s.reconnects(),
-        AnySource::File(_) => 0,
+        AnySource::File(_) | AnySource::Ssh(_) => 0,
     };
     let m = format!("migration=\"{}\"", label(id));
     let mut o = String::new();

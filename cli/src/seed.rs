@@ -140,6 +140,7 @@ async fn pass(args: &SeedArgs, state_dir: &std::path::Path) -> anyhow::Result<Pa
         &args.source,
         existing.as_ref().map(|h| h.source.size),
         nbd_source::NbdOptions::default().stall_timeout,
+        false,
     )
     .await?;
     let volume = Volume::open(

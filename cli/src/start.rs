@@ -14,7 +14,10 @@ use lazy_fetch::target::identity;
 use lazy_fetch::units::parse_size;
 use lazy_fetch::{OpenOptions, Volume, hydrate};
 use nbd_server::{Export, Listener, Server, Shutdown};
-use nbd_source::{AnySource, NbdOptions, NbdSource};
+use nbd_source::{NbdOptions, NbdSource};
+use ssh_source::{SshOptions, SshSource};
+
+use crate::source::AnySource;
 
 use crate::control;
 
@@ -22,7 +25,11 @@ use crate::control;
 pub struct StartArgs {
     /// The legacy disk: an NBD URI (nbd://HOST[:PORT]/EXPORT,
     /// nbd+unix:///EXPORT?socket=PATH; with TLS nbds://HOST/EXPORT?tls-psk-file=FILE
-    /// or ?tls-certificates=DIR) or a local file or block device.
+    /// or ?tls-certificates=DIR), a disk on a legacy host read through its
+    /// own sshd with nothing installed there
+    /// (ssh://[USER@]HOST[:PORT]/PATH[?identity=KEY&known-hosts=FILE]; keys
+    /// from the agent, ~/.ssh and ~/.ssh/config as for `ssh`), or a local
+    /// file or block device.
     #[arg(long, value_name = "URI|PATH")]
     source: String,
     /// Native storage to fill: a file (created sparse with the source's size
@@ -99,6 +106,12 @@ pub struct StartArgs {
     /// hung server sooner.
     #[arg(long, value_name = "DURATION", default_value = "20s", value_parser = crate::finalize::parse_duration)]
     source_stall_timeout: Duration,
+    /// An ssh:// source whose host key is not in known_hosts: record it on
+    /// first use (ssh's StrictHostKeyChecking=accept-new) instead of
+    /// refusing. Check the fingerprint the refusal prints first. A changed
+    /// key is refused whatever this says.
+    #[arg(long)]
+    accept_new_host_key: bool,
     /// Start a new migration even though the target is not new: it holds
     /// non-zero data, or the marker of a migration whose state directory
     /// is not the one given. Its content is overwritten with the source's.
@@ -139,7 +152,13 @@ pub async fn run(args: StartArgs) -> anyhow::Result<()> {
     if args.socket.is_none() && !args.mount.mount_only {
         args.tls.check_listen(&args.listen)?;
     }
-    let source = open_source(&args.source, expected, args.source_stall_timeout).await?;
+    let source = open_source(
+        &args.source,
+        expected,
+        args.source_stall_timeout,
+        args.accept_new_host_key,
+    )
+    .await?;
     if !StateDir::exists(&state_dir) {
         // A new migration: refuse before anything is created or written.
         StateDir::check_creatable(&state_dir)
@@ -376,7 +395,7 @@ pub async fn run(args: StartArgs) -> anyhow::Result<()> {
 
 /// On a terminal: one bar of bytes present, with the hydration rate and
 /// ETA and the clients connected, until the task is aborted.
-fn progress_bar(ctx: Arc<control::Context_<nbd_source::AnySource>>) -> tokio::task::JoinHandle<()> {
+fn progress_bar(ctx: Arc<control::Context_<AnySource>>) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         if !crate::output::bars_enabled() {
             return;
@@ -541,13 +560,30 @@ fn end_cutover(volume: &Arc<Volume<AnySource>>) -> anyhow::Result<()> {
 }
 
 /// The source named on the command line (or recorded in a state header):
-/// an NBD URI or a local path. `expected_size` is the size a resumed
-/// migration recorded; an NBD source is then connected in the background.
+/// an NBD URI, an `ssh://` URI or a local path. `expected_size` is the size
+/// a resumed migration recorded; an NBD or SSH source is then connected
+/// when first needed. `accept_new_host_key`: an SSH source records an
+/// unknown host's key on first use instead of refusing.
 pub async fn open_source(
     spec: &str,
     expected_size: Option<u64>,
     stall_timeout: Duration,
+    accept_new_host_key: bool,
 ) -> anyhow::Result<AnySource> {
+    if ssh_source::is_ssh(spec) {
+        let opts = SshOptions {
+            stall_timeout,
+            accept_new_host_key,
+            ..SshOptions::default()
+        };
+        let source = match expected_size {
+            Some(size) => SshSource::lazy(spec, size, opts)?,
+            None => SshSource::connect(spec, opts).await.context(
+                "a new migration needs its source once, to learn its size; nothing was created",
+            )?,
+        };
+        return Ok(AnySource::Ssh(Box::new(source)));
+    }
     if spec.contains("://") {
         let opts = NbdOptions {
             stall_timeout,

@@ -87,6 +87,11 @@ impl Proxy {
         format!("nbd://{}/{name}", self.addr)
     }
 
+    /// The port it listens on (127.0.0.1).
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
     /// Cuts every open connection; returns how many there were.
     pub fn cut(&self) -> usize {
         let mut open = self.shared.open.lock().expect("poisoned");

@@ -23,9 +23,7 @@
 //!   failed read carries ([`errno_of`]).
 //! - `hashes.rs`: [`RemoteHashes`], the source's chunk hashes read from its
 //!   hash export (the client half of `lazy_fetch::proof`).
-//! - `any.rs`: [`AnySource`], a file or NBD source, what `stream start` runs.
 
-mod any;
 mod connect;
 mod error;
 mod hashes;
@@ -36,7 +34,6 @@ mod retry;
 mod slot;
 mod source;
 
-pub use any::AnySource;
 pub use error::{NbdSourceError, errno_of};
 pub use hashes::RemoteHashes;
 pub use options::NbdOptions;

@@ -1,6 +1,7 @@
-//! Any source `stream start` can be given: a local file or block device, or
-//! an NBD export. It lives here, not in the engine, because its NBD arm is
-//! what would tie the engine to the protocol crate.
+//! Any source `stream start` can be given: a local file or block device, an
+//! NBD export, or a disk on a legacy host read through its sshd. It is
+//! wiring: it lives in the binary, so neither the engine nor a source
+//! crate depends on another source's protocol.
 
 use std::io;
 use std::sync::Arc;
@@ -11,12 +12,15 @@ use lazy_fetch::source::file::FileSource;
 use lazy_fetch::source::{Class, Extent, Health, Source};
 use lazy_fetch::state::SourceId;
 
-use crate::NbdSource;
+use nbd_source::NbdSource;
+use ssh_source::SshSource;
 
 /// Any source `stream start` can be given.
 pub enum AnySource {
     File(FileSource),
     Nbd(NbdSource),
+    // Boxed: its session slots and options make it the largest by far.
+    Ssh(Box<SshSource>),
 }
 
 impl Source for AnySource {
@@ -24,6 +28,7 @@ impl Source for AnySource {
         match self {
             AnySource::File(s) => s.id(),
             AnySource::Nbd(s) => s.id(),
+            AnySource::Ssh(s) => s.id(),
         }
     }
 
@@ -31,6 +36,7 @@ impl Source for AnySource {
         match self {
             AnySource::File(s) => s.read(offset, len, class).await,
             AnySource::Nbd(s) => s.read(offset, len, class).await,
+            AnySource::Ssh(s) => s.read(offset, len, class).await,
         }
     }
 
@@ -38,6 +44,7 @@ impl Source for AnySource {
         match self {
             AnySource::File(s) => s.block_status(offset, len).await,
             AnySource::Nbd(s) => s.block_status(offset, len).await,
+            AnySource::Ssh(s) => s.block_status(offset, len).await,
         }
     }
 
@@ -45,6 +52,7 @@ impl Source for AnySource {
         match self {
             AnySource::File(s) => s.health(),
             AnySource::Nbd(s) => s.health(),
+            AnySource::Ssh(s) => s.health(),
         }
     }
 
@@ -52,6 +60,7 @@ impl Source for AnySource {
         match self {
             AnySource::File(s) => s.chunk_hashes(chunk).await,
             AnySource::Nbd(s) => s.chunk_hashes(chunk).await,
+            AnySource::Ssh(s) => s.chunk_hashes(chunk).await,
         }
     }
 
@@ -59,6 +68,7 @@ impl Source for AnySource {
         match self {
             AnySource::File(s) => s.install_fingerprint(fp).await,
             AnySource::Nbd(s) => s.install_fingerprint(fp).await,
+            AnySource::Ssh(s) => s.install_fingerprint(fp).await,
         }
     }
 }
