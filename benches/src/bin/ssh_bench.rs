@@ -1,0 +1,484 @@
+//! Issue 18: the SSH source beside the NBD source, same disk, same link.
+//!
+//! One legacy disk (pseudo-random data in every block, so neither source
+//! can skip a hole: SFTP cannot see them anyway), served two ways from this
+//! machine: `stream export DISK` on 127.0.0.1 (NBD), and Debian's sshd
+//! with its `sftp-server` (SSH). In front of each, the same delaying TCP
+//! proxy (half the round trip added in each direction, per buffer read
+//! from the socket), so both see the same link. Per link delay and source:
+//!
+//! - **cold 4 KiB reads**: a fresh `stream start --no-hydrate`, fio's nbd
+//!   engine reading 4 KiB at random at queue depth 1 for a few seconds
+//!   (nearly every read a chunk never fetched); p50 and p99 completion
+//!   latency;
+//! - **hydration**: a fresh `stream start`, from launch to hydration
+//!   complete; the rate, and the CPU seconds per GiB on each side: the
+//!   cloud side is `stream start` and its `ssh` children, the legacy side
+//!   `stream export`, or sshd's processes for the session (sshd, its
+//!   session child, sftp-server).
+//!
+//! Every process is in a `ChildGuard` (killed by PID on drop); every wait
+//! has a deadline. The disk and targets are removed at the end.
+//!
+//! ```text
+//! cargo build --release -p stream-cli --bin stream -p stream-benches --bin ssh_bench
+//! target/release/ssh_bench [--delays 0,1,5] [--mib 512] [--dir DIR]
+//! ```
+
+use std::fmt::Write as _;
+use std::fs::{self, File};
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use stream_benches::cpu::process_cpu_time;
+use stream_benches::fio::{self, RAND_READ_4K_QD1};
+use stream_benches::lazy::{StartSpec, StreamStart};
+use stream_benches::report::{loadavg, machine};
+use stream_benches::scratch::ScratchDir;
+use stream_benches::servers::read_uri_line;
+use test_support::child::ChildGuard;
+
+const USAGE: &str = "\
+usage: ssh_bench [--delays 0,1,5] [--mib 512] [--stream-bin PATH] [--dir DIR]
+
+  --delays LIST  link round trips in ms (default 0,1,5)
+  --mib N        disk size in MiB (default 512)";
+
+const LONG: Duration = Duration::from_secs(1800);
+const FIO_SECS: u64 = 5;
+
+struct Options {
+    delays: Vec<u64>,
+    mib: u64,
+    stream_bin: PathBuf,
+    dir: PathBuf,
+}
+
+fn parse_args() -> Result<Options, String> {
+    let mut o = Options {
+        delays: vec![0, 1, 5],
+        mib: 512,
+        stream_bin: PathBuf::from("target/release/stream"),
+        dir: std::env::temp_dir().join("ssh-bench"),
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        let mut value = || args.next().ok_or_else(|| format!("{a} needs a value"));
+        match a.as_str() {
+            "--delays" => {
+                o.delays = value()?
+                    .split(',')
+                    .map(|d| d.parse().map_err(|_| format!("bad delay {d:?}")))
+                    .collect::<Result<_, _>>()?;
+            }
+            "--mib" => o.mib = value()?.parse().map_err(|_| "bad --mib".to_string())?,
+            "--stream-bin" => o.stream_bin = PathBuf::from(value()?),
+            "--dir" => o.dir = PathBuf::from(value()?),
+            "-h" | "--help" => return Err(String::new()),
+            _ => return Err(format!("unknown argument {a:?}")),
+        }
+    }
+    Ok(o)
+}
+
+fn main() -> ExitCode {
+    stream_benches::bench_main::run(
+        "ssh_bench",
+        USAGE,
+        parse_args(),
+        |o: &Options| o.stream_bin.as_path(),
+        run,
+    )
+}
+
+/// A TCP proxy that holds every buffer `one_way` before passing it on.
+struct DelayProxy {
+    port: u16,
+    stop: Arc<AtomicBool>,
+}
+
+impl DelayProxy {
+    fn start(upstream: SocketAddr, one_way: Duration) -> io::Result<DelayProxy> {
+        let listener = TcpListener::bind("127.0.0.1:0")?;
+        let port = listener.local_addr()?.port();
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        thread::spawn(move || {
+            for client in listener.incoming() {
+                if s.load(Ordering::SeqCst) {
+                    break;
+                }
+                let Ok(client) = client else { continue };
+                let Ok(server) = TcpStream::connect(upstream) else {
+                    continue;
+                };
+                let _ = client.set_nodelay(true);
+                let _ = server.set_nodelay(true);
+                for (from, to) in [(&client, &server), (&server, &client)] {
+                    let (Ok(from), Ok(to)) = (from.try_clone(), to.try_clone()) else {
+                        continue;
+                    };
+                    pump(from, to, one_way);
+                }
+            }
+        });
+        Ok(DelayProxy { port, stop })
+    }
+}
+
+impl Drop for DelayProxy {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = TcpStream::connect(("127.0.0.1", self.port));
+    }
+}
+
+/// `from` to `to`, each buffer released `delay` after it was read.
+fn pump(mut from: TcpStream, mut to: TcpStream, delay: Duration) {
+    let (tx, rx) = mpsc::channel::<(Instant, Vec<u8>)>();
+    thread::spawn(move || {
+        let mut buf = vec![0u8; 256 * 1024];
+        loop {
+            match from.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if tx.send((Instant::now() + delay, buf[..n].to_vec())).is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        let _ = from.shutdown(Shutdown::Both);
+    });
+    thread::spawn(move || {
+        for (due, bytes) in rx {
+            let now = Instant::now();
+            if due > now {
+                thread::sleep(due - now);
+            }
+            if to.write_all(&bytes).is_err() {
+                break;
+            }
+        }
+        let _ = to.shutdown(Shutdown::Both);
+    });
+}
+
+/// Debian's sshd on 127.0.0.1 with fresh keys.
+struct Sshd {
+    guard: ChildGuard,
+    port: u16,
+    dir: PathBuf,
+}
+
+fn run_ok(cmd: &mut Command) -> io::Result<()> {
+    let out = cmd.output()?;
+    if !out.status.success() {
+        return Err(io::Error::other(format!(
+            "{cmd:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )));
+    }
+    Ok(())
+}
+
+impl Sshd {
+    fn start(dir: &Path) -> io::Result<Sshd> {
+        for bin in ["/usr/sbin/sshd", "/usr/lib/openssh/sftp-server"] {
+            if !Path::new(bin).exists() {
+                return Err(io::Error::other(format!(
+                    "{bin} missing: install openssh-server"
+                )));
+            }
+        }
+        fs::create_dir_all(dir)?;
+        for k in ["host_key", "user_key"] {
+            let _ = fs::remove_file(dir.join(k));
+            run_ok(
+                Command::new("ssh-keygen")
+                    .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+                    .arg(dir.join(k)),
+            )?;
+        }
+        fs::copy(dir.join("user_key.pub"), dir.join("authorized_keys"))?;
+        fs::create_dir_all("/run/sshd")?;
+        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        fs::write(
+            dir.join("sshd_config"),
+            format!(
+                "ListenAddress 127.0.0.1\nPort {port}\nHostKey {d}/host_key\n\
+                 AuthorizedKeysFile {d}/authorized_keys\nPasswordAuthentication no\n\
+                 KbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\n\
+                 StrictModes no\nUsePAM no\nPidFile none\n\
+                 Subsystem sftp /usr/lib/openssh/sftp-server\n",
+                d = dir.display()
+            ),
+        )?;
+        let mut cmd = Command::new("/usr/sbin/sshd");
+        cmd.args(["-D", "-e", "-f"])
+            .arg(dir.join("sshd_config"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut guard = ChildGuard::spawn("sshd", &mut cmd)?.kill_on_drop();
+        let stderr = guard.child_mut().stderr.take().expect("piped");
+        let (tx, rx) = mpsc::channel();
+        let log = dir.join("sshd.log");
+        thread::spawn(move || {
+            let Ok(mut out) = File::create(log) else { return };
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = writeln!(out, "{line}");
+                if line.contains("Server listening on") {
+                    let _ = tx.send(());
+                }
+            }
+        });
+        rx.recv_timeout(Duration::from_secs(20))
+            .map_err(|_| io::Error::other("sshd did not start listening"))?;
+        Ok(Sshd {
+            guard,
+            port,
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    /// The URI through a proxy on `port`, with a known_hosts for it.
+    fn uri(&self, port: u16, disk: &Path) -> io::Result<String> {
+        let key = fs::read_to_string(self.dir.join("host_key.pub"))?;
+        let key: Vec<&str> = key.split_whitespace().take(2).collect();
+        let kh = self.dir.join(format!("known_hosts.{port}"));
+        fs::write(&kh, format!("[127.0.0.1]:{port} {}\n", key.join(" ")))?;
+        Ok(format!(
+            "ssh://root@127.0.0.1:{port}{}?identity={}&known-hosts={}",
+            disk.display(),
+            self.dir.join("user_key").display(),
+            kh.display()
+        ))
+    }
+}
+
+/// CPU time of `pid` and every process below it, now.
+fn tree_cpu(pid: u32) -> Duration {
+    let mut total = process_cpu_time(pid).unwrap_or_default();
+    let mut stack = vec![pid];
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return total;
+    };
+    let parents: Vec<(u32, u32)> = entries
+        .filter_map(Result::ok)
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(|p| {
+            let stat = fs::read_to_string(format!("/proc/{p}/stat")).ok()?;
+            let rest = &stat[stat.rfind(')')? + 1..];
+            let ppid = rest.split_whitespace().nth(1)?.parse().ok()?;
+            Some((p, ppid))
+        })
+        .collect();
+    while let Some(p) = stack.pop() {
+        for &(child, parent) in &parents {
+            if parent == p {
+                total += process_cpu_time(child).unwrap_or_default();
+                stack.push(child);
+            }
+        }
+    }
+    total
+}
+
+#[derive(Debug, Default)]
+struct Row {
+    delay: u64,
+    kind: &'static str,
+    p50_us: f64,
+    p99_us: f64,
+    reads: u64,
+    hydrate_s: f64,
+    mib_s: f64,
+    cloud_cpu_per_gib: f64,
+    legacy_cpu_per_gib: f64,
+}
+
+fn run(opts: &Options) -> io::Result<String> {
+    fs::create_dir_all(&opts.dir)?;
+    let dir = opts.dir.canonicalize()?;
+    let bin = opts.stream_bin.canonicalize()?;
+    let data = ScratchDir(dir.join("data"));
+    let _ = fs::remove_dir_all(&data.0);
+    fs::create_dir_all(&data.0)?;
+    let disk = data.0.join("legacy.img");
+    let size = opts.mib << 20;
+    stream_benches::testfile::create(&disk, size)?;
+    stream_benches::testfile::warm(&disk)?;
+
+    // The two legacy sides.
+    let mut export = {
+        let mut cmd = Command::new(&bin);
+        cmd.arg("export")
+            .arg(&disk)
+            .args(["--listen", "127.0.0.1:0"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(File::create(dir.join("export.log"))?);
+        ChildGuard::spawn("stream export", &mut cmd)?.kill_on_drop()
+    };
+    let export_uri = read_uri_line(&mut export, &dir.join("export.log"))?;
+    let export_addr: SocketAddr = export_uri
+        .trim_start_matches("nbd://")
+        .split('/')
+        .next()
+        .and_then(|a| a.parse().ok())
+        .ok_or_else(|| io::Error::other(format!("export URI {export_uri}")))?;
+    let sshd = Sshd::start(&dir.join("sshd"))?;
+    let sshd_addr: SocketAddr = format!("127.0.0.1:{}", sshd.port)
+        .parse()
+        .map_err(io::Error::other)?;
+
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "- command: `target/release/ssh_bench --delays {} --mib {}`",
+        opts.delays
+            .iter()
+            .map(u64::to_string)
+            .collect::<Vec<_>>()
+            .join(","),
+        opts.mib
+    );
+    for (k, v) in machine() {
+        let _ = writeln!(out, "- {k}: {v}");
+    }
+    let _ = writeln!(out, "- ssh: {}", version("ssh", &["-V"]));
+    let _ = writeln!(out, "- load average at start: {}\n", loadavg());
+    let mut rows = Vec::new();
+    for &delay in &opts.delays {
+        let one_way = Duration::from_micros(delay * 500);
+        for kind in ["nbd", "ssh"] {
+            let (upstream, legacy_pid) = match kind {
+                "nbd" => (export_addr, export.pid()),
+                _ => (sshd_addr, sshd.guard.pid()),
+            };
+            let proxy = DelayProxy::start(upstream, one_way)?;
+            let source = match kind {
+                "nbd" => format!("nbd://127.0.0.1:{}/", proxy.port),
+                _ => sshd.uri(proxy.port, &disk)?,
+            };
+            let mut row = Row {
+                delay,
+                kind,
+                ..Row::default()
+            };
+            // Cold reads.
+            let run_dir = data.0.join(format!("{kind}-{delay}-cold"));
+            fs::create_dir_all(&run_dir)?;
+            let start = StreamStart::spawn(&spec(&bin, &source, &run_dir, size, true, &dir))?;
+            let r = fio::run(
+                start.uri(),
+                RAND_READ_4K_QD1,
+                Duration::from_secs(FIO_SECS),
+                &dir.join(format!("fio-{kind}-{delay}.json")),
+            )?;
+            row.p50_us = r.clat_p50_ns as f64 / 1000.0;
+            row.p99_us = r.clat_p99_ns as f64 / 1000.0;
+            row.reads = r.total_ios;
+            start.stop()?;
+            fs::remove_dir_all(&run_dir)?;
+            // Hydration.
+            let run_dir = data.0.join(format!("{kind}-{delay}-hydrate"));
+            fs::create_dir_all(&run_dir)?;
+            let legacy0 = tree_cpu(legacy_pid);
+            let start = StreamStart::spawn(&spec(&bin, &source, &run_dir, size, false, &dir))?;
+            let mut cloud = Duration::ZERO;
+            let pid = start.pid();
+            let took = start
+                .wait_hydrated(LONG, Duration::from_millis(50), |_| cloud = tree_cpu(pid))?
+                .ok_or_else(|| io::Error::other("hydration did not finish"))?;
+            let legacy = tree_cpu(legacy_pid).saturating_sub(legacy0);
+            start.stop()?;
+            fs::remove_dir_all(&run_dir)?;
+            let gib = size as f64 / (1u64 << 30) as f64;
+            row.hydrate_s = took.as_secs_f64();
+            row.mib_s = opts.mib as f64 / row.hydrate_s;
+            row.cloud_cpu_per_gib = cloud.as_secs_f64() / gib;
+            row.legacy_cpu_per_gib = legacy.as_secs_f64() / gib;
+            eprintln!("ssh_bench: {row:?}");
+            rows.push(row);
+        }
+    }
+    let _ = writeln!(
+        out,
+        "| link RTT | source | cold 4 KiB p50 µs | p99 µs | reads | hydration s | MiB/s | \
+         cloud CPU s/GiB | legacy CPU s/GiB |\n|---:|---|---:|---:|---:|---:|---:|---:|---:|"
+    );
+    for r in &rows {
+        let _ = writeln!(
+            out,
+            "| {} ms | {} | {:.0} | {:.0} | {} | {:.2} | {:.0} | {:.2} | {:.2} |",
+            r.delay,
+            r.kind,
+            r.p50_us,
+            r.p99_us,
+            r.reads,
+            r.hydrate_s,
+            r.mib_s,
+            r.cloud_cpu_per_gib,
+            r.legacy_cpu_per_gib
+        );
+    }
+    let _ = writeln!(out, "\n| link RTT | ssh/nbd cold p50 | ssh/nbd hydration rate |\n|---:|---:|---:|");
+    for pair in rows.chunks(2) {
+        if let [n, s] = pair {
+            let _ = writeln!(
+                out,
+                "| {} ms | {:.2}x | {:.2}x |",
+                n.delay,
+                s.p50_us / n.p50_us,
+                s.mib_s / n.mib_s
+            );
+        }
+    }
+    let _ = writeln!(out, "\n- load average at end: {}", loadavg());
+    drop(sshd);
+    Ok(out)
+}
+
+fn spec<'a>(
+    bin: &'a Path,
+    source: &'a str,
+    run_dir: &Path,
+    size: u64,
+    no_hydrate: bool,
+    logs: &Path,
+) -> StartSpec<'a> {
+    let name = run_dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    StartSpec {
+        bin,
+        source,
+        target: run_dir.join("target.raw"),
+        state: run_dir.join("state"),
+        socket: run_dir.join("start.sock"),
+        log: logs.join(format!("start-{name}.log")),
+        size,
+        no_hydrate,
+    }
+}
+
+fn version(program: &str, args: &[&str]) -> String {
+    Command::new(program)
+        .args(args)
+        .output()
+        .map(|o| {
+            let text = [o.stdout, o.stderr].concat();
+            String::from_utf8_lossy(&text).trim().to_string()
+        })
+        .unwrap_or_else(|e| format!("{program}: {e}"))
+}
