@@ -18,9 +18,6 @@
 //! - [`finalize`]: runs `stream finalize` (to completion, or in the
 //!   background to be SIGKILLed at a chosen point) and `stream verify`;
 //!   reads `state.json`.
-//! - [`fake_cloud`]: a Keystone + Cinder stand-in on `127.0.0.1:0` that
-//!   answers with the API reference samples of `vendor-fixtures/openstack/`
-//!   and records every request.
 //! - [`tool`]: the outside clients (nbdinfo, nbdcopy, qemu-img, qemu-io, fio,
 //!   python3 with libnbd): a clear panic naming the Debian package when one
 //!   is missing, and every run bounded by a deadline.
@@ -39,7 +36,6 @@
 //! completion is a reply or an exit status, each awaited with a deadline.
 
 pub mod binary;
-pub mod fake_cloud;
 pub mod fault;
 pub mod finalize;
 pub mod fuse;
