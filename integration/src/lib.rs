@@ -18,6 +18,10 @@
 //! - [`finalize`]: runs `stream finalize` (to completion, or in the
 //!   background to be SIGKILLed at a chosen point) and `stream verify`;
 //!   reads `state.json`.
+//! - [`openstack`]: real Keystone and Cinder from
+//!   `integration/openstack/bring-up` (stopped on drop), LVs in its volume
+//!   group with a loop device over their extents, the `openstack` CLI, and
+//!   a proxy that loses Cinder's answer to a manage call.
 //! - [`tool`]: the outside clients (nbdinfo, nbdcopy, qemu-img, qemu-io, fio,
 //!   python3 with libnbd): a clear panic naming the Debian package when one
 //!   is missing, and every run bounded by a deadline.
@@ -41,6 +45,7 @@ pub mod finalize;
 pub mod fuse;
 pub mod guest;
 pub mod image;
+pub mod openstack;
 pub mod ops;
 pub mod proxy;
 pub mod server;
