@@ -118,6 +118,15 @@ impl OpenStack {
         os
     }
 
+    /// A variable of `admin-openrc`.
+    pub fn admin_var(&self, key: &str) -> String {
+        self.admin
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_else(|| panic!("{key} is not in admin-openrc"))
+    }
+
     /// `admin-openrc` scoped to another project (as `OS_PROJECT_NAME`).
     pub fn admin_in(&self, project: &str) -> Vec<(String, String)> {
         self.admin

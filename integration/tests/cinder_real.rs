@@ -109,6 +109,7 @@ fn cinder_handoff_against_real_keystone_and_cinder() {
         .as_str()
         .expect("tenant project id")
         .to_owned();
+    let auth_url = os.admin_var("OS_AUTH_URL");
     // A volume type bound to the backend, as operators define them.
     os.openstack_json(
         &os.admin,
@@ -168,6 +169,21 @@ fn cinder_handoff_against_real_keystone_and_cinder() {
     );
     assert!(out.status.success(), "{}", out.describe());
 
+    // A token from `openstack token issue` (OS_TOKEN, exchanged for one
+    // scoped to the project): the zone case below logs in with it.
+    let token = os.openstack_json(&os.admin_in("tenant"), &["token", "issue"])["id"]
+        .as_str()
+        .expect("a token")
+        .to_owned();
+    let token_creds: Vec<(String, String)> = [
+        ("OS_AUTH_URL", auth_url.as_str()),
+        ("OS_TOKEN", token.as_str()),
+        ("OS_PROJECT_NAME", "tenant"),
+        ("OS_PROJECT_DOMAIN_NAME", "Default"),
+    ]
+    .iter()
+    .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+    .collect();
     type Case<'a> = (&'a str, Vec<(String, String)>, Vec<&'a str>, Vec<&'a str>);
     let cases: [Case; 4] = [
         (
@@ -199,16 +215,9 @@ fn cinder_handoff_against_real_keystone_and_cinder() {
             vec!["no volume type \"gold\"", "lvm", "nothing was changed"],
         ),
         (
-            "a wrong availability zone",
-            os.admin.clone(),
-            vec![
-                "--cinder-manage",
-                HOST,
-                "--project",
-                "tenant",
-                "--availability-zone",
-                "mars",
-            ],
+            "a wrong availability zone (OS_TOKEN)",
+            token_creds,
+            vec!["--cinder-manage", HOST, "--availability-zone", "mars"],
             vec!["no available availability zone \"mars\"", "nova"],
         ),
         (
@@ -314,7 +323,28 @@ fn cinder_handoff_against_real_keystone_and_cinder() {
     let out = os.lvm(&["lvrename", VG, "mig-web01", "mig-web01-away"]);
     assert!(out.status.success(), "{}", out.describe());
     let lvs_away = os.lv_names();
-    let out = finalize_as(&b.state, &os.admin, &b_args).run_fails(FINALIZE);
+    // With an application credential made in the tenant project (it has
+    // the admin role there, so it may manage): no --project, it is bound.
+    let ac = os.openstack_json(
+        &os.admin_in("tenant"),
+        &["application", "credential", "create", "stream-test"],
+    );
+    let ac_creds: Vec<(String, String)> = [
+        ("OS_AUTH_URL", auth_url.as_str()),
+        ("OS_AUTH_TYPE", "v3applicationcredential"),
+        (
+            "OS_APPLICATION_CREDENTIAL_ID",
+            ac["ID"].as_str().expect("ID"),
+        ),
+        (
+            "OS_APPLICATION_CREDENTIAL_SECRET",
+            ac["Secret"].as_str().expect("Secret"),
+        ),
+    ]
+    .iter()
+    .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+    .collect();
+    let out = finalize_as(&b.state, &ac_creds, &["--cinder-manage", HOST]).run_fails(FINALIZE);
     assert_fails_with(
         &out,
         &["has no LV mig-web01", "nothing was changed"],
@@ -344,7 +374,27 @@ fn cinder_handoff_against_real_keystone_and_cinder() {
 
     // The re-run finds the volume by the migration id in its metadata, not
     // by its name (A's volume has it too), and sends no second manage call.
-    let out = finalize_as(&b.state, &os.admin, &b_args)
+    // It logs in through OS_CLOUD and a clouds.yaml.
+    let clouds = b._dir.path().join("clouds.yaml");
+    std::fs::write(
+        &clouds,
+        format!(
+            "clouds:\n  bringup:\n    region_name: RegionOne\n    auth:\n      auth_url: {}\n      \
+             username: admin\n      password: {}\n      project_name: admin\n      \
+             user_domain_name: Default\n      project_domain_name: Default\n",
+            auth_url,
+            os.admin_var("OS_PASSWORD")
+        ),
+    )
+    .unwrap();
+    let cloud_creds = vec![
+        ("OS_CLOUD".to_owned(), "bringup".to_owned()),
+        (
+            "OS_CLIENT_CONFIG_FILE".to_owned(),
+            clouds.display().to_string(),
+        ),
+    ];
+    let out = finalize_as(&b.state, &cloud_creds, &b_args)
         .args(&["--json"])
         .run_ok(FINALIZE);
     assert_fails_with(&out, &["already has this migration's volume"], "the re-run");

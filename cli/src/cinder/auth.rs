@@ -20,6 +20,8 @@
 //!   catalog's URL (the token's project is appended), as keystoneauth's
 //!   endpoint override does.
 //!
+//! `OS_CLOUD` reads the same settings from `clouds.yaml` (`clouds`).
+//!
 //! Secrets live in [`Secret`], whose `Debug` prints nothing; they are only
 //! ever written into a request, never into an error or a log.
 
@@ -94,8 +96,18 @@ pub struct Settings {
 }
 
 impl Settings {
+    /// From the environment; with `OS_CLOUD`, from that cloud's entry in
+    /// `clouds.yaml` instead (see [`super::clouds`]).
     pub fn from_env() -> Result<Settings> {
-        Settings::from_lookup(|k| std::env::var(k).ok())
+        let env = |k: &str| std::env::var(k).ok().filter(|v| !v.trim().is_empty());
+        match env("OS_CLOUD") {
+            Some(cloud) => {
+                let vars = super::clouds::load(&cloud, &super::clouds::candidates(&env))?;
+                Settings::from_lookup(|k| vars.get(k).cloned())
+                    .map_err(|e| Error::Config(format!("OS_CLOUD={cloud}: {e}")))
+            }
+            None => Settings::from_lookup(env),
+        }
     }
 
     /// Settings from any variable source (tests pass a map); empty values

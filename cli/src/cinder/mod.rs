@@ -11,7 +11,7 @@
 //! - `preflight`: is the target an LV Cinder's LVM driver can adopt (named
 //!   `/dev/VG/LV`, not `volume-*`, whole GiB, not open)? Local, no network.
 //! - `auth`: `OS_*` settings (password, token, application credential;
-//!   `OS_CACERT`), the Keystone v3 token scoped to the volume's project,
+//!   `OS_CACERT`; `OS_CLOUD` through `clouds`, which reads `clouds.yaml`), the Keystone v3 token scoped to the volume's project,
 //!   and the block-storage endpoint from its catalog (or `OS_ENDPOINT`).
 //! - `version`: Cinder's version document and the API it leads to: the
 //!   `manageable_volumes` resource at microversion 3.8, or the legacy
@@ -51,6 +51,7 @@
 
 mod auth;
 mod client;
+mod clouds;
 mod http;
 mod preflight;
 mod secret;

@@ -662,3 +662,53 @@ mod lv {
         assert!(err.to_string().contains("/nonexistent/vg/lv"), "{err}");
     }
 }
+
+// ---- clouds.yaml -------------------------------------------------------
+
+#[test]
+fn os_cloud_reads_its_entry_as_os_variables() {
+    let yaml = r#"
+clouds:
+  other:
+    auth: {auth_url: "http://x", username: u, password: p}
+  bringup:
+    region_name: RegionOne
+    interface: internal
+    cacert: /etc/ssl/private-ca.pem
+    auth:
+      auth_url: http://127.0.0.1:5000/v3
+      username: admin
+      password: admin-secret
+      project_name: tenant
+      user_domain_name: Default
+      project_domain_name: Default
+"#;
+    let vars = super::clouds::vars_of("bringup", yaml).unwrap();
+    let s = Settings::from_lookup(|k| vars.get(k).cloned()).unwrap();
+    assert_eq!(s.auth_url.as_deref(), Some("http://127.0.0.1:5000/v3"));
+    assert_eq!(s.interface, "internal");
+    assert_eq!(s.region.as_deref(), Some("RegionOne"));
+    assert_eq!(
+        s.cacert.as_deref(),
+        Some(std::path::Path::new("/etc/ssl/private-ca.pem"))
+    );
+    assert_eq!(s.project_label(), "tenant");
+    assert_eq!(s.user_label(), "admin");
+
+    let err = super::clouds::vars_of("nope", yaml).unwrap_err();
+    assert!(err.contains("other, bringup"), "{err}");
+    let err = super::clouds::vars_of(
+        "c",
+        "clouds:\n  c:\n    verify: false\n    auth: {auth_url: http://x}\n",
+    )
+    .unwrap_err();
+    assert!(err.contains("verify: false"), "{err}");
+}
+
+#[test]
+fn os_cloud_application_credential() {
+    let yaml = "clouds:\n  ac:\n    auth_type: v3applicationcredential\n    auth:\n      auth_url: http://k/v3\n      application_credential_id: ac1\n      application_credential_secret: s3\n";
+    let vars = super::clouds::vars_of("ac", yaml).unwrap();
+    let s = Settings::from_lookup(|k| vars.get(k).cloned()).unwrap();
+    assert!(s.identity.is_application_credential());
+}
