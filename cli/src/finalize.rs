@@ -566,20 +566,43 @@ async fn cinder_check(
             settings.scope_to(p)?;
         }
         let client = cinder::Client::connect(&settings)?;
-        let existing =
-            match recorded.as_ref().and_then(|r| r.volume_id.clone()) {
-                Some(id) => Some(client.volume(&id)?.ok_or_else(|| {
-                    cinder::Error::RecordedVolumeMissing {
-                        id: id.clone(),
-                        project: settings.project_label(),
-                    }
-                })?),
-                None => client.find_by_metadata(MIGRATION_KEY, &migration)?,
-            };
+        let recorded_id = recorded.as_ref().and_then(|r| r.volume_id.clone());
+        let existing = match &recorded_id {
+            Some(id) => client.volume(id)?,
+            None => None,
+        };
+        let existing = match existing {
+            Some(v) => Some(v),
+            None => {
+                if let Some(id) = &recorded_id {
+                    // Deleted since (as the error_managing message tells
+                    // the operator to do): manage again, once the checks
+                    // below find the LV under its own name.
+                    eprintln!(
+                        "  Cinder volume {id}, recorded by an earlier run, is gone from project \
+                         {}; looking for this migration's volume again",
+                        settings.project_label()
+                    );
+                }
+                client.find_by_metadata(MIGRATION_KEY, &migration)?
+            }
+        };
+        if let Some(v) = &existing {
+            if cinder::FAILED.contains(&v.status.as_str()) {
+                return Err(cinder::Error::ManageFailed {
+                    id: v.id.clone(),
+                    status: v.status.clone(),
+                    fault: client.fault(&v.id),
+                }
+                .into());
+            }
+        }
         // The LV's name: recorded by an earlier run (it may be renamed to
         // volume-<id> since), else from the target path.
         let (vg, lv) = match recorded.as_ref() {
-            Some(r) if existing.is_some() => (String::new(), r.source_name.clone()),
+            Some(r) if existing.is_some() && !r.source_name.is_empty() => {
+                (String::new(), r.source_name.clone())
+            }
             _ => cinder::lv_names(&target)?,
         };
         let name = name.unwrap_or_else(|| format!("stream-{lv}"));

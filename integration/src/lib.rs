@@ -21,7 +21,8 @@
 //! - [`openstack`]: real Keystone and Cinder from
 //!   `integration/openstack/bring-up` (stopped on drop), LVs in its volume
 //!   group with a loop device over their extents, the `openstack` CLI, and
-//!   a proxy that loses Cinder's answer to a manage call.
+//!   a proxy in front of cinder-api that loses an answer or shows an older
+//!   version document.
 //! - [`tool`]: the outside clients (nbdinfo, nbdcopy, qemu-img, qemu-io, fio,
 //!   python3 with libnbd): a clear panic naming the Debian package when one
 //!   is missing, and every run bounded by a deadline.

@@ -351,35 +351,44 @@ pub fn read_bytes(path: &Path, offset: u64, len: usize) -> Vec<u8> {
 }
 
 /// A TCP proxy in front of cinder-api that forwards every request and its
-/// answer, except that it swallows the answer to the first `POST` whose
-/// path ends in `/manageable_volumes` after [`LosingProxy::lose_next_manage`]:
-/// Cinder did the work, the client never hears of it (a lost answer).
-/// cinder-api under uWSGI closes every connection after one answer
+/// answer, and records each request's head. Two faults on demand:
+/// [`CinderProxy::lose_next_manage`] swallows the answer to the next `POST`
+/// of a manage call (Cinder did the work, the client never hears of it);
+/// [`CinderProxy::cap_version`] rewrites the highest microversion in the
+/// version documents (`GET /` and `GET /v3/`), so the client meets a
+/// Cinder from before 3.8 while every other call still reaches the real
+/// one. cinder-api under uWSGI closes every connection after one answer
 /// (`Connection: close`), so one request per connection is all it needs.
-pub struct LosingProxy {
+pub struct CinderProxy {
     pub addr: std::net::SocketAddr,
-    lose: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    shared: std::sync::Arc<ProxyState>,
     acceptor: Option<std::thread::JoinHandle<()>>,
 }
 
-impl LosingProxy {
-    pub fn start(upstream: std::net::SocketAddr) -> LosingProxy {
+#[derive(Default)]
+struct ProxyState {
+    lose: std::sync::atomic::AtomicBool,
+    stop: std::sync::atomic::AtomicBool,
+    cap: std::sync::Mutex<Option<String>>,
+    heads: std::sync::Mutex<Vec<String>>,
+}
+
+impl CinderProxy {
+    pub fn start(upstream: std::net::SocketAddr) -> CinderProxy {
         use std::sync::Arc;
-        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::atomic::Ordering;
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind the proxy");
         listener.set_nonblocking(true).expect("nonblocking");
         let addr = listener.local_addr().unwrap();
-        let lose = Arc::new(AtomicBool::new(false));
-        let stop = Arc::new(AtomicBool::new(false));
+        let shared = Arc::new(ProxyState::default());
         let acceptor = {
-            let (lose, stop) = (lose.clone(), stop.clone());
+            let shared = shared.clone();
             std::thread::spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
+                while !shared.stop.load(Ordering::Relaxed) {
                     match listener.accept() {
                         Ok((client, _)) => {
-                            let lose = lose.clone();
-                            std::thread::spawn(move || forward(client, upstream, &lose));
+                            let shared = shared.clone();
+                            std::thread::spawn(move || forward(client, upstream, &shared));
                         }
                         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                             // Not synchronisation: the accept loop's idle
@@ -391,38 +400,47 @@ impl LosingProxy {
                 }
             })
         };
-        LosingProxy {
+        CinderProxy {
             addr,
-            lose,
-            stop,
+            shared,
             acceptor: Some(acceptor),
         }
     }
 
     pub fn lose_next_manage(&self) {
-        self.lose.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.shared
+            .lose
+            .store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Whether the armed loss has happened.
     pub fn lost(&self) -> bool {
-        !self.lose.load(std::sync::atomic::Ordering::SeqCst)
+        !self.shared.lose.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Show `max` (e.g. `3.7`) as the highest microversion.
+    pub fn cap_version(&self, max: &str) {
+        *self.shared.cap.lock().unwrap() = Some(max.to_owned());
+    }
+
+    /// The heads (request line and headers) of every request so far.
+    pub fn heads(&self) -> Vec<String> {
+        self.shared.heads.lock().unwrap().clone()
     }
 }
 
-impl Drop for LosingProxy {
+impl Drop for CinderProxy {
     fn drop(&mut self) {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.shared
+            .stop
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         if let Some(t) = self.acceptor.take() {
             let _ = t.join();
         }
     }
 }
 
-fn forward(
-    mut client: std::net::TcpStream,
-    upstream: std::net::SocketAddr,
-    lose: &std::sync::atomic::AtomicBool,
-) {
+fn forward(mut client: std::net::TcpStream, upstream: std::net::SocketAddr, shared: &ProxyState) {
     use std::io::{Read, Write};
     let _ = client.set_nonblocking(false);
     let _ = client.set_read_timeout(Some(Duration::from_secs(60)));
@@ -440,12 +458,8 @@ fn forward(
         }
     };
     let head = String::from_utf8_lossy(&req[..header_end]).to_string();
-    let length: usize = head
-        .lines()
-        .filter_map(|l| l.split_once(':'))
-        .find(|(k, _)| k.trim().eq_ignore_ascii_case("content-length"))
-        .and_then(|(_, v)| v.trim().parse().ok())
-        .unwrap_or(0);
+    shared.heads.lock().unwrap().push(head.clone());
+    let length = content_length(&head);
     while req.len() < header_end + length {
         let Ok(n) = client.read(&mut buf) else { return };
         if n == 0 {
@@ -463,13 +477,13 @@ fn forward(
     let mut answer = Vec::new();
     let _ = up.read_to_end(&mut answer);
     let first = head.lines().next().unwrap_or_default();
-    let is_manage = first.starts_with("POST ")
-        && first
-            .split_whitespace()
-            .nth(1)
-            .is_some_and(|p| p.ends_with("/manageable_volumes"));
+    let mut parts = first.split_whitespace();
+    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let is_manage = method == "POST"
+        && (path.ends_with("/manageable_volumes") || path.ends_with("/os-volume-manage"));
     if is_manage
-        && lose
+        && shared
+            .lose
             .compare_exchange(
                 true,
                 false,
@@ -482,5 +496,48 @@ fn forward(
         let _ = client.shutdown(std::net::Shutdown::Both);
         return;
     }
+    let cap = shared.cap.lock().unwrap().clone();
+    if let Some(cap) = cap {
+        if method == "GET" && matches!(path, "/" | "/v3" | "/v3/") {
+            answer = cap_versions(&answer, &cap);
+        }
+    }
     let _ = client.write_all(&answer);
+}
+
+fn content_length(head: &str) -> usize {
+    head.lines()
+        .filter_map(|l| l.split_once(':'))
+        .find(|(k, _)| k.trim().eq_ignore_ascii_case("content-length"))
+        .and_then(|(_, v)| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// The HTTP answer `raw` with every `"version"` of its version document
+/// set to `cap`, and its Content-Length fixed.
+fn cap_versions(raw: &[u8], cap: &str) -> Vec<u8> {
+    let Some(end) = raw.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return raw.to_vec();
+    };
+    let head = String::from_utf8_lossy(&raw[..end]).to_string();
+    let Ok(mut doc) = serde_json::from_slice::<serde_json::Value>(&raw[end + 4..]) else {
+        return raw.to_vec();
+    };
+    if let Some(versions) = doc["versions"].as_array_mut() {
+        for v in versions {
+            v["version"] = cap.into();
+        }
+    }
+    let body = doc.to_string();
+    let head: Vec<String> = head
+        .lines()
+        .map(|l| {
+            if l.to_ascii_lowercase().starts_with("content-length:") {
+                format!("Content-Length: {}", body.len())
+            } else {
+                l.to_owned()
+            }
+        })
+        .collect();
+    format!("{}\r\n\r\n{body}", head.join("\r\n")).into_bytes()
 }

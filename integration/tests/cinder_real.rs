@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use integration::finalize::{self, Finalize};
 use integration::image::assert_same_bytes;
-use integration::openstack::{ArrangedLv, HOST, LosingProxy, OpenStack, VG, read_bytes};
+use integration::openstack::{ArrangedLv, CinderProxy, HOST, OpenStack, VG, read_bytes};
 use integration::start::{ForgetMarker, Running, mixed_image};
 use integration::{SparseImage, Start};
 
@@ -355,7 +355,7 @@ fn cinder_handoff_against_real_keystone_and_cinder() {
     assert!(out.status.success(), "{}", out.describe());
 
     // Cinder adopts the LV but the answer is lost on the way back.
-    let proxy = LosingProxy::start("127.0.0.1:8776".parse().unwrap());
+    let proxy = CinderProxy::start("127.0.0.1:8776".parse().unwrap());
     proxy.lose_next_manage();
     let endpoint = format!("http://{}/v3", proxy.addr);
     let out = finalize_as(&b.state, &os.admin, &b_args)
@@ -416,6 +416,92 @@ fn cinder_handoff_against_real_keystone_and_cinder() {
     let got = lv_bytes(&os, &format!("volume-{b_id}"), b.img.size as usize);
     assert_same_bytes(&got, &b.img.expected_all(), 0, "B's volume");
 
+    // ---- D: a Cinder from before 3.8: the legacy os-volume-manage -------
+    // The proxy shows 3.7 as the highest microversion; every call still
+    // reaches the real cinder-api, which keeps the legacy extension.
+    let (d, d_running) = migrate(&os, "mig-old01");
+    d_running.sigterm_and_wait(Duration::from_secs(30));
+    let proxy = CinderProxy::start("127.0.0.1:8776".parse().unwrap());
+    proxy.cap_version("3.7");
+    let old_endpoint = format!("http://{}/v3", proxy.addr);
+    let d_args = [
+        "--cinder-manage",
+        HOST,
+        "--project",
+        "tenant",
+        "--volume-name",
+        "old01",
+    ];
+    let d_finalize = || finalize_as(&d.state, &os.admin, &d_args).env("OS_ENDPOINT", &old_endpoint);
+    // A missing LV: before 3.8 there is no manageable list to check it
+    // against, so Cinder fails the manage itself (error_managing).
+    let out = os.lvm(&["lvrename", VG, "mig-old01", "mig-old01-away"]);
+    assert!(out.status.success(), "{}", out.describe());
+    let before = os.all_volumes().len();
+    let out = d_finalize().run_fails(FINALIZE);
+    eprintln!("legacy, missing LV: {}", out.stderr_lossy());
+    assert_fails_with(
+        &out,
+        &["(error_managing)", "openstack volume delete"],
+        "legacy, missing LV",
+    );
+    let heads = proxy.heads();
+    let manage: Vec<&String> = heads
+        .iter()
+        .filter(|h| h.starts_with("POST ") && h.contains("/os-volume-manage "))
+        .collect();
+    assert_eq!(manage.len(), 1, "one legacy manage call: {heads:#?}");
+    assert!(
+        manage[0]
+            .to_ascii_lowercase()
+            .contains("openstack-api-version: volume 3.7"),
+        "{}",
+        manage[0]
+    );
+    assert!(
+        !heads.iter().any(|h| h.contains("manageable_volumes")),
+        "a 3.8 call to a 3.7 Cinder: {heads:#?}"
+    );
+    let failed_id = finalize::header(&d.state)["finalize"]["cinder"]["volume_id"]
+        .as_str()
+        .expect("the failed volume's id is recorded")
+        .to_owned();
+    assert!(os.lv_names().contains(&"mig-old01-away".to_owned()));
+    // As the message says: delete the failed record. The LVM driver then
+    // deletes only an LV named volume-<id>, never the LV under its name.
+    let out = os.openstack(&os.admin, &["volume", "delete", &failed_id]);
+    assert!(out.status.success(), "{}", out.describe());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while os.all_volumes().len() != before {
+        // Each `openstack` call takes ~2 s: the poll paces itself.
+        assert!(
+            Instant::now() < deadline,
+            "volume {failed_id} not deleted in 60 s"
+        );
+    }
+    assert!(os.lv_names().contains(&"mig-old01-away".to_owned()));
+    let out = os.lvm(&["lvrename", VG, "mig-old01-away", "mig-old01"]);
+    assert!(out.status.success(), "{}", out.describe());
+    // The re-run: the recorded volume is gone, so it manages again.
+    let out = d_finalize().args(&["--json"]).run_ok(FINALIZE);
+    let d_id = finalize::json_stdout(&out)["cinder_volume_id"]
+        .as_str()
+        .expect("an id")
+        .to_owned();
+    assert_ne!(d_id, failed_id);
+    let v = show(&os, &d_id);
+    assert_eq!(v["status"], "available", "{v:#}");
+    assert_eq!(v["size"], 1, "{v:#}");
+    assert_eq!(
+        v["os-vol-tenant-attr:tenant_id"],
+        tenant_id.as_str(),
+        "{v:#}"
+    );
+    assert!(os.lv_names().contains(&format!("volume-{d_id}")));
+    let got = lv_bytes(&os, &format!("volume-{d_id}"), d.img.size as usize);
+    assert_same_bytes(&got, &d.img.expected_all(), 0, "D's volume");
+    drop(proxy);
+
     // ---- C: the manual fallback of docs/cutover.md, command for command --
     let (c, c_running) = migrate(&os, "mig-app01");
     c_running.sigterm_and_wait(Duration::from_secs(30));
@@ -470,6 +556,6 @@ fn cinder_handoff_against_real_keystone_and_cinder() {
     let got = lv_bytes(&os, &format!("volume-{c_id}"), c.img.size as usize);
     assert_same_bytes(&got, &c.img.expected_all(), 0, "C's volume");
 
-    drop((a, b, c));
+    drop((a, b, c, d));
     drop(os);
 }

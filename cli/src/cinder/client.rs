@@ -195,7 +195,7 @@ struct ManageableList {
 /// Statuses on the way to `available` after a manage call.
 const IN_PROGRESS: &[&str] = &["creating", "managing"];
 /// Statuses of a failed manage call (the API shows `error_managing` as `error`).
-const FAILED: &[&str] = &["error", "error_managing"];
+pub const FAILED: &[&str] = &["error", "error_managing"];
 
 /// Cinder's reason for leaving an LV alone when it is open; an LV served by
 /// a running `stream start` is open until the handover.

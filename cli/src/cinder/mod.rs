@@ -62,7 +62,7 @@ mod version;
 use std::time::Duration;
 
 pub use auth::Settings;
-pub use client::{Client, ManageRequest, ManagedVolume};
+pub use client::{Client, FAILED, ManageRequest, ManagedVolume};
 pub use preflight::{GIB, lv_names, preflight_lv};
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

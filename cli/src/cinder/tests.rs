@@ -341,18 +341,20 @@ fn cinder_29_gets_manageable_volumes_at_3_8() {
 }
 
 #[test]
-fn before_3_8_the_legacy_extension_at_the_minimum_version() {
+fn before_3_8_the_legacy_extension_at_the_highest_version() {
     let api = version::choose(&[doc("v3.0", "3.7", "3.0")]).unwrap();
-    assert_eq!(api, Api::Legacy(Some(Microversion(3, 0))));
-    assert_eq!(api.header().as_deref(), Some("volume 3.0"));
+    assert_eq!(api, Api::Legacy(Some(Microversion(3, 7))));
+    assert_eq!(api.header().as_deref(), Some("volume 3.7"));
+    assert!(api.has_messages(), "3.7 has the user messages of 3.3");
+    let api = version::choose(&[doc("v3.0", "3.2", "3.0")]).unwrap();
     assert!(!api.has_messages());
     // A v3 without microversions: no header at all.
     let api = version::choose(&[doc("v3.0", "", "")]).unwrap();
     assert_eq!(api, Api::Legacy(None));
     assert_eq!(api.header(), None);
-    // A minimum above 3.8 (a future Cinder): the legacy call at that minimum.
+    // A minimum above 3.8 (a future Cinder): manageable_volumes at that minimum.
     let api = version::choose(&[doc("v3.0", "3.90", "3.50")]).unwrap();
-    assert_eq!(api, Api::Legacy(Some(Microversion(3, 50))));
+    assert_eq!(api, Api::Manageable(Microversion(3, 50)));
 }
 
 #[test]

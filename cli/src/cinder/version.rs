@@ -13,14 +13,15 @@
 //!
 //! | the v3 entry offers            | we use                                   |
 //! |--------------------------------|------------------------------------------|
-//! | max >= 3.8 (and min <= 3.8)    | `manageable_volumes`, header `volume 3.8` |
-//! | microversions, max < 3.8       | legacy `os-volume-manage`, header `volume MIN` |
+//! | max >= 3.8                     | `manageable_volumes`, header `volume 3.8` (or MIN if above) |
+//! | microversions, max < 3.8       | legacy `os-volume-manage`, header `volume MAX` |
 //! | no microversions               | legacy `os-volume-manage`, no header     |
 //! | no v3 entry                    | an error naming what it offers           |
 //!
 //! 3.8 is pinned, not the highest offered: it is the version whose answers
 //! the tests read, and it also has the user messages (3.3) we read a
-//! failure's reason from.
+//! failure's reason from. Below 3.8 the highest offered is used, so a 3.3
+//! to 3.7 Cinder still gives that reason.
 
 use serde::Deserialize;
 
@@ -131,8 +132,8 @@ pub fn choose(versions: &[ApiVersion]) -> Result<Api, String> {
     let max = Microversion::parse(&v3.version);
     let min = Microversion::parse(&v3.min_version).unwrap_or(Microversion(3, 0));
     Ok(match max {
-        Some(max) if max >= MANAGEABLE && min <= MANAGEABLE => Api::Manageable(MANAGEABLE),
-        Some(_) => Api::Legacy(Some(min)),
+        Some(max) if max >= MANAGEABLE => Api::Manageable(min.max(MANAGEABLE)),
+        Some(max) => Api::Legacy(Some(max)),
         None => Api::Legacy(None),
     })
 }
