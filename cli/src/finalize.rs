@@ -685,7 +685,7 @@ async fn cinder_step(
                 args.json,
                 "cinder_manage",
                 &format!(
-                    "asking Cinder at {} (API {:?}) to manage LV {} on {host} as {:?}",
+                    "asking Cinder at {} ({}) to manage LV {} on {host} as {:?}",
                     client.endpoint(),
                     client.api(),
                     lv.full_name(),

@@ -246,8 +246,23 @@ fn cinder_handoff_against_real_keystone_and_cinder() {
         status.success(),
         "stream start after the handover: {status}"
     );
-    let report = finalize::json_stdout(&out);
+    let report = integration::ops::assert_valid("finalize", &out.stdout_lossy());
     assert_eq!(report["phase"], "finalized", "{report}");
+    // The event lines on stderr follow their schema, the Cinder ones too.
+    let events: Vec<serde_json::Value> = out
+        .stderr_lossy()
+        .lines()
+        .filter(|l| l.starts_with('{') && l.contains("\"event\""))
+        .map(|l| integration::ops::assert_valid("finalize-event", l))
+        .collect();
+    let available = events
+        .iter()
+        .find(|e| e["event"] == "cinder_available")
+        .unwrap_or_else(|| panic!("no cinder_available event: {}", out.describe()));
+    assert!(
+        available["message"].as_str().unwrap().contains("1 GiB"),
+        "{available}"
+    );
     let a_id = report["cinder_volume_id"]
         .as_str()
         .unwrap_or_else(|| panic!("no volume id: {report}"))

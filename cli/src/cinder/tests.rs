@@ -338,6 +338,7 @@ fn cinder_29_gets_manageable_volumes_at_3_8() {
     assert_eq!(api, Api::Manageable(Microversion(3, 8)));
     assert_eq!(api.header().as_deref(), Some("volume 3.8"));
     assert!(api.has_messages());
+    assert_eq!(api.to_string(), "manageable_volumes at volume 3.8");
 }
 
 #[test]

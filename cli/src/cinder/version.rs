@@ -81,6 +81,16 @@ impl Api {
     }
 }
 
+impl std::fmt::Display for Api {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Api::Manageable(v) => write!(f, "manageable_volumes at volume {v}"),
+            Api::Legacy(Some(v)) => write!(f, "the legacy os-volume-manage at volume {v}"),
+            Api::Legacy(None) => f.write_str("the legacy os-volume-manage, no microversion"),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 pub struct ApiVersion {
     pub id: String,
