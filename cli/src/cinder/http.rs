@@ -21,6 +21,8 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 
 pub struct Http {
     agent: ureq::Agent,
+    /// `OS_CACERT`, for the hint on a certificate that does not verify.
+    cacert: Option<std::path::PathBuf>,
 }
 
 /// What came back: the status, the body as text, and Keystone's token.
@@ -75,6 +77,7 @@ impl Http {
         }
         Ok(Http {
             agent: config.build().into(),
+            cacert: cacert.map(Path::to_path_buf),
         })
     }
 
@@ -88,10 +91,24 @@ impl Http {
         api_version: Option<&str>,
         body: Option<&Value>,
     ) -> Result<Response> {
-        let transport = |e: ureq::Error| Error::Transport {
-            method,
-            url: url.to_owned(),
-            message: e.to_string(),
+        let transport = |e: ureq::Error| {
+            let mut message = e.to_string();
+            if message.contains("certificate verify failed") {
+                message.push_str(&match &self.cacert {
+                    Some(c) => format!(
+                        "; the server's certificate is not signed by a CA in OS_CACERT {}",
+                        c.display()
+                    ),
+                    None => "; the server's certificate is not signed by a CA of the system \
+                             store: set OS_CACERT to the cloud's CA bundle"
+                        .to_owned(),
+                });
+            }
+            Error::Transport {
+                method,
+                url: url.to_owned(),
+                message,
+            }
         };
         let mut headers: Vec<(&str, String)> = vec![("Accept", "application/json".into())];
         if let Some(token) = token {

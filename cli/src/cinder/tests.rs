@@ -715,3 +715,25 @@ fn os_cloud_application_credential() {
     let s = Settings::from_lookup(|k| vars.get(k).cloned()).unwrap();
     assert!(s.identity.is_application_credential());
 }
+
+// ---- reachability ------------------------------------------------------
+
+#[test]
+fn unreachable_keystone_is_named_before_anything_else() {
+    // Port 1 on loopback: nothing listens, the connection is refused at once.
+    let s = settings(&[
+        ("OS_AUTH_URL", "http://127.0.0.1:1/v3"),
+        ("OS_USER_ID", "u"),
+        ("OS_PASSWORD", PASSWORD),
+        ("OS_PROJECT_ID", "p"),
+    ])
+    .unwrap();
+    let err = Client::connect(&s).unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, Error::Transport { .. }), "{err:?}");
+    assert!(
+        msg.contains("POST http://127.0.0.1:1/v3/auth/tokens"),
+        "{msg}"
+    );
+    assert!(!msg.contains(PASSWORD), "{msg}");
+}
