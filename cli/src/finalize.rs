@@ -599,11 +599,14 @@ async fn cinder_check(
         }
         // The LV's name: recorded by an earlier run (it may be renamed to
         // volume-<id> since), else from the target path.
-        let (vg, lv) = match recorded.as_ref() {
-            Some(r) if existing.is_some() && !r.source_name.is_empty() => {
+        // Once Cinder has the volume the LV may be renamed and its old
+        // path gone: the names then only label the request, never sent.
+        let (vg, lv) = match (&existing, recorded.as_ref()) {
+            (Some(_), Some(r)) if !r.source_name.is_empty() => {
                 (String::new(), r.source_name.clone())
             }
-            _ => cinder::lv_names(&target)?,
+            (Some(_), _) => cinder::lv_names(&target).unwrap_or_default(),
+            (None, _) => cinder::lv_names(&target)?,
         };
         let name = name.unwrap_or_else(|| format!("stream-{lv}"));
         let mut request = cinder::ManageRequest::new(host, lv.clone(), name);
