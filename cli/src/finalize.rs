@@ -56,10 +56,10 @@ pub struct FinalizeArgs {
     #[arg(long)]
     json: bool,
     /// Adopt the target LV into Cinder (LVM driver) on this
-    /// HOST@BACKEND#POOL with the manage-existing call; credentials from the
-    /// usual OS_* environment (OS_AUTH_URL, OS_USERNAME, OS_PASSWORD,
-    /// OS_PROJECT_NAME, domains; or OS_TOKEN; or an application
-    /// credential). Cinder's default policy lets only admins manage: the
+    /// HOST@BACKEND#POOL with the manage-existing call; credentials from
+    /// OS_CLOUD (clouds.yaml) or the usual OS_* environment (OS_AUTH_URL,
+    /// OS_USERNAME, OS_PASSWORD, OS_PROJECT_NAME, domains; or OS_TOKEN; or
+    /// an application credential), OS_CACERT for a private CA. Cinder's default policy lets only admins manage: the
     /// user needs the admin role on the project the volume goes into.
     /// Credentials, host, type, zone and LV are checked before a running
     /// `stream start` is stopped.
