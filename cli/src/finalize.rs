@@ -56,15 +56,30 @@ pub struct FinalizeArgs {
     #[arg(long)]
     json: bool,
     /// Adopt the target LV into Cinder (LVM driver) on this
-    /// HOST@BACKEND#POOL with the manage-existing call; credentials from the
-    /// usual OS_* environment (OS_AUTH_URL, OS_USERNAME, OS_PASSWORD,
-    /// OS_PROJECT_NAME, domains, or OS_TOKEN).
+    /// HOST@BACKEND#POOL with the manage-existing call; credentials from
+    /// OS_CLOUD (clouds.yaml) or the usual OS_* environment (OS_AUTH_URL,
+    /// OS_USERNAME, OS_PASSWORD, OS_PROJECT_NAME, domains; or OS_TOKEN; or
+    /// an application credential), OS_CACERT for a private CA. Cinder's default policy lets only admins manage: the
+    /// user needs the admin role on the project the volume goes into.
+    /// Credentials, host, type, zone and LV are checked before a running
+    /// `stream start` is stopped.
     #[arg(long, value_name = "HOST@BACKEND#POOL")]
     cinder_manage: Option<String>,
-    /// Name of the Cinder volume [default: stream-LV]. A re-run finds the
-    /// volume by this name, so it never sends a second manage call.
+    /// Project (id, or name in OS_PROJECT_DOMAIN_*) the volume goes into,
+    /// where the tenant can boot it [default: OS_PROJECT_*].
+    #[arg(long, value_name = "PROJECT", requires = "cinder_manage")]
+    project: Option<String>,
+    /// Name of the Cinder volume [default: stream-LV]. Only a label: a
+    /// re-run finds the volume by its recorded id or by the migration id in
+    /// its metadata, never by name.
     #[arg(long, value_name = "NAME", requires = "cinder_manage")]
     volume_name: Option<String>,
+    /// Volume type (name or id) of the managed volume [default: Cinder's].
+    #[arg(long, value_name = "TYPE", requires = "cinder_manage")]
+    volume_type: Option<String>,
+    /// Availability zone of the managed volume [default: Cinder's].
+    #[arg(long, value_name = "ZONE", requires = "cinder_manage")]
+    availability_zone: Option<String>,
     /// Mark the managed volume bootable.
     #[arg(long, requires = "cinder_manage")]
     bootable: bool,
@@ -97,7 +112,10 @@ impl FinalizeArgs {
             timeout,
             json,
             cinder_manage: None,
+            project: None,
             volume_name: None,
+            volume_type: None,
+            availability_zone: None,
             bootable: false,
         }
     }
@@ -347,6 +365,13 @@ pub async fn run(args: FinalizeArgs) -> anyhow::Result<()> {
     if header.phase == Phase::Finalized {
         return already_finalized(&dir, &header, &args).await;
     }
+    // Cinder is asked first: bad credentials, an unreachable cloud, an
+    // unknown host, type, zone or LV end the run here, before a running
+    // `stream start` is stopped or anything is written.
+    let cinder = match &args.cinder_manage {
+        Some(host) => Some(cinder_check(&header, host.clone(), &args).await?),
+        None => None,
+    };
     if handover(&dir, &args).await? {
         say(
             args.json,
@@ -410,11 +435,11 @@ pub async fn run(args: FinalizeArgs) -> anyhow::Result<()> {
     } else {
         None
     };
-    if let Some(host) = args.cinder_manage.clone() {
+    if let Some(checked) = cinder {
         // Cinder refuses an LV that is open: every handle goes first.
         volume.close().await?;
         drop(volume);
-        let header = cinder_step(&dir, &header, host, &args).await?;
+        let header = cinder_step(&dir, &header, checked, &args).await?;
         return report(&args, &header, manifest, verify);
     }
     let header = volume.update_header(|h| h.phase = Phase::Finalized)?;
@@ -442,13 +467,17 @@ async fn already_finalized(
         match done {
             Some(c) if c.volume_id.is_some() && &c.host == host => {}
             Some(c) => bail!(
-                "this migration was finalized{when} into Cinder on {}, not {host}: the target                  {} is Cinder volume {} now; nothing was changed",
+                "this migration was finalized{when} into Cinder on {}, not {host}: the target \
+                 {} is Cinder volume {} now; nothing was changed",
                 c.host,
                 header.target.path,
                 c.volume_id.as_deref().unwrap_or("(unknown id)")
             ),
             None => bail!(
-                "this migration was finalized{when} without --cinder-manage: the target {}                  belongs to the new instance now and may be in use, so `stream finalize` will                  not hand it to Cinder afterwards (Cinder renames the LV). Once nothing uses it,                  adopt it with `cinder manage {host} {}`; nothing was changed",
+                "this migration was finalized{when} without --cinder-manage: the target {} \
+                 belongs to the new instance now and may be in use, so `stream finalize` will \
+                 not hand it to Cinder afterwards (Cinder renames the LV). Once nothing uses it, \
+                 adopt it with `cinder manage {host} {}`; nothing was changed",
                 header.target.path,
                 header.target.path,
             ),
@@ -468,7 +497,9 @@ async fn already_finalized(
         if !r.ok() {
             print_mismatches(&r);
             bail!(
-                "verification failed: {} mismatching range(s). The migration was finalized{when}                  and its target left as it was; if the new instance has written to it since,                  its chunks differ from the manifest and this is expected",
+                "verification failed: {} mismatching range(s). The migration was finalized{when} \
+                 and its target left as it was; if the new instance has written to it since, \
+                 its chunks differ from the manifest and this is expected",
                 r.mismatches.len()
             );
         }
@@ -479,58 +510,165 @@ async fn already_finalized(
     report(args, header, m, verify)
 }
 
+/// The metadata key naming the migration a Cinder volume came from: how a
+/// re-run whose answer from Cinder was lost finds the volume (never by
+/// name: another volume may have the same name).
+pub const MIGRATION_KEY: &str = "stream_migration_id";
+
+/// What `cinder_check` found: a client at the negotiated API version, the
+/// request it checked, and the volume an earlier run made, if any.
+struct CinderChecked {
+    client: Arc<crate::cinder::Client>,
+    request: crate::cinder::ManageRequest,
+    existing: Option<crate::cinder::ManagedVolume>,
+}
+
+/// The migration id Cinder's metadata carries; states made before markers
+/// have none, and get one derived from what identifies their target.
+fn migration_id(header: &Header) -> String {
+    header.migration_id.clone().unwrap_or_else(|| {
+        format!(
+            "{}-{}-{}",
+            header.created_at, header.target.dev, header.target.ino
+        )
+    })
+}
+
+/// Read-only: log in (scoped to `--project`), negotiate the API version,
+/// find the volume an earlier run made (by its recorded id, else by the
+/// migration id in its metadata), else check the host, type, zone and LV.
+async fn cinder_check(
+    header: &Header,
+    host: String,
+    args: &FinalizeArgs,
+) -> anyhow::Result<CinderChecked> {
+    use crate::cinder;
+    let target = PathBuf::from(&header.target.path);
+    let recorded = header.finalize.as_ref().and_then(|f| f.cinder.clone());
+    if let Some(r) = &recorded {
+        if r.host != host {
+            bail!(
+                "this migration's LV was handed to Cinder on {} already, not {host}; \
+                 nothing was changed",
+                r.host
+            );
+        }
+    }
+    let migration = migration_id(header);
+    let name = args
+        .volume_name
+        .clone()
+        .or_else(|| recorded.as_ref().and_then(|r| r.volume_name.clone()));
+    let project = args.project.clone();
+    let (volume_type, zone, bootable) = (
+        args.volume_type.clone(),
+        args.availability_zone.clone(),
+        args.bootable,
+    );
+    tokio::task::spawn_blocking(move || -> anyhow::Result<CinderChecked> {
+        let mut settings = cinder::Settings::from_env()?;
+        if let Some(p) = &project {
+            settings.scope_to(p)?;
+        }
+        let client = cinder::Client::connect(&settings)?;
+        let recorded_id = recorded.as_ref().and_then(|r| r.volume_id.clone());
+        let existing = match &recorded_id {
+            Some(id) => client.volume(id)?,
+            None => None,
+        };
+        let existing = match existing {
+            Some(v) => Some(v),
+            None => {
+                if let Some(id) = &recorded_id {
+                    // Deleted since (as the error_managing message tells
+                    // the operator to do): manage again, once the checks
+                    // below find the LV under its own name.
+                    eprintln!(
+                        "  Cinder volume {id}, recorded by an earlier run, is gone from project \
+                         {}; looking for this migration's volume again",
+                        settings.project_label()
+                    );
+                }
+                client.find_by_metadata(MIGRATION_KEY, &migration)?
+            }
+        };
+        if let Some(v) = &existing {
+            if cinder::FAILED.contains(&v.status.as_str()) {
+                return Err(cinder::Error::ManageFailed {
+                    id: v.id.clone(),
+                    status: v.status.clone(),
+                    fault: client.fault(&v.id),
+                }
+                .into());
+            }
+        }
+        // The LV's name: recorded by an earlier run (it may be renamed to
+        // volume-<id> since), else from the target path.
+        // Once Cinder has the volume the LV may be renamed and its old
+        // path gone: the names then only label the request, never sent.
+        let (vg, lv) = match (&existing, recorded.as_ref()) {
+            (Some(_), Some(r)) if !r.source_name.is_empty() => {
+                (String::new(), r.source_name.clone())
+            }
+            (Some(_), _) => cinder::lv_names(&target).unwrap_or_default(),
+            (None, _) => cinder::lv_names(&target)?,
+        };
+        let name = name.unwrap_or_else(|| format!("stream-{lv}"));
+        let mut request = cinder::ManageRequest::new(host, lv.clone(), name);
+        request.bootable = bootable;
+        request.volume_type = volume_type;
+        request.availability_zone = zone;
+        request.metadata.insert(MIGRATION_KEY.into(), migration);
+        if !vg.is_empty() {
+            request
+                .metadata
+                .insert("stream_source_lv".into(), format!("{vg}/{lv}"));
+        }
+        if existing.is_none() {
+            client.check_manage(&request, true)?;
+        }
+        Ok(CinderChecked {
+            client: Arc::new(client),
+            request,
+            existing,
+        })
+    })
+    .await?
+}
+
 /// Adopt the target LV into Cinder, in the order that makes a re-run safe
-/// (see `cinder`): look for the volume by name first (a lost answer to an
-/// earlier manage call), record the intent before calling, record the id
-/// once answered, wait until it is available, then mark the migration
-/// finalized.
+/// (see `cinder`): use the volume an earlier run made if `cinder_check`
+/// found one, else preflight the closed LV, record the intent, call
+/// manage, record the id; wait until the volume settles, check it, then
+/// mark the migration finalized.
 async fn cinder_step(
     dir: &std::path::Path,
     header: &Header,
-    host: String,
+    checked: CinderChecked,
     args: &FinalizeArgs,
 ) -> anyhow::Result<Header> {
     use crate::cinder;
     let (state, mut h, _) = StateDir::open(dir)?;
     let target = PathBuf::from(&header.target.path);
     let size = header.size;
-    let recorded = h.finalize.as_ref().and_then(|f| f.cinder.clone());
-    let default_name = || {
-        format!(
-            "stream-{}",
-            target
-                .file_name()
-                .map(|n| n.to_string_lossy())
-                .unwrap_or_default()
-        )
-    };
-    let name = args
-        .volume_name
-        .clone()
-        .or_else(|| recorded.as_ref().and_then(|r| r.volume_name.clone()))
-        .unwrap_or_else(default_name);
-    let bootable = args.bootable;
-    let prior_id = recorded.as_ref().and_then(|r| r.volume_id.clone());
     let save = |h: &Header| state.write_header(h);
-
-    let (client, found) = {
-        let name = name.clone();
-        tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
-            let client = cinder::Client::from_env()?;
-            let found = match prior_id {
-                Some(id) => Some(client.volume(&id)?),
-                None => client.find_volume_by_name(&name)?,
-            };
-            Ok((Arc::new(client), found))
-        })
-        .await??
-    };
-    let volume = match found {
+    let CinderChecked {
+        client,
+        request,
+        existing,
+    } = checked;
+    let host = request.host.clone();
+    let volume = match existing {
         Some(v) => {
-            eprintln!(
-                "  Cinder already manages this volume as {} ({}); not calling manage again",
-                v.id,
-                v.name.as_deref().unwrap_or("unnamed")
+            say(
+                args.json,
+                "cinder_found",
+                &format!(
+                    "Cinder already has this migration's volume {} ({}, {}); not calling manage again",
+                    v.id,
+                    v.name.as_deref().unwrap_or("unnamed"),
+                    v.status
+                ),
             );
             v
         }
@@ -539,43 +677,97 @@ async fn cinder_step(
                 let target = target.clone();
                 tokio::task::spawn_blocking(move || cinder::preflight_lv(&target, size)).await??
             };
-            eprintln!(
-                "  asking Cinder at {} to manage LV {} on {host} as {name:?}",
-                client.endpoint(),
-                lv.full_name()
+            anyhow::ensure!(
+                lv.lv == request.source_name,
+                "the target is LV {} now, not {} as checked before the handover; nothing was \
+                 handed to Cinder",
+                lv.full_name(),
+                request.source_name
+            );
+            // Again, strictly: nothing holds the LV now.
+            {
+                let (client, request) = (client.clone(), request.clone());
+                tokio::task::spawn_blocking(move || client.check_manage(&request, false)).await??;
+            }
+            say(
+                args.json,
+                "cinder_manage",
+                &format!(
+                    "asking Cinder at {} ({}) to manage LV {} on {host} as {:?}",
+                    client.endpoint(),
+                    client.api(),
+                    lv.full_name(),
+                    request.name
+                ),
             );
             if let Some(f) = h.finalize.as_mut() {
                 f.cinder = Some(state::CinderRecord {
                     host: host.clone(),
                     source_name: lv.lv.clone(),
-                    volume_name: Some(name.clone()),
+                    volume_name: Some(request.name.clone()),
                     volume_id: None,
                 });
             }
             save(&h)?;
-            let mut req = cinder::ManageRequest::new(host.clone(), lv.lv.clone(), name.clone());
-            req.bootable = bootable;
             let client2 = client.clone();
-            tokio::task::spawn_blocking(move || client2.manage_existing(&req)).await??
+            tokio::task::spawn_blocking(move || client2.manage_existing(&request)).await??
         }
     };
     // Found by an earlier run without a recorded intent: record it now.
     if let Some(f) = h.finalize.as_mut() {
         f.cinder
             .get_or_insert_with(|| state::CinderRecord {
-                host,
-                volume_name: Some(name),
+                host: host.clone(),
+                volume_name: volume.name.clone(),
                 ..Default::default()
             })
             .volume_id = Some(volume.id.clone());
     }
     save(&h)?;
     let id = volume.id.clone();
+    let waiting = client.clone();
     let ready = tokio::task::spawn_blocking(move || {
-        client.wait_available(&id, std::time::Duration::from_secs(600))
+        waiting.wait_settled(&id, std::time::Duration::from_secs(600))
     })
     .await??;
-    eprintln!("  Cinder volume {} is {}", ready.id, ready.status);
+    // The volume as Cinder shows it must be the LV we filled.
+    let gib = header.target.size.div_ceil(cinder::GIB);
+    anyhow::ensure!(
+        ready.size_gb == Some(gib),
+        "Cinder volume {} is available but {} GiB, and the LV is {} bytes ({gib} GiB): \
+         check it before booting from it; the migration is not marked finalized",
+        ready.id,
+        ready
+            .size_gb
+            .map_or("an unknown number of".into(), |s| s.to_string()),
+        header.target.size
+    );
+    if let (Some(want), Some(got)) = (client.project_id(), ready.project_id.as_deref()) {
+        anyhow::ensure!(
+            want == got,
+            "Cinder volume {} is in project {got}, not {want}; the migration is not marked \
+             finalized",
+            ready.id
+        );
+    }
+    say(
+        args.json,
+        "cinder_available",
+        &format!(
+            "Cinder volume {} ({}) is {}: {gib} GiB, project {}, host {}{}; its LV is volume-{} now",
+            ready.id,
+            ready.name.as_deref().unwrap_or("unnamed"),
+            ready.status,
+            ready
+                .project_id
+                .as_deref()
+                .or(client.project_id())
+                .unwrap_or("?"),
+            ready.host.as_deref().unwrap_or(&host),
+            if ready.bootable { ", bootable" } else { "" },
+            ready.id
+        ),
+    );
     h.phase = Phase::Finalized;
     h.finalized_at.get_or_insert(
         std::time::SystemTime::now()

@@ -18,9 +18,11 @@
 //! - [`finalize`]: runs `stream finalize` (to completion, or in the
 //!   background to be SIGKILLed at a chosen point) and `stream verify`;
 //!   reads `state.json`.
-//! - [`fake_cloud`]: a Keystone + Cinder stand-in on `127.0.0.1:0` that
-//!   answers with the API reference samples of `vendor-fixtures/openstack/`
-//!   and records every request.
+//! - [`openstack`]: real Keystone and Cinder from
+//!   `integration/openstack/bring-up` (stopped on drop), LVs in its volume
+//!   group with a loop device over their extents, the `openstack` CLI, and
+//!   a proxy in front of cinder-api that loses an answer or shows an older
+//!   version document.
 //! - [`tool`]: the outside clients (nbdinfo, nbdcopy, qemu-img, qemu-io, fio,
 //!   python3 with libnbd): a clear panic naming the Debian package when one
 //!   is missing, and every run bounded by a deadline.
@@ -41,12 +43,12 @@
 //! completion is a reply or an exit status, each awaited with a deadline.
 
 pub mod binary;
-pub mod fake_cloud;
 pub mod fault;
 pub mod finalize;
 pub mod fuse;
 pub mod guest;
 pub mod image;
+pub mod openstack;
 pub mod ops;
 pub mod proxy;
 pub mod server;

@@ -1,4 +1,7 @@
-//! The few HTTP exchanges we need, on a blocking `ureq` agent (rustls).
+//! The few HTTP exchanges we need, on a blocking `ureq` agent over
+//! native-tls, which is OpenSSL on Linux: the binary's one TLS stack
+//! (ARCHITECTURE.md), with the system's CA store unless `OS_CACERT` names
+//! a bundle (then only that bundle, as the OpenStack clients do).
 //!
 //! Status codes are answers, not transport errors: the callers turn them
 //! into errors that name the URL, the status and Cinder's or Keystone's
@@ -18,8 +21,8 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 
 pub struct Http {
     agent: ureq::Agent,
-    /// Sent as `OpenStack-API-Version: volume X` on Cinder requests.
-    microversion: Option<String>,
+    /// `OS_CACERT`, for the hint on a certificate that does not verify.
+    cacert: Option<std::path::PathBuf>,
 }
 
 /// What came back: the status, the body as text, and Keystone's token.
@@ -40,7 +43,8 @@ impl Response {
 }
 
 impl Http {
-    pub fn new(cacert: Option<&Path>, microversion: Option<String>) -> Result<Http> {
+    pub fn new(cacert: Option<&Path>) -> Result<Http> {
+        let tls = ureq::tls::TlsConfig::builder().provider(ureq::tls::TlsProvider::NativeTls);
         let mut config = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .timeout_global(Some(REQUEST_TIMEOUT))
@@ -62,37 +66,56 @@ impl Http {
                 )));
             }
             config = config.tls_config(
-                ureq::tls::TlsConfig::builder()
-                    .root_certs(ureq::tls::RootCerts::new_with_certs(&certs))
+                tls.root_certs(ureq::tls::RootCerts::new_with_certs(&certs))
+                    .build(),
+            );
+        } else {
+            config = config.tls_config(
+                tls.root_certs(ureq::tls::RootCerts::PlatformVerifier)
                     .build(),
             );
         }
         Ok(Http {
             agent: config.build().into(),
-            microversion,
+            cacert: cacert.map(Path::to_path_buf),
         })
     }
 
-    /// One request. `token` marks a Cinder request (it gets `X-Auth-Token`
-    /// and the microversion header); `body` is sent as JSON.
+    /// One request: `token` goes into `X-Auth-Token`, `api_version` into
+    /// `OpenStack-API-Version` (e.g. `volume 3.8`); `body` is sent as JSON.
     pub fn send(
         &self,
         method: &'static str,
         url: &str,
         token: Option<&Secret>,
+        api_version: Option<&str>,
         body: Option<&Value>,
     ) -> Result<Response> {
-        let transport = |e: ureq::Error| Error::Transport {
-            method,
-            url: url.to_owned(),
-            message: e.to_string(),
+        let transport = |e: ureq::Error| {
+            let mut message = e.to_string();
+            if message.contains("certificate verify failed") {
+                message.push_str(&match &self.cacert {
+                    Some(c) => format!(
+                        "; the server's certificate is not signed by a CA in OS_CACERT {}",
+                        c.display()
+                    ),
+                    None => "; the server's certificate is not signed by a CA of the system \
+                             store: set OS_CACERT to the cloud's CA bundle"
+                        .to_owned(),
+                });
+            }
+            Error::Transport {
+                method,
+                url: url.to_owned(),
+                message,
+            }
         };
         let mut headers: Vec<(&str, String)> = vec![("Accept", "application/json".into())];
         if let Some(token) = token {
             headers.push(("X-Auth-Token", token.expose().to_owned()));
-            if let Some(v) = &self.microversion {
-                headers.push(("OpenStack-API-Version", format!("volume {v}")));
-            }
+        }
+        if let Some(v) = api_version {
+            headers.push(("OpenStack-API-Version", v.to_owned()));
         }
         let result = match (method, body) {
             ("POST", Some(body)) => {

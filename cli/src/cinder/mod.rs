@@ -1,35 +1,49 @@
 //! The Cinder handoff of `stream finalize --cinder-manage HOST@BACKEND#POOL`:
 //! adopt the filled LV as a Cinder volume with the block-storage API's
-//! manage-existing call, so Nova can boot from it.
+//! manage-existing call, in the project where the tenant boots it.
 //!
-//! **Tested against the OpenStack API reference's recorded sample responses
-//! only (`vendor-fixtures/openstack/`, served by a local HTTP server in the
-//! tests), never against a live cloud.** The LV checks are tested on loop
-//! devices and a fake `/dev`, never with LVM.
+//! **Tested against real Keystone 30 and Cinder 29** (LVM driver) brought up
+//! by `integration/openstack/bring-up`, in `integration/tests/cinder_real.rs`.
+//! The unit tests beside this (`tests.rs`) cover only what needs no server.
 //!
 //! # Layout
 //!
 //! - `preflight`: is the target an LV Cinder's LVM driver can adopt (named
 //!   `/dev/VG/LV`, not `volume-*`, whole GiB, not open)? Local, no network.
-//! - `auth`: `OS_*` settings, the Keystone v3 token and the block-storage
-//!   endpoint from its catalog (or an explicit `OS_ENDPOINT`).
-//! - `client`: `Client::manage_existing`, `find_volume_by_name`,
-//!   `wait_available` over `http` (blocking `ureq`; call it from
-//!   `tokio::task::spawn_blocking` in async code).
+//! - `auth`: `OS_*` settings (password, token, application credential;
+//!   `OS_CACERT`; `OS_CLOUD` through `clouds`, which reads `clouds.yaml`), the Keystone v3 token scoped to the volume's project,
+//!   and the block-storage endpoint from its catalog (or `OS_ENDPOINT`).
+//! - `version`: Cinder's version document and the API it leads to: the
+//!   `manageable_volumes` resource at microversion 3.8, or the legacy
+//!   `os-volume-manage` extension; the `OpenStack-API-Version` header
+//!   every Cinder request carries.
+//! - `client`: `Client::connect` (log in and negotiate), `check_manage`
+//!   (pool, volume type, zone, LV in the backend's manageable list),
+//!   `manage_existing`, `find_by_metadata`, `volume`, `wait_settled` (with
+//!   Cinder's user message on failure), over `http` (blocking `ureq` on
+//!   native-tls, i.e. OpenSSL; call it from `tokio::task::spawn_blocking`).
 //! - `secret`: a password or token that is never printed, shared by `auth`
 //!   and `http` (so neither depends on the other).
 //!
 //! # The order finalize follows (so that a re-run never manages twice)
 //!
-//! 1. `Client::from_env()`;
-//! 2. `find_volume_by_name(NAME)`: if found, a previous run's manage call
-//!    went through (its answer may have been lost): skip to 5. The LV has
-//!    possibly been renamed to `volume-<uuid>` already, so this comes
-//!    *before* the preflight;
-//! 3. `preflight_lv(target, disk_size)`;
-//! 4. `manage_existing(&ManageRequest)`;
-//! 5. `wait_available(id, timeout)`; the volume's LV is then
-//!    `/dev/VG/volume-<id>`.
+//! Before a running `stream start` is stopped or anything is written:
+//!
+//! 1. `Client::connect` (credentials, reachability, API version);
+//! 2. the volume an earlier run made: by the id recorded in the state, else
+//!    by the migration id in the metadata of the project's volumes
+//!    (`stream_migration_id`), never by name; if found, skip to 6;
+//! 3. `check_manage`: the pool exists, the volume type and zone exist, the
+//!    LV is in the backend's manageable list (an LV held by the running
+//!    `stream start` may read "Volume in use" here).
+//!
+//! After the handover, with every handle on the LV closed:
+//!
+//! 4. `preflight_lv(target, disk_size)`, `check_manage` again strictly;
+//! 5. record the intent, `manage_existing`, record the id;
+//! 6. `wait_settled(id, timeout)`: `available`, or Cinder's reason for
+//!    `error_managing`; then the size (whole GiB) and project are checked
+//!    and the migration is marked finalized. The LV is `VG/volume-<id>`.
 //!
 //! Errors name the endpoint, the HTTP status and Cinder's (or Keystone's)
 //! message. The password and the token are never printed: they only travel
@@ -37,21 +51,19 @@
 
 mod auth;
 mod client;
+mod clouds;
 mod http;
 mod preflight;
 mod secret;
 #[cfg(test)]
 mod tests;
+mod version;
 
 use std::time::Duration;
 
-// The API finalize uses; unused in the binary until it is wired.
-#[allow(unused_imports)]
-pub use auth::{Identity, NameOrId, Secret, Settings};
-#[allow(unused_imports)]
-pub use client::{Client, ManageRequest, ManagedVolume};
-#[allow(unused_imports)]
-pub use preflight::{GIB, Holder, LvRef, PreflightError, Roots, preflight_lv, preflight_lv_in};
+pub use auth::Settings;
+pub use client::{Client, FAILED, ManageRequest, ManagedVolume};
+pub use preflight::{GIB, lv_names, preflight_lv};
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -68,13 +80,32 @@ pub enum Error {
         url: String,
         message: String,
     },
-    /// Keystone refused the credentials.
+    /// Keystone refused the credentials, or the scope.
     #[error(
-        "Keystone refused the credentials: POST {url}: HTTP 401: {message}; check \
-         OS_USERNAME/OS_USER_ID, OS_PASSWORD (or OS_TOKEN), the user and project domains \
-         and OS_PROJECT_NAME/OS_PROJECT_ID"
+        "Keystone refused to log {user} in to project {project}: POST {url}: HTTP 401: \
+         {message}. Check OS_USERNAME/OS_USER_ID, OS_PASSWORD (or OS_TOKEN, or the \
+         application credential), the user and project domains, and that the user has a \
+         role on project {project} (for the manage call, the admin role: openstack role add \
+         --user {user} --project {project} admin)"
     )]
-    Unauthorized { url: String, message: String },
+    Unauthorized {
+        url: String,
+        message: String,
+        user: String,
+        project: String,
+    },
+    /// Cinder's policy refused a call.
+    #[error(
+        "{method} {url}: HTTP 403: {message}. Cinder's default policy lets only admins \
+         manage volumes (volume_extension:volume_manage = rule:admin_api, which is \
+         is_admin:True or role:admin in an admin project); log in as a user with the admin \
+         role on the project the volume goes into"
+    )]
+    Forbidden {
+        method: &'static str,
+        url: String,
+        message: String,
+    },
     /// Any other answer that is not a success.
     #[error("{method} {url}: HTTP {status}: {message}")]
     Http {
@@ -87,20 +118,41 @@ pub enum Error {
     BadResponse { url: String, detail: String },
     #[error("{0}")]
     NoEndpoint(String),
+    /// The version document offers nothing we can use.
+    #[error("{url}: {detail}")]
+    Version { url: String, detail: String },
+    /// A name or value Cinder does not know (host, volume type, zone, LV).
+    #[error("{0}; nothing was changed")]
+    Unknown(String),
     #[error(
-        "several Cinder volumes are named {name} ({ids}); use a unique --volume-name",
+        "several Cinder volumes carry migration id {migration_id} ({ids}): remove the ones \
+         that are not this migration's before running finalize again",
         ids = .ids.join(", ")
     )]
-    Ambiguous { name: String, ids: Vec<String> },
+    Ambiguous {
+        migration_id: String,
+        ids: Vec<String>,
+    },
+    /// The volume recorded in the state is gone from Cinder.
+    #[error(
+        "Cinder volume {id}, recorded as this migration's, does not exist (any more) in \
+         project {project}: it was deleted, or the credentials are for another project. \
+         Nothing was changed"
+    )]
+    RecordedVolumeMissing { id: String, project: String },
     /// The driver failed to adopt the LV (`error_managing`, shown as `error`).
     #[error(
-        "Cinder could not manage the LV: volume {id} is in status {status} (error_managing). \
-         Look for the reason in the cinder-volume log of the backend host. The LV keeps its \
-         own name unless the driver got as far as renaming it to volume-{id}. Remove the \
-         failed record before retrying (openstack volume delete {id}: the LVM driver then \
-         deletes an LV named volume-{id} if there is one, never an LV under another name)"
+        "Cinder could not manage the LV: volume {id} is in status {status} (error_managing): \
+         {fault}. The LV keeps its own name unless the driver got as far as renaming it to \
+         volume-{id}. Remove the failed record before retrying (openstack volume delete {id}: \
+         the LVM driver then deletes an LV named volume-{id} if there is one, never an LV \
+         under another name)"
     )]
-    ManageFailed { id: String, status: String },
+    ManageFailed {
+        id: String,
+        status: String,
+        fault: String,
+    },
     #[error("volume {id} is {status}, not available: it is not the volume this run is adopting")]
     UnexpectedStatus { id: String, status: String },
     #[error(

@@ -226,6 +226,26 @@ pub fn preflight_lv_in(
     Ok(LvRef { vg, lv, size })
 }
 
+/// The (VG, LV) names of `target` without the size and holder checks: what
+/// finalize asks Cinder about before the handover, while a running `stream
+/// start` still holds the LV open.
+pub fn lv_names(target: &Path) -> Result<(String, String), PreflightError> {
+    let roots = Roots::default();
+    let meta = fs::metadata(target).map_err(|source| PreflightError::Stat {
+        path: target.to_owned(),
+        source,
+    })?;
+    if !meta.file_type().is_block_device() {
+        return Err(PreflightError::NotBlockDevice {
+            path: target.to_owned(),
+        });
+    }
+    find_lv(&roots, target, meta.rdev()).ok_or_else(|| PreflightError::NotAnLv {
+        path: target.to_owned(),
+        dev: roots.dev.clone(),
+    })
+}
+
 /// Size of a block device: seeking to its end works without an ioctl.
 fn device_size(path: &Path) -> io::Result<u64> {
     let mut f = fs::File::open(path)?;
