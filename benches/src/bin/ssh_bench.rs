@@ -149,7 +149,10 @@ fn pump(mut from: TcpStream, mut to: TcpStream, delay: Duration) {
             match from.read(&mut buf) {
                 Ok(0) | Err(_) => break,
                 Ok(n) => {
-                    if tx.send((Instant::now() + delay, buf[..n].to_vec())).is_err() {
+                    if tx
+                        .send((Instant::now() + delay, buf[..n].to_vec()))
+                        .is_err()
+                    {
                         break;
                     }
                 }
@@ -232,7 +235,9 @@ impl Sshd {
         let (tx, rx) = mpsc::channel();
         let log = dir.join("sshd.log");
         thread::spawn(move || {
-            let Ok(mut out) = File::create(log) else { return };
+            let Ok(mut out) = File::create(log) else {
+                return;
+            };
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 let _ = writeln!(out, "{line}");
                 if line.contains("Server listening on") {
@@ -431,7 +436,10 @@ fn run(opts: &Options) -> io::Result<String> {
             r.legacy_cpu_per_gib
         );
     }
-    let _ = writeln!(out, "\n| link RTT | ssh/nbd cold p50 | ssh/nbd hydration rate |\n|---:|---:|---:|");
+    let _ = writeln!(
+        out,
+        "\n| link RTT | ssh/nbd cold p50 | ssh/nbd hydration rate |\n|---:|---:|---:|"
+    );
     for pair in rows.chunks(2) {
         if let [n, s] = pair {
             let _ = writeln!(
