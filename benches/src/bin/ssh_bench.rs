@@ -8,9 +8,8 @@
 //! from the socket), so both see the same link. Per link delay and source:
 //!
 //! - **cold 4 KiB reads**: a fresh `stream start --no-hydrate`, fio's nbd
-//!   engine reading 4 KiB at random at queue depth 1 for a few seconds
-//!   (nearly every read a chunk never fetched); p50 and p99 completion
-//!   latency;
+//!   engine reading 4 KiB at random at queue depth 1, 400 reads (nearly
+//!   every one in a chunk never fetched); p50 and p99 completion latency;
 //! - **hydration**: a fresh `stream start`, from launch to hydration
 //!   complete; the rate, and the CPU seconds per GiB on each side: the
 //!   cloud side is `stream start` and its `ssh` children, the legacy side
@@ -46,17 +45,20 @@ use stream_benches::servers::read_uri_line;
 use test_support::child::ChildGuard;
 
 const USAGE: &str = "\
-usage: ssh_bench [--delays 0,1,5] [--mib 512] [--stream-bin PATH] [--dir DIR]
+usage: ssh_bench [--delays 0,1,5] [--mib 512] [--runs 3] [--stream-bin PATH] [--dir DIR]
 
   --delays LIST  link round trips in ms (default 0,1,5)
-  --mib N        disk size in MiB (default 512)";
+  --mib N        disk size in MiB (default 512)
+  --runs N       runs of each measure, reported as medians (default 3)";
 
 const LONG: Duration = Duration::from_secs(1800);
-const FIO_SECS: u64 = 5;
+/// Cold reads per run.
+const COLD_READS: u64 = 400;
 
 struct Options {
     delays: Vec<u64>,
     mib: u64,
+    runs: usize,
     stream_bin: PathBuf,
     dir: PathBuf,
 }
@@ -65,6 +67,7 @@ fn parse_args() -> Result<Options, String> {
     let mut o = Options {
         delays: vec![0, 1, 5],
         mib: 512,
+        runs: 3,
         stream_bin: PathBuf::from("target/release/stream"),
         dir: std::env::temp_dir().join("ssh-bench"),
     };
@@ -79,6 +82,13 @@ fn parse_args() -> Result<Options, String> {
                     .collect::<Result<_, _>>()?;
             }
             "--mib" => o.mib = value()?.parse().map_err(|_| "bad --mib".to_string())?,
+            "--runs" => {
+                o.runs = value()?
+                    .parse()
+                    .ok()
+                    .filter(|&n| n > 0)
+                    .ok_or("bad --runs")?
+            }
             "--stream-bin" => o.stream_bin = PathBuf::from(value()?),
             "--dir" => o.dir = PathBuf::from(value()?),
             "-h" | "--help" => return Err(String::new()),
@@ -310,6 +320,25 @@ struct Row {
     legacy_cpu_per_gib: f64,
 }
 
+impl Row {
+    /// Each measure's median over `runs` (of one delay and source).
+    fn median_of(runs: &[Row]) -> Row {
+        use stream_benches::stats::median;
+        let m = |f: fn(&Row) -> f64| median(&runs.iter().map(f).collect::<Vec<_>>());
+        Row {
+            delay: runs[0].delay,
+            kind: runs[0].kind,
+            p50_us: m(|r| r.p50_us),
+            p99_us: m(|r| r.p99_us),
+            reads: runs.iter().map(|r| r.reads).sum(),
+            hydrate_s: m(|r| r.hydrate_s),
+            mib_s: m(|r| r.mib_s),
+            cloud_cpu_per_gib: m(|r| r.cloud_cpu_per_gib),
+            legacy_cpu_per_gib: m(|r| r.legacy_cpu_per_gib),
+        }
+    }
+}
+
 fn run(opts: &Options) -> io::Result<String> {
     fs::create_dir_all(&opts.dir)?;
     let dir = opts.dir.canonicalize()?;
@@ -348,13 +377,14 @@ fn run(opts: &Options) -> io::Result<String> {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "- command: `target/release/ssh_bench --delays {} --mib {}`",
+        "- command: `target/release/ssh_bench --delays {} --mib {} --runs {}`",
         opts.delays
             .iter()
             .map(u64::to_string)
             .collect::<Vec<_>>()
             .join(","),
-        opts.mib
+        opts.mib,
+        opts.runs
     );
     for (k, v) in machine() {
         let _ = writeln!(out, "- {k}: {v}");
@@ -374,52 +404,62 @@ fn run(opts: &Options) -> io::Result<String> {
                 "nbd" => format!("nbd://127.0.0.1:{}/", proxy.port),
                 _ => sshd.uri(proxy.port, &disk)?,
             };
-            let mut row = Row {
-                delay,
-                kind,
-                ..Row::default()
-            };
-            // Cold reads.
-            let run_dir = data.0.join(format!("{kind}-{delay}-cold"));
-            fs::create_dir_all(&run_dir)?;
-            let start = StreamStart::spawn(&spec(&bin, &source, &run_dir, size, true, &dir))?;
-            let r = fio::run(
-                start.uri(),
-                RAND_READ_4K_QD1,
-                Duration::from_secs(FIO_SECS),
-                &dir.join(format!("fio-{kind}-{delay}.json")),
-            )?;
-            row.p50_us = r.clat_p50_ns as f64 / 1000.0;
-            row.p99_us = r.clat_p99_ns as f64 / 1000.0;
-            row.reads = r.total_ios;
-            start.stop()?;
-            fs::remove_dir_all(&run_dir)?;
-            // Hydration.
-            let run_dir = data.0.join(format!("{kind}-{delay}-hydrate"));
-            fs::create_dir_all(&run_dir)?;
-            let legacy0 = tree_cpu(legacy_pid);
-            let start = StreamStart::spawn(&spec(&bin, &source, &run_dir, size, false, &dir))?;
-            let mut cloud = Duration::ZERO;
-            let pid = start.pid();
-            let took = start
-                .wait_hydrated(LONG, Duration::from_millis(50), |_| cloud = tree_cpu(pid))?
-                .ok_or_else(|| io::Error::other("hydration did not finish"))?;
-            let legacy = tree_cpu(legacy_pid).saturating_sub(legacy0);
-            start.stop()?;
-            fs::remove_dir_all(&run_dir)?;
-            let gib = size as f64 / (1u64 << 30) as f64;
-            row.hydrate_s = took.as_secs_f64();
-            row.mib_s = opts.mib as f64 / row.hydrate_s;
-            row.cloud_cpu_per_gib = cloud.as_secs_f64() / gib;
-            row.legacy_cpu_per_gib = legacy.as_secs_f64() / gib;
-            eprintln!("ssh_bench: {row:?}");
-            rows.push(row);
+            let mut runs = Vec::new();
+            for run in 0..opts.runs {
+                let mut row = Row {
+                    delay,
+                    kind,
+                    ..Row::default()
+                };
+                // Cold reads.
+                let run_dir = data.0.join(format!("{kind}-{delay}-{run}-cold"));
+                fs::create_dir_all(&run_dir)?;
+                let start = StreamStart::spawn(&spec(&bin, &source, &run_dir, size, true, &dir))?;
+                // A fixed number of reads, few enough that nearly every one
+                // lands in a chunk not fetched yet (COLD_READS of the disk's
+                // chunks: about 5% repeats at 256 MiB).
+                let r = fio::run_with(
+                    start.uri(),
+                    RAND_READ_4K_QD1,
+                    None,
+                    &dir.join(format!("fio-{kind}-{delay}.json")),
+                    &[format!("--number_ios={COLD_READS}")],
+                )?;
+                row.p50_us = r.clat_p50_ns as f64 / 1000.0;
+                row.p99_us = r.clat_p99_ns as f64 / 1000.0;
+                row.reads = r.total_ios;
+                start.stop()?;
+                fs::remove_dir_all(&run_dir)?;
+                // Hydration.
+                let run_dir = data.0.join(format!("{kind}-{delay}-{run}-hydrate"));
+                fs::create_dir_all(&run_dir)?;
+                let legacy0 = tree_cpu(legacy_pid);
+                let start = StreamStart::spawn(&spec(&bin, &source, &run_dir, size, false, &dir))?;
+                let mut cloud = Duration::ZERO;
+                let pid = start.pid();
+                let took = start
+                    .wait_hydrated(LONG, Duration::from_millis(50), |_| cloud = tree_cpu(pid))?
+                    .ok_or_else(|| io::Error::other("hydration did not finish"))?;
+                let legacy = tree_cpu(legacy_pid).saturating_sub(legacy0);
+                start.stop()?;
+                fs::remove_dir_all(&run_dir)?;
+                let gib = size as f64 / (1u64 << 30) as f64;
+                row.hydrate_s = took.as_secs_f64();
+                row.mib_s = opts.mib as f64 / row.hydrate_s;
+                row.cloud_cpu_per_gib = cloud.as_secs_f64() / gib;
+                row.legacy_cpu_per_gib = legacy.as_secs_f64() / gib;
+                eprintln!("ssh_bench: {row:?}");
+                runs.push(row);
+            }
+            rows.push(Row::median_of(&runs));
         }
     }
     let _ = writeln!(
         out,
-        "| link RTT | source | cold 4 KiB p50 µs | p99 µs | reads | hydration s | MiB/s | \
-         cloud CPU s/GiB | legacy CPU s/GiB |\n|---:|---|---:|---:|---:|---:|---:|---:|---:|"
+        "Medians of {} runs (reads: all runs together).\n\n\
+         | link RTT | source | cold 4 KiB p50 µs | p99 µs | reads | hydration s | MiB/s | \
+         cloud CPU s/GiB | legacy CPU s/GiB |\n|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+        opts.runs
     );
     for r in &rows {
         let _ = writeln!(
