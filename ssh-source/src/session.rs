@@ -121,7 +121,7 @@ impl Endpoint {
         // failed start.
         let said = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
         let s = said.clone();
-        tokio::spawn(async move {
+        let stderr_done = tokio::spawn(async move {
             let mut buf = [0u8; 4096];
             while let Ok(n) = stderr.read(&mut buf).await {
                 if n == 0 {
@@ -164,9 +164,11 @@ impl Endpoint {
                 )))
             }
             other => {
-                // ssh has exited, or hangs: its words say why.
+                // ssh has exited, or hangs: its words say why, once its
+                // stderr is read to the end (it may close stdout first).
                 let _ = child.start_kill();
                 let _ = tokio::time::timeout(Duration::from_secs(2), child.wait()).await;
+                let _ = tokio::time::timeout(Duration::from_secs(2), stderr_done).await;
                 let text = said.lock().expect("poisoned").clone();
                 let detail = match other {
                     Ok(Err(e)) => e.to_string(),
