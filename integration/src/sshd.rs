@@ -41,6 +41,12 @@ fn sshd_path() -> PathBuf {
 impl Sshd {
     /// Start one in `dir` (keys and config are written there).
     pub fn start(dir: &Path) -> Sshd {
+        Sshd::start_with(dir, true)
+    }
+
+    /// Start one; without `sftp` it offers no SFTP subsystem (a legacy
+    /// host where it was turned off).
+    pub fn start_with(dir: &Path, sftp: bool) -> Sshd {
         let keygen = require_tool("ssh-keygen", "openssh-client");
         require_tool("ssh", "openssh-client");
         let sftp_server = Path::new("/usr/lib/openssh/sftp-server");
@@ -72,10 +78,12 @@ impl Sshd {
             "ListenAddress 127.0.0.1\nPort {port}\nHostKey {d}/host_key\n\
              AuthorizedKeysFile {d}/authorized_keys\nPasswordAuthentication no\n\
              KbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\n\
-             StrictModes no\nUsePAM no\nPidFile none\n\
-             Subsystem sftp {sftp}\n",
+             StrictModes no\nUsePAM no\nPidFile none\n{subsystem}",
             d = dir.display(),
-            sftp = sftp_server.display()
+            subsystem = match sftp {
+                true => format!("Subsystem sftp {}\n", sftp_server.display()),
+                false => String::new(),
+            }
         );
         std::fs::write(dir.join("sshd_config"), config).unwrap();
         let mut cmd = Command::new(sshd_path());

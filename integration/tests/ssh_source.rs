@@ -4,8 +4,10 @@
 //! Lazy reads, hydration and finalize --verify from a file and from a
 //! block device (a loop device, whose size stat reports as 0); the host
 //! key checks (unknown: refused with the fingerprint, accepted on first use
-//! only when told; changed: refused); a missing disk; and the link cut
-//! again and again during hydration through a proxy in front of sshd.
+//! only when told; changed: refused); a missing disk; a server without
+//! SFTP (read with dd through a remote shell); and the link cut again and
+//! again during hydration, a stall and a refusing host, through a proxy in
+//! front of sshd.
 
 use std::path::Path;
 use std::process::Command;
@@ -78,6 +80,18 @@ fn a_block_device_migrates_through_sshd_its_size_found_by_reading() {
     let work = dir.path().join("m");
     std::fs::create_dir(&work).unwrap();
     migrate(&sshd, &dev.path, &img.path, &work);
+}
+
+#[test]
+fn without_sftp_the_disk_is_read_with_dd_through_a_remote_shell() {
+    let dir = tempfile::tempdir().unwrap();
+    let sshd = Sshd::start_with(dir.path(), false);
+    let img = mixed_image(dir.path());
+    let work = dir.path().join("m");
+    std::fs::create_dir(&work).unwrap();
+    migrate(&sshd, &img.path, &img.path, &work);
+    let log = std::fs::read_to_string(work.join("start.log")).unwrap();
+    assert!(log.contains("with dd through a remote shell"), "{log}");
 }
 
 #[test]

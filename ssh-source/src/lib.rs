@@ -3,11 +3,13 @@
 //!
 //! The system's OpenSSH client (`session.rs`, which says why not a
 //! library) runs the SFTP subsystem; a small SFTP v3 client (`sftp.rs`)
-//! reads the disk with many requests in flight; `source.rs` is the
+//! reads the disk with many requests in flight, or, where the server has
+//! no SFTP, `dd` through a remote shell (`shell.rs`); `source.rs` is the
 //! engine's source: two sessions, reconnects, retries, size checks.
 
 mod session;
 mod sftp;
+mod shell;
 mod source;
 mod uri;
 

@@ -1,5 +1,7 @@
 //! One SSH session: the system's `ssh` run as `ssh [options] HOST -s sftp`,
-//! SFTP spoken over its stdin and stdout, the disk opened for reading.
+//! SFTP spoken over its stdin and stdout, the disk opened for reading; or,
+//! where the legacy sshd offers no SFTP subsystem, a remote shell that
+//! answers each read with `dd` (`shell.rs`).
 //!
 //! Why the system's OpenSSH client and not an SSH library: it is what the
 //! operator's keys, agent, `~/.ssh/config` (ProxyJump, ciphers, ports) and
@@ -19,6 +21,7 @@ use tokio::io::AsyncReadExt;
 use tokio::process::{Child, ChildStdin, Command};
 
 use crate::sftp::Sftp;
+use crate::shell::Shell;
 use crate::uri::SshUri;
 
 /// Why a session could not be had, as the operator should hear it.
@@ -30,11 +33,14 @@ pub enum ConnectError {
     /// The host or the link may come back.
     #[error("{0}")]
     Transient(String),
+    /// The server offers no SFTP subsystem (`connect` then tries a shell).
+    #[error("{0}")]
+    NoSftp(String),
 }
 
 impl ConnectError {
     pub fn is_permanent(&self) -> bool {
-        matches!(self, ConnectError::Permanent(_))
+        matches!(self, ConnectError::Permanent(_) | ConnectError::NoSftp(_))
     }
 }
 
@@ -47,16 +53,93 @@ pub struct Endpoint {
     pub connect_timeout: Duration,
 }
 
+/// How a session reads the disk.
+enum Transport {
+    Sftp {
+        sftp: Sftp<ChildStdin>,
+        handle: Vec<u8>,
+    },
+    Shell(Shell),
+}
+
 /// A live session with the disk open.
 pub struct Session {
-    pub sftp: Sftp<ChildStdin>,
-    pub handle: Vec<u8>,
+    transport: Transport,
     /// Killed when the session is dropped.
     _child: Child,
 }
 
+impl Session {
+    pub fn is_dead(&self) -> bool {
+        match &self.transport {
+            Transport::Sftp { sftp, .. } => sftp.is_dead(),
+            Transport::Shell(sh) => sh.is_dead(),
+        }
+    }
+
+    /// Exactly `len` bytes at `offset`.
+    pub async fn read_exact(&self, offset: u64, len: usize) -> io::Result<Vec<u8>> {
+        match &self.transport {
+            Transport::Sftp { sftp, handle } => sftp.read_exact(handle, offset, len).await,
+            Transport::Shell(sh) => sh.read_exact(offset, len).await,
+        }
+    }
+
+    /// Which way it reads, for the log.
+    pub fn kind(&self) -> &'static str {
+        match &self.transport {
+            Transport::Sftp { .. } => "sftp",
+            Transport::Shell(_) => "dd over a remote shell",
+        }
+    }
+
+    /// The disk's size: what stat says for a file; for a block device
+    /// (whose size stat gives as 0) the end found by reading single bytes,
+    /// doubling then halving (about 2 × log2(size) round trips, once per
+    /// session). The shell reports it itself.
+    pub async fn size(&self) -> io::Result<u64> {
+        let (sftp, handle) = match &self.transport {
+            Transport::Sftp { sftp, handle } => (sftp, handle),
+            Transport::Shell(sh) => return Ok(sh.size()),
+        };
+        let attrs = sftp.fstat(handle).await?;
+        if let Some(size) = attrs.size.filter(|&n| n > 0 && !attrs.is_block_device()) {
+            return Ok(size);
+        }
+        let readable =
+            |at: u64| async move { sftp.read_once(handle, at, 1).await.map(|b| !b.is_empty()) };
+        if !readable(0).await? {
+            return Ok(0);
+        }
+        // Invariant: byte `lo` exists, byte `hi` does not.
+        let mut lo = 0u64;
+        let mut hi = 512u64;
+        while readable(hi).await? {
+            lo = hi;
+            hi = hi
+                .checked_mul(2)
+                .ok_or_else(|| io::Error::other("no end found"))?;
+        }
+        while hi - lo > 1 {
+            let mid = lo + (hi - lo) / 2;
+            match readable(mid).await? {
+                true => lo = mid,
+                false => hi = mid,
+            }
+        }
+        Ok(hi)
+    }
+}
+
+/// What runs on the legacy host.
+enum Remote {
+    Sftp,
+    /// A shell command line.
+    Shell(String),
+}
+
 impl Endpoint {
-    fn command(&self) -> Command {
+    fn command(&self, remote: &Remote) -> Command {
         let u = &self.uri;
         let mut c = Command::new("ssh");
         let checking = match self.accept_new_host_key {
@@ -97,19 +180,41 @@ impl Endpoint {
         if let Some(user) = &u.user {
             c.arg("-l").arg(user);
         }
-        c.arg("-s")
-            .arg(&u.host)
-            .arg("sftp")
-            .stdin(Stdio::piped())
+        match remote {
+            Remote::Sftp => c.arg("-s").arg(&u.host).arg("sftp"),
+            Remote::Shell(line) => c.arg(&u.host).arg(line),
+        };
+        c.stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
         c
     }
 
-    /// Start `ssh`, speak SFTP, open the disk.
+    /// Start `ssh`, speak SFTP, open the disk; where the server offers no
+    /// SFTP, read it with `dd` through a remote shell instead.
     pub async fn connect(&self) -> Result<Session, ConnectError> {
-        let mut child = self.command().spawn().map_err(|e| {
+        match self.connect_with(&Remote::Sftp).await {
+            Err(ConnectError::NoSftp(why)) => {
+                let line = crate::shell::command_line(&self.uri.path);
+                let s = self.connect_with(&Remote::Shell(line)).await.map_err(|e| {
+                    ConnectError::Permanent(format!(
+                        "{why}; reading it with dd through a remote shell failed too: {e}"
+                    ))
+                })?;
+                tracing::info!(
+                    "{}: no SFTP there, reading {} with dd through a remote shell",
+                    self.uri.endpoint(),
+                    self.uri.path
+                );
+                Ok(s)
+            }
+            other => other,
+        }
+    }
+
+    async fn connect_with(&self, remote: &Remote) -> Result<Session, ConnectError> {
+        let mut child = self.command(remote).spawn().map_err(|e| {
             ConnectError::Permanent(format!(
                 "cannot run ssh (the OpenSSH client, Debian package openssh-client): {e}"
             ))
@@ -137,15 +242,19 @@ impl Endpoint {
         });
         let limit = self.connect_timeout + Duration::from_secs(5);
         let started = tokio::time::timeout(limit, async {
-            let sftp = Sftp::start(stdout, stdin).await?;
-            let handle = sftp.open(&self.uri.path).await?;
-            io::Result::Ok((sftp, handle))
+            match remote {
+                Remote::Sftp => {
+                    let sftp = Sftp::start(stdout, stdin).await?;
+                    let handle = sftp.open(&self.uri.path).await?;
+                    io::Result::Ok(Transport::Sftp { sftp, handle })
+                }
+                Remote::Shell(_) => Ok(Transport::Shell(Shell::start(stdout, stdin).await?)),
+            }
         })
         .await;
         match started {
-            Ok(Ok((sftp, handle))) => Ok(Session {
-                sftp,
-                handle,
+            Ok(Ok(transport)) => Ok(Session {
+                transport,
                 _child: child,
             }),
             Ok(Err(e)) if matches!(e.kind(), io::ErrorKind::NotFound) => {
@@ -172,7 +281,7 @@ impl Endpoint {
                 let text = said.lock().expect("poisoned").clone();
                 let detail = match other {
                     Ok(Err(e)) => e.to_string(),
-                    _ => format!("no SFTP session within {limit:?}"),
+                    _ => format!("no session within {limit:?}"),
                 };
                 Err(self.explain(&text, &detail).await)
             }
@@ -210,7 +319,7 @@ impl Endpoint {
             ));
         }
         if said.contains("subsystem request failed") {
-            return ConnectError::Permanent(format!(
+            return ConnectError::NoSftp(format!(
                 "{who}: the legacy host's sshd does not offer SFTP (no `Subsystem sftp` in \
                  sshd_config). Enable it (Subsystem sftp /usr/libexec/openssh/sftp-server, or \
                  internal-sftp), or serve the disk with `stream export`"

@@ -84,7 +84,7 @@ impl SshSource {
             connect_timeout: opts.connect_timeout,
         };
         let session = endpoint.connect().await.map_err(io::Error::other)?;
-        let size = disk_size(&session).await?;
+        let size = session.size().await?;
         if size == 0 {
             return Err(io::Error::other(format!(
                 "{}: {} is empty",
@@ -136,12 +136,13 @@ impl SshSource {
     /// The slot's live session, or a new one (size checked).
     async fn session(&self, slot: &Slot) -> Result<Arc<Session>, ConnectError> {
         let mut s = slot.0.lock().await;
-        if let Some(live) = s.as_ref().filter(|x| !x.sftp.is_dead()) {
+        if let Some(live) = s.as_ref().filter(|x| !x.is_dead()) {
             return Ok(live.clone());
         }
         *s = None;
         let session = self.endpoint.connect().await?;
-        let size = disk_size(&session)
+        let size = session
+            .size()
             .await
             .map_err(|e| ConnectError::Transient(e.to_string()))?;
         if size != self.size {
@@ -153,6 +154,11 @@ impl SshSource {
                 self.size
             )));
         }
+        tracing::debug!(
+            "{}: a new session ({})",
+            self.endpoint.uri.endpoint(),
+            session.kind()
+        );
         let session = Arc::new(session);
         *s = Some(session.clone());
         Ok(session)
@@ -202,7 +208,7 @@ impl SshSource {
                 Ok(session) => {
                     let read = tokio::time::timeout(
                         self.opts.stall_timeout,
-                        session.sftp.read_exact(&session.handle, offset, len),
+                        session.read_exact(offset, len),
                     )
                     .await;
                     match read {
@@ -241,42 +247,6 @@ impl SshSource {
             backoff = (backoff * 2).min(self.opts.backoff_max);
         }
     }
-}
-
-/// The disk's size: what stat says for a file; for a block device (whose
-/// size stat gives as 0) the end found by reading single bytes, doubling
-/// then halving (about 2 × log2(size) round trips, once per session).
-async fn disk_size(s: &Session) -> io::Result<u64> {
-    let attrs = s.sftp.fstat(&s.handle).await?;
-    if let Some(size) = attrs.size.filter(|&n| n > 0 && !attrs.is_block_device()) {
-        return Ok(size);
-    }
-    let readable = |at: u64| async move {
-        s.sftp
-            .read_once(&s.handle, at, 1)
-            .await
-            .map(|b| !b.is_empty())
-    };
-    if !readable(0).await? {
-        return Ok(0);
-    }
-    // Invariant: byte `lo` exists, byte `hi` does not.
-    let mut lo = 0u64;
-    let mut hi = 512u64;
-    while readable(hi).await? {
-        lo = hi;
-        hi = hi
-            .checked_mul(2)
-            .ok_or_else(|| io::Error::other("no end found"))?;
-    }
-    while hi - lo > 1 {
-        let mid = lo + (hi - lo) / 2;
-        match readable(mid).await? {
-            true => lo = mid,
-            false => hi = mid,
-        }
-    }
-    Ok(hi)
 }
 
 impl Source for SshSource {
