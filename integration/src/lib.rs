@@ -34,8 +34,6 @@
 //!   against the JSON Schemas of `docs/schema/`, the Prometheus endpoint
 //!   scraped over plain TCP and its exposition text parsed, the run
 //!   directory.
-//! - [`sshd`]: a real OpenSSH server on 127.0.0.1 with its own keys, for
-//!   the SSH source.
 //! - [`wire`]: a tiny blocking NBD client speaking exact bytes, for the
 //!   protocol corner cases no well-behaved client will produce.
 //!
@@ -53,7 +51,6 @@ pub mod ops;
 pub mod proxy;
 pub mod server;
 pub mod soak;
-pub mod sshd;
 pub mod start;
 pub mod tls;
 pub mod tool;

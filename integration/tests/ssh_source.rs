@@ -15,9 +15,9 @@ use std::time::Duration;
 
 use integration::finalize::Finalize;
 use integration::proxy::Proxy;
-use integration::sshd::Sshd;
 use integration::start::mixed_image;
 use integration::{LoopDevice, Start, tool};
+use test_support::sshd::Sshd;
 
 const T: Duration = Duration::from_secs(120);
 

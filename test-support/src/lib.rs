@@ -16,6 +16,8 @@
 //! - [`nbdkit`]: nbdkit on a unix socket (plugin, filters, parameters),
 //!   returned once the socket accepts connections, stopped on drop.
 //! - [`loopdev`]: loop devices over files, detached on drop.
+//! - [`sshd`]: Debian's sshd on 127.0.0.1 with its own host and user
+//!   keys and a known_hosts that trusts it, stopped on drop.
 //!
 //! Nothing here sleeps to synchronise: readiness is a socket accepting or a
 //! process exiting, polled against a deadline that only bounds the wait.
@@ -31,6 +33,7 @@ pub mod child;
 pub mod loopdev;
 pub mod nbdkit;
 pub mod rng;
+pub mod sshd;
 pub mod tool;
 
 pub use rng::Rng;

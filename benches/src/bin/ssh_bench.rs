@@ -26,7 +26,7 @@
 
 use std::fmt::Write as _;
 use std::fs::{self, File};
-use std::io::{self, BufRead, BufReader, Read, Write};
+use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
@@ -43,6 +43,7 @@ use stream_benches::report::{loadavg, machine};
 use stream_benches::scratch::ScratchDir;
 use stream_benches::servers::read_uri_line;
 use test_support::child::ChildGuard;
+use test_support::sshd::Sshd;
 
 const USAGE: &str = "\
 usage: ssh_bench [--delays 0,1,5] [--mib 512] [--runs 3] [--stream-bin PATH] [--dir DIR]
@@ -184,101 +185,6 @@ fn pump(mut from: TcpStream, mut to: TcpStream, delay: Duration) {
     });
 }
 
-/// Debian's sshd on 127.0.0.1 with fresh keys.
-struct Sshd {
-    guard: ChildGuard,
-    port: u16,
-    dir: PathBuf,
-}
-
-fn run_ok(cmd: &mut Command) -> io::Result<()> {
-    let out = cmd.output()?;
-    if !out.status.success() {
-        return Err(io::Error::other(format!(
-            "{cmd:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        )));
-    }
-    Ok(())
-}
-
-impl Sshd {
-    fn start(dir: &Path) -> io::Result<Sshd> {
-        for bin in ["/usr/sbin/sshd", "/usr/lib/openssh/sftp-server"] {
-            if !Path::new(bin).exists() {
-                return Err(io::Error::other(format!(
-                    "{bin} missing: install openssh-server"
-                )));
-            }
-        }
-        fs::create_dir_all(dir)?;
-        for k in ["host_key", "user_key"] {
-            let _ = fs::remove_file(dir.join(k));
-            run_ok(
-                Command::new("ssh-keygen")
-                    .args(["-q", "-t", "ed25519", "-N", "", "-f"])
-                    .arg(dir.join(k)),
-            )?;
-        }
-        fs::copy(dir.join("user_key.pub"), dir.join("authorized_keys"))?;
-        fs::create_dir_all("/run/sshd")?;
-        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-        fs::write(
-            dir.join("sshd_config"),
-            format!(
-                "ListenAddress 127.0.0.1\nPort {port}\nHostKey {d}/host_key\n\
-                 AuthorizedKeysFile {d}/authorized_keys\nPasswordAuthentication no\n\
-                 KbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\n\
-                 StrictModes no\nUsePAM no\nPidFile none\n\
-                 Subsystem sftp /usr/lib/openssh/sftp-server\n",
-                d = dir.display()
-            ),
-        )?;
-        let mut cmd = Command::new("/usr/sbin/sshd");
-        cmd.args(["-D", "-e", "-f"])
-            .arg(dir.join("sshd_config"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        let mut guard = ChildGuard::spawn("sshd", &mut cmd)?.kill_on_drop();
-        let stderr = guard.child_mut().stderr.take().expect("piped");
-        let (tx, rx) = mpsc::channel();
-        let log = dir.join("sshd.log");
-        thread::spawn(move || {
-            let Ok(mut out) = File::create(log) else {
-                return;
-            };
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let _ = writeln!(out, "{line}");
-                if line.contains("Server listening on") {
-                    let _ = tx.send(());
-                }
-            }
-        });
-        rx.recv_timeout(Duration::from_secs(20))
-            .map_err(|_| io::Error::other("sshd did not start listening"))?;
-        Ok(Sshd {
-            guard,
-            port,
-            dir: dir.to_path_buf(),
-        })
-    }
-
-    /// The URI through a proxy on `port`, with a known_hosts for it.
-    fn uri(&self, port: u16, disk: &Path) -> io::Result<String> {
-        let key = fs::read_to_string(self.dir.join("host_key.pub"))?;
-        let key: Vec<&str> = key.split_whitespace().take(2).collect();
-        let kh = self.dir.join(format!("known_hosts.{port}"));
-        fs::write(&kh, format!("[127.0.0.1]:{port} {}\n", key.join(" ")))?;
-        Ok(format!(
-            "ssh://root@127.0.0.1:{port}{}?identity={}&known-hosts={}",
-            disk.display(),
-            self.dir.join("user_key").display(),
-            kh.display()
-        ))
-    }
-}
-
 /// CPU time of `pid` and every process below it, now.
 fn tree_cpu(pid: u32) -> Duration {
     let mut total = process_cpu_time(pid).unwrap_or_default();
@@ -369,7 +275,7 @@ fn run(opts: &Options) -> io::Result<String> {
         .next()
         .and_then(|a| a.parse().ok())
         .ok_or_else(|| io::Error::other(format!("export URI {export_uri}")))?;
-    let sshd = Sshd::start(&dir.join("sshd"))?;
+    let sshd = Sshd::start(&dir);
     let sshd_addr: SocketAddr = format!("127.0.0.1:{}", sshd.port)
         .parse()
         .map_err(io::Error::other)?;
@@ -397,12 +303,12 @@ fn run(opts: &Options) -> io::Result<String> {
         for kind in ["nbd", "ssh"] {
             let (upstream, legacy_pid) = match kind {
                 "nbd" => (export_addr, export.pid()),
-                _ => (sshd_addr, sshd.guard.pid()),
+                _ => (sshd_addr, sshd.pid()),
             };
             let proxy = DelayProxy::start(upstream, one_way)?;
             let source = match kind {
                 "nbd" => format!("nbd://127.0.0.1:{}/", proxy.port),
-                _ => sshd.uri(proxy.port, &disk)?,
+                _ => sshd.uri_via(proxy.port, &disk),
             };
             let mut runs = Vec::new();
             for run in 0..opts.runs {

@@ -1,5 +1,5 @@
 //! A real OpenSSH server (Debian's `openssh-server`) for the SSH source's
-//! tests, on `127.0.0.1`, with its own host key, one user key, and a
+//! tests and benchmark, on `127.0.0.1`, with its own host key, one user key, and a
 //! known_hosts file that trusts it; `sftp-server` is Debian's
 //! `/usr/lib/openssh/sftp-server`, as on a legacy host. It runs as root
 //! (the tests do) with `-D -e`, is ready when it prints that it listens,
@@ -13,8 +13,7 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::Duration;
 
-use test_support::child::ChildGuard;
-
+use crate::child::ChildGuard;
 use crate::tool::{require_tool, run_ok};
 
 const READY: Duration = Duration::from_secs(20);
@@ -58,6 +57,10 @@ impl Sshd {
         let dir = dir.join("sshd");
         std::fs::create_dir_all(&dir).unwrap();
         for name in ["host_key", "user_key"] {
+            // Fresh keys each start (ssh-keygen asks before overwriting).
+            for f in [name.to_string(), format!("{name}.pub")] {
+                let _ = std::fs::remove_file(dir.join(f));
+            }
             run_ok(
                 Command::new(&keygen)
                     .args(["-q", "-t", "ed25519", "-N", "", "-f"])
@@ -127,6 +130,11 @@ impl Sshd {
             host_key_pub,
             _child: child,
         }
+    }
+
+    /// The master sshd's PID (each session runs in processes below it).
+    pub fn pid(&self) -> u32 {
+        self._child.pid()
     }
 
     /// `ssh://root@127.0.0.1:PORT/PATH?identity=...&known-hosts=...`.
