@@ -29,7 +29,7 @@ use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use integration::binary::workspace_root;
+use integration::binary::{without_package_env, workspace_root};
 use integration::image::{dense_file, read_file};
 use integration::server::{Addr, READY_TIMEOUT, parse_uri, read_uri_line};
 use integration::tls::{Pki, psk_file};
@@ -52,26 +52,7 @@ fn static_bin() -> &'static Path {
                 let script = workspace_root().join("dist/build-static-export");
                 let mut cmd = Command::new(&script);
                 cmd.current_dir(workspace_root());
-                // What `cargo test` tells this package about itself: ring's
-                // build script reruns when CARGO_MANIFEST_DIR differs, so
-                // passing it on rebuilt half the tree whenever the script
-                // had last run from a shell (1.5 minutes).
-                for (key, _) in std::env::vars_os() {
-                    let key = key.to_string_lossy();
-                    if key.starts_with("CARGO_PKG_")
-                        || [
-                            "CARGO_MANIFEST_DIR",
-                            "CARGO_MANIFEST_PATH",
-                            "CARGO_CRATE_NAME",
-                            "CARGO_PRIMARY_PACKAGE",
-                            "CARGO_TARGET_TMPDIR",
-                            "CARGO_RUSTC_CURRENT_DIR",
-                        ]
-                        .contains(&&*key)
-                    {
-                        cmd.env_remove(&*key);
-                    }
-                }
+                without_package_env(&mut cmd);
                 // A cold build of the whole tree: 3 minutes on 2 busy cores.
                 let out = run(&mut cmd, Duration::from_secs(1200));
                 assert!(out.status.success(), "{}", out.describe());
