@@ -15,9 +15,10 @@
 //! in: a name in the chroot's `/etc/hosts` works, one found nowhere fails
 //! with the resolver's message (docs/static-export.md).
 //!
-//! The binary is built by `dist/build-static-export` on first use (about
-//! 3 minutes from clean on 2 busy cores, a second when fresh), or taken
-//! from `STREAM_STATIC_BIN`. chroot(2) needs root.
+//! Before any of it, the binary must have no ELF interpreter and `ldd`
+//! must list no library. It is built by `dist/build-static-export` on
+//! first use (about 3 minutes from clean on 2 busy cores, a second when
+//! fresh), or taken from `STREAM_STATIC_BIN`. chroot(2) needs root.
 
 use std::ffi::CString;
 use std::fs::File;
@@ -66,6 +67,17 @@ fn static_bin() -> &'static Path {
             !has_interpreter(&bin),
             "{} names an ELF interpreter (a dynamic loader): it is not static",
             bin.display()
+        );
+        // What an operator would check: ldd lists no library (its words
+        // for a static-pie, or for a non-PIE static executable).
+        let ldd = require_tool("ldd", "libc-bin");
+        let out = run(Command::new(ldd).arg(&bin), T);
+        let said = format!("{}{}", out.stdout_lossy(), out.stderr_lossy());
+        assert!(
+            (said.contains("statically linked") || said.contains("not a dynamic executable"))
+                && !said.contains("=>"),
+            "{}",
+            out.describe()
         );
         bin
     })
