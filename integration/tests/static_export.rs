@@ -325,7 +325,9 @@ fn in_a_chroot_a_host_name_resolves_through_its_etc_hosts_only() {
     assert!(!out.status.success(), "{}", out.describe());
     let err = out.stderr_lossy();
     assert!(
-        err.contains(&format!("cannot listen on {listen}")) && err.contains("name resolution"),
+        err.contains(&format!("cannot listen on {listen}"))
+            && err.contains("name resolution")
+            && err.contains("numeric address"),
         "{}",
         out.describe()
     );
