@@ -66,10 +66,15 @@ pub async fn run(args: ExportArgs, activation: Option<OwnedFd>) -> anyhow::Resul
             )
         })?,
         (None, None) => Listener::bind_tcp(&args.listen).await.with_context(|| {
-            format!(
-                "the export of {}: choose another --listen address (one port per export)",
-                args.path.display()
-            )
+            // A name is looked up first (glibc's NSS); a failure there is
+            // no busy port. The static build meets this on legacy hosts.
+            let hint = if args.listen.parse::<std::net::SocketAddr>().is_ok() {
+                "choose another --listen address (one port per export)"
+            } else {
+                "give --listen a numeric address (IP:PORT): host names resolve only \
+                 through /etc/hosts and DNS"
+            };
+            format!("the export of {}: {hint}", args.path.display())
         })?,
     };
     let uri = crate::tls_args::client_uri(listener.uri(&args.name)?, tls.as_ref());

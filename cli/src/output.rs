@@ -64,6 +64,12 @@ fn init_logging(format: LogFormat, ansi: bool) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(|| LogWriter)
+        // A log line that cannot be written is dropped. By default
+        // tracing-subscriber reports it with `eprintln!`, which panics
+        // when stderr is what failed (its reader gone): the task that
+        // logged died, the signal handler with it, or the whole export at
+        // its first line.
+        .log_internal_errors(false)
         .with_target(false);
     match format {
         LogFormat::Text => builder.with_ansi(ansi).init(),

@@ -1,7 +1,9 @@
 //! `stream status`, `stream completions` (and the other commands that
 //! print results) end quietly when stdout's reader is gone, as Unix tools
 //! do (`stream status | head -0`), instead of panicking with exit 101
-//! (issue 13).
+//! (issue 13). A server whose log reader is gone (stderr a closed pipe, as
+//! after `ssh legacy 'stream export ... &'` disconnects) goes on serving
+//! and still stops on SIGTERM.
 
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::process::ExitStatusExt;
@@ -10,16 +12,24 @@ use std::time::Duration;
 
 use integration::binary::stream_bin;
 use integration::image::MIB;
+use integration::server::{READY_TIMEOUT, read_uri_line};
 use integration::{SparseImage, Start, tool};
+use test_support::child::ChildGuard;
 
-/// Runs `args` with stdout a pipe whose read end is already closed.
-fn run_into_closed_pipe(args: &[&str]) -> (std::process::ExitStatus, String) {
+/// The write end of a pipe whose read end is already closed.
+fn closed_pipe() -> OwnedFd {
     let mut fds = [0; 2];
     // SAFETY: pipe(2) into a local array; both fds are owned below.
     assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
     // SAFETY: fresh descriptors from pipe(2), owned once each.
     let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
     drop(read);
+    write
+}
+
+/// Runs `args` with stdout a pipe whose read end is already closed.
+fn run_into_closed_pipe(args: &[&str]) -> (std::process::ExitStatus, String) {
+    let write = closed_pipe();
     let mut child = Command::new(stream_bin())
         .args(args)
         .stdin(Stdio::null())
@@ -74,4 +84,38 @@ fn finalize_and_verify_into_a_closed_pipe_end_quietly() {
     // a verify of the finalized migration.
     assert_quiet(&["finalize", "--state", &state]);
     assert_quiet(&["verify", "--state", &state]);
+}
+
+/// tracing-subscriber reports a failed log write with `eprintln!`, which
+/// panics when stderr is what failed: the export died at its first log
+/// line, before printing its URI, and a task that logged later (the
+/// signal handler) died with it, so SIGTERM no longer stopped the server.
+#[test]
+fn export_with_its_log_reader_gone_serves_and_stops_on_sigterm() {
+    let nbdcopy = tool::require_tool("nbdcopy", "libnbd-bin");
+    let dir = tempfile::tempdir().unwrap();
+    let img = SparseImage::standard(dir.path());
+    let mut cmd = Command::new(stream_bin());
+    cmd.args([
+        "export",
+        img.path.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+    ])
+    // Logs on every connection and at the signal.
+    .env("RUST_LOG", "debug")
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::from(closed_pipe()));
+    let mut server = ChildGuard::spawn("stream export", &mut cmd).unwrap();
+    let uri = read_uri_line(server.child_mut(), READY_TIMEOUT)
+        .unwrap_or_else(|why| panic!("stream export with stderr a closed pipe: {why}"));
+    let copy = dir.path().join("copy.img");
+    tool::run_ok(
+        Command::new(nbdcopy).arg(&uri).arg(&copy),
+        Duration::from_secs(60),
+    );
+    assert!(integration::image::read_file(&copy) == img.expected_all());
+    let (status, termed) = server.stop().unwrap();
+    assert!(termed && status.success(), "SIGTERM: {status}");
 }
