@@ -182,22 +182,49 @@ fn a_missing_disk_is_a_clear_error_that_creates_nothing() {
     assert!(!dir.path().join("t.img").exists());
 }
 
+/// An sshd with a proxy in front (the fault seam), a legacy disk of
+/// `mib` MiB with data in its first `data_mib`, and the source URI
+/// through the proxy.
+struct Proxied {
+    _sshd: Sshd,
+    img: integration::SparseImage,
+    proxy: Proxy,
+    target: std::path::PathBuf,
+    source: String,
+}
+
+fn proxied(dir: &Path, mib: u64, data_mib: u64, seed: u64) -> Proxied {
+    let sshd = Sshd::start(dir);
+    let img = integration::SparseImage::create(
+        dir.join("legacy.img"),
+        mib << 20,
+        &[integration::Region {
+            offset: 0,
+            len: data_mib << 20,
+        }],
+        seed,
+    );
+    let proxy = Proxy::start(format!("127.0.0.1:{}", sshd.port).parse().unwrap());
+    let source = sshd.uri_via(proxy.port(), &img.path);
+    Proxied {
+        _sshd: sshd,
+        img,
+        proxy,
+        target: dir.join("target.img"),
+        source,
+    }
+}
+
 #[test]
 fn hydration_survives_the_link_cut_again_and_again() {
     let dir = tempfile::tempdir().unwrap();
-    let sshd = Sshd::start(dir.path());
-    let img = integration::SparseImage::create(
-        dir.path().join("legacy.img"),
-        64 << 20,
-        &[integration::Region {
-            offset: 0,
-            len: 48 << 20,
-        }],
-        7,
-    );
-    let proxy = Proxy::start(format!("127.0.0.1:{}", sshd.port).parse().unwrap());
-    let target = dir.path().join("target.img");
-    let source = sshd.uri_via(proxy.port(), &img.path);
+    let Proxied {
+        _sshd,
+        img,
+        proxy,
+        target,
+        source,
+    } = proxied(dir.path(), 64, 48, 7);
     // Slow enough that the cuts land while it runs.
     let start = Start::new(&source, &target, dir.path()).rate_limit(Some("16M"));
     let mut running = start.spawn();
@@ -251,19 +278,13 @@ fn wait_status(
 #[test]
 fn a_stalled_link_and_a_host_that_refuses_are_waited_out() {
     let dir = tempfile::tempdir().unwrap();
-    let sshd = Sshd::start(dir.path());
-    let img = integration::SparseImage::create(
-        dir.path().join("legacy.img"),
-        32 << 20,
-        &[integration::Region {
-            offset: 0,
-            len: 32 << 20,
-        }],
-        9,
-    );
-    let proxy = Proxy::start(format!("127.0.0.1:{}", sshd.port).parse().unwrap());
-    let target = dir.path().join("target.img");
-    let source = sshd.uri_via(proxy.port(), &img.path);
+    let Proxied {
+        _sshd,
+        img,
+        proxy,
+        target,
+        source,
+    } = proxied(dir.path(), 32, 32, 9);
     let start = Start::new(&source, &target, dir.path())
         .rate_limit(Some("8M"))
         .args(&["--source-stall-timeout", "1s"]);
