@@ -46,10 +46,13 @@ use test_support::child::ChildGuard;
 use test_support::sshd::Sshd;
 
 const USAGE: &str = "\
-usage: ssh_bench [--delays 0,1,5] [--mib 512] [--runs 3] [--stream-bin PATH] [--dir DIR]
+usage: ssh_bench [--delays 0,1,5] [--mib 512] [--runs 3] [--data-pct 100]
+                 [--stream-bin PATH] [--dir DIR]
 
   --delays LIST  link round trips in ms (default 0,1,5)
   --mib N        disk size in MiB (default 512)
+  --data-pct N   share of 64 KiB chunks holding data, the rest holes
+                 (default 100: no holes); NBD skips holes, SFTP cannot see them
   --runs N       runs of each measure, reported as medians (default 3)";
 
 const LONG: Duration = Duration::from_secs(1800);
@@ -60,6 +63,7 @@ struct Options {
     delays: Vec<u64>,
     mib: u64,
     runs: usize,
+    data_pct: u64,
     stream_bin: PathBuf,
     dir: PathBuf,
 }
@@ -69,6 +73,7 @@ fn parse_args() -> Result<Options, String> {
         delays: vec![0, 1, 5],
         mib: 512,
         runs: 3,
+        data_pct: 100,
         stream_bin: PathBuf::from("target/release/stream"),
         dir: std::env::temp_dir().join("ssh-bench"),
     };
@@ -83,6 +88,13 @@ fn parse_args() -> Result<Options, String> {
                     .collect::<Result<_, _>>()?;
             }
             "--mib" => o.mib = value()?.parse().map_err(|_| "bad --mib".to_string())?,
+            "--data-pct" => {
+                o.data_pct = value()?
+                    .parse()
+                    .ok()
+                    .filter(|&n| (1..=100).contains(&n))
+                    .ok_or("bad --data-pct (1 to 100)")?
+            }
             "--runs" => {
                 o.runs = value()?
                     .parse()
@@ -254,7 +266,10 @@ fn run(opts: &Options) -> io::Result<String> {
     fs::create_dir_all(&data.0)?;
     let disk = data.0.join("legacy.img");
     let size = opts.mib << 20;
-    stream_benches::testfile::create(&disk, size)?;
+    match opts.data_pct {
+        100 => stream_benches::testfile::create(&disk, size)?,
+        pct => sparse_disk(&disk, size, pct)?,
+    }
     stream_benches::testfile::warm(&disk)?;
 
     // The two legacy sides.
@@ -283,14 +298,15 @@ fn run(opts: &Options) -> io::Result<String> {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "- command: `target/release/ssh_bench --delays {} --mib {} --runs {}`",
+        "- command: `target/release/ssh_bench --delays {} --mib {} --runs {} --data-pct {}`",
         opts.delays
             .iter()
             .map(u64::to_string)
             .collect::<Vec<_>>()
             .join(","),
         opts.mib,
-        opts.runs
+        opts.runs,
+        opts.data_pct
     );
     for (k, v) in machine() {
         let _ = writeln!(out, "- {k}: {v}");
@@ -436,3 +452,21 @@ fn version(program: &str, args: &[&str]) -> String {
         })
         .unwrap_or_else(|e| format!("{program}: {e}"))
 }
+
+/// A sparse disk of `size` bytes: pseudo-random data in `pct`% of its
+/// 64 KiB chunks (chosen at random), holes elsewhere.
+fn sparse_disk(path: &Path, size: u64, pct: u64) -> io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let f = File::create(path)?;
+    f.set_len(size)?;
+    let mut rng = test_support::Rng::new(0x18);
+    let mut buf = vec![0u8; 64 << 10];
+    for c in 0..size / (64 << 10) {
+        if rng.below(100) < pct {
+            rng.fill(&mut buf);
+            f.write_all_at(&buf, c * (64 << 10))?;
+        }
+    }
+    f.sync_all()
+}
+
