@@ -469,4 +469,3 @@ fn sparse_disk(path: &Path, size: u64, pct: u64) -> io::Result<()> {
     }
     f.sync_all()
 }
-
