@@ -210,6 +210,13 @@ async fn unchanged_chunks_are_confirmed_without_a_data_read_and_changed_ones_fet
     assert!(v.map().is_complete());
     // The kept hashes are the source's: the next comparison finds nothing.
     assert_eq!(v.changed_chunks(&|_, _| {}).await.unwrap(), Some(vec![]));
+    // Every candidate resolved: the next start drops the set, not loads it.
+    v.close().await.unwrap();
+    drop(v);
+    assert!(dir.path().join("state/candidates").exists());
+    let v = open(dir.path(), &knobs).await;
+    assert!(!dir.path().join("state/candidates").exists());
+    assert_eq!(v.candidates_left(), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -35,6 +35,19 @@ impl StateDir {
         write_atomic(&self.dir, FILE, &v).map_err(|e| self.io(e))
     }
 
+    /// Forget the candidates (every one is present: the set means
+    /// nothing any more). Blocking; synced.
+    pub fn remove_candidates(&self) -> Result<()> {
+        match fs::remove_file(self.dir.join(FILE)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(self.io(e)),
+        }
+        std::fs::File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| self.io(e))
+    }
+
     /// The candidates of a migration of `chunks` chunks and which were zero
     /// chunks, if it has them.
     pub fn read_candidates(&self, chunks: u64) -> Result<Option<(Bitmap, Bitmap)>> {

@@ -85,14 +85,16 @@ enum Verdict {
 }
 
 impl Candidates {
-    pub(super) fn new(bits: Bitmap, zero: Bitmap, chunk: u64) -> Candidates {
+    /// `map`'s candidates: `bits`, of which `zero` were zero chunks.
+    pub(super) fn new(bits: Bitmap, zero: Bitmap, chunk: u64, map: &PresenceMap) -> Candidates {
         let n = bits.len();
+        let left = absent_among(&bits, map);
         Candidates {
             bits,
             zero,
             agrees: Bitmap::new(n),
             swept_to: AtomicU64::new(0),
-            left: AtomicU64::new(0),
+            left: AtomicU64::new(left),
             zeros: ZeroHashes::new(chunk),
             remote: tokio::sync::Mutex::new(Remote::default()),
         }
@@ -144,6 +146,19 @@ impl Candidates {
     }
 }
 
+/// How many of the chunks set in `bits` are absent in `map`.
+pub(super) fn absent_among(bits: &Bitmap, map: &PresenceMap) -> u64 {
+    let mut n = 0;
+    let mut at = 0;
+    while let Some(i) = bits.next_set(at) {
+        if !map.is_present(ChunkIndex(i)) {
+            n += 1;
+        }
+        at = i + 1;
+    }
+    n
+}
+
 impl<S: Source> Volume<S> {
     /// Whether chunk `c`'s bytes in the target are a seeded copy still to
     /// be compared (meaningful for an absent chunk only).
@@ -156,23 +171,6 @@ impl<S: Source> Volume<S> {
         self.candidates
             .get()
             .map_or(0, |k| k.left.load(Ordering::Relaxed))
-    }
-
-    /// Count the candidates still absent (at open and after a cutover,
-    /// before anything serves).
-    pub(super) fn count_candidates(&self) {
-        let Some(k) = self.candidates.get() else {
-            return;
-        };
-        let mut n = 0;
-        let mut at = 0;
-        while let Some(i) = k.bits.next_set(at) {
-            if !self.map.is_present(ChunkIndex(i)) {
-                n += 1;
-            }
-            at = i + 1;
-        }
-        k.left.store(n, Ordering::Relaxed);
     }
 
     /// Chunk `c`, absent until now, became present (under its lock).
@@ -200,6 +198,7 @@ impl<S: Source> Volume<S> {
                 Bitmap::new(g.chunks()),
                 Bitmap::new(g.chunks()),
                 g.chunk_size(),
+                &self.map,
             )
         });
         let mut made = 0;
@@ -227,7 +226,8 @@ impl<S: Source> Volume<S> {
                 self.map.forget(ChunkIndex(i));
             }
         }
-        self.count_candidates();
+        k.left
+            .store(absent_among(&k.bits, &self.map), Ordering::Relaxed);
         let snapshot = state::map_bytes(&self.map);
         let st = self.state.clone();
         tokio::task::spawn_blocking(move || st.checkpoint(&snapshot))

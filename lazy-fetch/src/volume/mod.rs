@@ -51,9 +51,20 @@
 //!    client request stamps `fg_last`; the hydrator yields while either
 //!    says clients are busy ([`Volume::foreground_busy`]). Cold reads answer
 //!    with their own piece first (`read_piece_first`).
-//! 8. *Bounded memory*: three bits per chunk, the single-flight table (only
+//! 8. *Bounded memory*: three bits per chunk (three more while a seeded
+//!    cutover's candidates are unresolved), the single-flight table (only
 //!    chunks in flight), and the pending journal entries (flushed by the
 //!    persister when they grow).
+//! 9. *A seeded copy is trusted only once compared*: an absent candidate
+//!    becomes present only when the blake3 of its bytes read from the
+//!    target, under its lock, equals the source's hash
+//!    (`confirm_or_fetch`); the sweep's in-memory verdicts use the kept
+//!    record, which cannot change while the chunk is absent (records are
+//!    written only by a fetch, under the lock, just before the chunk is
+//!    marked present: `fetch_from_source`, `confirm_or_fetch`). Zeros are
+//!    written over a candidate, never assumed (`store_zero`), and
+//!    recovery does not clear candidates (`recover`). The set is dropped
+//!    at open once none is absent (`open`).
 //!
 //! Layout, by job: `open.rs` (opening, identity checks, crash recovery),
 //! `io.rs` (the client I/O path and the one in-place change function),

@@ -256,14 +256,22 @@ impl<S: Source> Volume<S> {
             }
             Some(Arc::new(h))
         };
+        // A seeded cutover's candidates, while any is still absent; once
+        // every one is present the set means nothing, and is dropped
+        // rather than loaded and counted at every start.
         let candidates = std::sync::OnceLock::new();
         if !read_only {
             if let Some((bits, zero)) = state.read_candidates(header.geometry().chunks())? {
-                let _ = candidates.set(super::candidate::Candidates::new(
-                    bits,
-                    zero,
-                    header.chunk_size,
-                ));
+                if super::candidate::absent_among(&bits, &map) == 0 {
+                    state.remove_candidates()?;
+                } else {
+                    let _ = candidates.set(super::candidate::Candidates::new(
+                        bits,
+                        zero,
+                        header.chunk_size,
+                        &map,
+                    ));
+                }
             }
         }
         let volume = Arc::new(Volume {
@@ -292,7 +300,6 @@ impl<S: Source> Volume<S> {
             candidates,
         });
         volume.stats.resume(&volume.state.load_totals());
-        volume.count_candidates();
         if unclean {
             volume.recover().await?;
         }
