@@ -10,19 +10,21 @@
     reason = "test fixtures: offsets and sizes of a small disk, byte patterns"
 )]
 
+mod common;
+
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use block_device::{Extent, Piece};
+use block_device::{Extent, flatten};
 use futures_util::future::BoxFuture;
 use lazy_fetch::proof::ChunkHashes;
 use lazy_fetch::source::file::FileSource;
 use lazy_fetch::source::{Class, Source};
 use lazy_fetch::state::SourceId;
-use lazy_fetch::{OpenOptions, Volume, hydrate};
+use lazy_fetch::{OpenOptions, Volume};
 use test_support::Rng;
 
 const CHUNK: u64 = 4096;
@@ -119,22 +121,8 @@ async fn open(dir: &Path, knobs: &Arc<Knobs>) -> Arc<Volume<Hashing>> {
     .unwrap()
 }
 
-async fn hydrate_all<S: Source>(v: &Arc<Volume<S>>) {
-    hydrate::run(
-        v.clone(),
-        hydrate::Options::default(),
-        std::future::pending(),
-    )
-    .await;
-    v.flush().await.unwrap();
-}
-
 fn write_src(dir: &Path, c: u64, byte: u8) {
-    let f = std::fs::OpenOptions::new()
-        .write(true)
-        .open(dir.join("src"))
-        .unwrap();
-    f.write_all_at(&[byte; 10], c * CHUNK + 5).unwrap();
+    common::write_src(dir, CHUNK, c, byte);
 }
 
 /// A source of `CHUNKS` chunks, every third one data, the last one short,
@@ -147,12 +135,8 @@ async fn seeded(dir: &Path, knobs: &Arc<Knobs>) {
             .unwrap();
     }
     let v = open(dir, knobs).await;
-    hydrate_all(&v).await;
+    common::hydrate_all(&v).await;
     v.close().await.unwrap();
-}
-
-fn flat(pieces: Vec<Piece>) -> Vec<u8> {
-    block_device::flatten(pieces)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -184,16 +168,16 @@ async fn unchanged_chunks_are_confirmed_without_a_data_read_and_changed_ones_fet
     knobs.data_read.store(0, Ordering::Relaxed);
     // A piece of an unchanged chunk, then of a changed one.
     let src = std::fs::read(dir.path().join("src")).unwrap();
-    assert_eq!(flat(v.read(10, 100).await.unwrap()), src[10..110]);
+    assert_eq!(flatten(v.read(10, 100).await.unwrap()), src[10..110]);
     assert_eq!(knobs.data_read.load(Ordering::Relaxed), 0);
     let at = (3 * CHUNK) as usize;
     assert_eq!(
-        flat(v.read(at as u64, 4096).await.unwrap()),
+        flatten(v.read(at as u64, 4096).await.unwrap()),
         src[at..at + 4096]
     );
     assert_eq!(knobs.data_read.load(Ordering::Relaxed), CHUNK);
 
-    hydrate_all(&v).await;
+    common::hydrate_all(&v).await;
     assert_eq!(std::fs::read(dir.path().join("tgt")).unwrap(), src);
     assert_eq!(
         knobs.data_read.load(Ordering::Relaxed),
@@ -240,7 +224,7 @@ async fn behind_the_sweep_a_fetch_asks_the_source_nothing_but_changed_data() {
     // Every chunk read once, one at a time, as a guest would.
     for c in 0..CHUNKS {
         let s = c * CHUNK + 100;
-        let got = flat(v.read(s, 200).await.unwrap());
+        let got = flatten(v.read(s, 200).await.unwrap());
         assert_eq!(got, src[s as usize..s as usize + 200], "chunk {c}");
     }
     assert_eq!(
@@ -283,7 +267,7 @@ async fn a_crash_after_the_cutover_keeps_the_candidates_and_loses_nothing() {
     assert_eq!(v.candidates_left(), left, "the set survived the crash");
     assert_eq!(v.map().present_count(), 5);
     knobs.data_read.store(0, Ordering::Relaxed);
-    hydrate_all(&v).await;
+    common::hydrate_all(&v).await;
     assert_eq!(
         knobs.data_read.load(Ordering::Relaxed),
         0,
@@ -310,7 +294,7 @@ async fn without_hashes_candidates_are_fetched_and_trims_over_them_read_zeros() 
         .unwrap()
         .unwrap();
     knobs.data_read.store(0, Ordering::Relaxed);
-    hydrate_all(&v).await;
+    common::hydrate_all(&v).await;
     let mut want = std::fs::read(dir.path().join("src")).unwrap();
     want[..CHUNK as usize].fill(0);
     want[(3 * CHUNK) as usize..(4 * CHUNK) as usize].fill(0);
@@ -330,7 +314,6 @@ async fn without_hashes_candidates_are_fetched_and_trims_over_them_read_zeros() 
 /// `STREAM_DELTA_SEEDS` sets how many schedules (default 12).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn clients_and_fetches_race_over_candidates_and_match_the_model() {
-    use lazy_fetch::units::ChunkIndex;
     const LANES: u64 = 4;
     let seeds: u64 = std::env::var("STREAM_DELTA_SEEDS")
         .ok()
@@ -349,7 +332,7 @@ async fn clients_and_fetches_race_over_candidates_and_match_the_model() {
         }
         std::fs::write(dir.path().join("src"), &disk).unwrap();
         let v = open(dir.path(), &knobs).await;
-        hydrate_all(&v).await;
+        common::hydrate_all(&v).await;
         v.close().await.unwrap();
         drop(v);
         for c in 0..CHUNKS {
@@ -391,7 +374,7 @@ async fn clients_and_fetches_race_over_candidates_and_match_the_model() {
                             model.lock().unwrap()[s..e].fill(0);
                         }
                         _ => {
-                            let got = flat(v.read(off, len).await.unwrap());
+                            let got = flatten(v.read(off, len).await.unwrap());
                             assert!(
                                 got == model.lock().unwrap()[s..e],
                                 "seed {seed}: read {off}+{len}"
@@ -411,18 +394,7 @@ async fn clients_and_fetches_race_over_candidates_and_match_the_model() {
             let v = v.clone();
             tokio::spawn(async move { v.sweep_candidates().await })
         });
-        for _ in 0..2 {
-            let (v, mut rng) = (v.clone(), Rng::new(rng.next()));
-            tasks.spawn(async move {
-                for _ in 0..40 {
-                    let c = ChunkIndex(rng.below(CHUNKS));
-                    let _ = v
-                        .fetch_run_from(c, 1 + rng.below(8) as usize, Class::Background)
-                        .await;
-                    tokio::task::yield_now().await;
-                }
-            });
-        }
+        common::spawn_fetchers(&mut tasks, &v, &mut rng, CHUNKS);
         while let Some(t) = tasks.join_next().await {
             t.unwrap();
         }
@@ -437,7 +409,7 @@ async fn clients_and_fetches_race_over_candidates_and_match_the_model() {
         } else {
             v
         };
-        hydrate_all(&v).await;
+        common::hydrate_all(&v).await;
         if let Some(s) = sweep {
             s.abort();
             if let Ok(r) = s.await {

@@ -8,12 +8,14 @@
     reason = "test fixtures: offsets and sizes of a small disk, byte patterns"
 )]
 
+mod common;
+
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Arc;
 
 use lazy_fetch::source::file::FileSource;
-use lazy_fetch::{OpenOptions, Volume, hydrate};
+use lazy_fetch::{OpenOptions, Volume};
 
 const CHUNK: u64 = 4096;
 const CHUNKS: u64 = 64;
@@ -34,11 +36,7 @@ async fn open(dir: &Path) -> Arc<Volume<FileSource>> {
 }
 
 fn write_src(dir: &Path, c: u64, byte: u8) {
-    let f = std::fs::OpenOptions::new()
-        .write(true)
-        .open(dir.join("src"))
-        .unwrap();
-    f.write_all_at(&[byte; 10], c * CHUNK + 5).unwrap();
+    common::write_src(dir, CHUNK, c, byte);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -51,13 +49,7 @@ async fn changed_chunks_are_found_forgotten_durably_and_fetched_again() {
             .unwrap();
     }
     let v = open(dir.path()).await;
-    hydrate::run(
-        v.clone(),
-        hydrate::Options::default(),
-        std::future::pending(),
-    )
-    .await;
-    v.flush().await.unwrap();
+    common::hydrate_all(&v).await;
     assert_eq!(v.changed_chunks(&|_, _| {}).await.unwrap(), Some(vec![]));
     v.close().await.unwrap();
     drop(v);
@@ -81,13 +73,7 @@ async fn changed_chunks_are_found_forgotten_durably_and_fetched_again() {
             .iter()
             .all(|&b| b == 0)
     );
-    hydrate::run(
-        v.clone(),
-        hydrate::Options::default(),
-        std::future::pending(),
-    )
-    .await;
-    v.flush().await.unwrap();
+    common::hydrate_all(&v).await;
     assert_eq!(v.changed_chunks(&|_, _| {}).await.unwrap(), Some(vec![]));
     assert!(
         std::fs::read(dir.path().join("tgt")).unwrap()
@@ -108,8 +94,6 @@ async fn changed_chunks_are_found_forgotten_durably_and_fetched_again() {
 /// `STREAM_DELTA_SEEDS` sets how many schedules (default 12).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn clients_and_fetches_race_over_forgotten_chunks_and_match_the_model() {
-    use lazy_fetch::source::Class;
-    use lazy_fetch::units::ChunkIndex;
     use test_support::Rng;
     const LANES: u64 = 4;
     let seeds: u64 = std::env::var("STREAM_DELTA_SEEDS")
@@ -122,12 +106,7 @@ async fn clients_and_fetches_race_over_forgotten_chunks_and_match_the_model() {
         let size = CHUNKS * CHUNK;
         std::fs::write(dir.path().join("src"), rng.filled(size as usize)).unwrap();
         let v = open(dir.path()).await;
-        hydrate::run(
-            v.clone(),
-            hydrate::Options::default(),
-            std::future::pending(),
-        )
-        .await;
+        common::hydrate_all(&v).await;
         v.close().await.unwrap();
         drop(v);
         // The legacy disk changes in a third of its chunks, then stops.
@@ -156,15 +135,7 @@ async fn clients_and_fetches_race_over_forgotten_chunks_and_match_the_model() {
                         v.write(off, data.clone(), false).await.unwrap();
                         model.lock().unwrap()[s..e].copy_from_slice(&data);
                     } else {
-                        let mut got = Vec::new();
-                        for p in v.read(off, len).await.unwrap() {
-                            match p {
-                                block_device::Piece::Data(d) => got.extend_from_slice(&d),
-                                block_device::Piece::Zero(n) => {
-                                    got.resize(got.len() + n as usize, 0)
-                                }
-                            }
-                        }
+                        let got = block_device::flatten(v.read(off, len).await.unwrap());
                         assert!(
                             got == model.lock().unwrap()[s..e],
                             "seed {seed}: read {off}+{len}"
@@ -174,28 +145,11 @@ async fn clients_and_fetches_race_over_forgotten_chunks_and_match_the_model() {
                 }
             });
         }
-        for _ in 0..2 {
-            let (v, mut rng) = (v.clone(), Rng::new(rng.next()));
-            tasks.spawn(async move {
-                for _ in 0..40 {
-                    let c = ChunkIndex(rng.below(CHUNKS));
-                    let _ = v
-                        .fetch_run_from(c, 1 + rng.below(8) as usize, Class::Background)
-                        .await;
-                    tokio::task::yield_now().await;
-                }
-            });
-        }
+        common::spawn_fetchers(&mut tasks, &v, &mut rng, CHUNKS);
         while let Some(t) = tasks.join_next().await {
             t.unwrap();
         }
-        hydrate::run(
-            v.clone(),
-            hydrate::Options::default(),
-            std::future::pending(),
-        )
-        .await;
-        v.flush().await.unwrap();
+        common::hydrate_all(&v).await;
         let want = model.lock().unwrap().clone();
         assert!(
             std::fs::read(dir.path().join("tgt")).unwrap() == want,

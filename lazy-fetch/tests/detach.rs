@@ -7,12 +7,14 @@
     reason = "test fixtures: offsets and sizes of small in-memory disks, byte patterns"
 )]
 
+mod common;
+
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Arc;
 
 use lazy_fetch::source::file::FileSource;
-use lazy_fetch::{OpenOptions, Volume, hydrate};
+use lazy_fetch::{OpenOptions, Volume};
 
 const CHUNK: u64 = 4096;
 const CHUNKS: u64 = 32;
@@ -44,14 +46,7 @@ async fn open(dir: &Path) -> Arc<Volume<FileSource>> {
 }
 
 async fn read(v: &Arc<Volume<FileSource>>, c: u64) -> Vec<u8> {
-    let mut out = Vec::new();
-    for p in v.read(c * CHUNK, CHUNK).await.unwrap() {
-        match p {
-            block_device::Piece::Data(d) => out.extend_from_slice(&d),
-            block_device::Piece::Zero(n) => out.extend(std::iter::repeat_n(0, n as usize)),
-        }
-    }
-    out
+    block_device::flatten(v.read(c * CHUNK, CHUNK).await.unwrap())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -63,12 +58,7 @@ async fn detach_is_refused_until_every_chunk_is_present() {
     assert!(!v.target_shared());
     assert!(v.header().detach.is_none());
 
-    hydrate::run(
-        v.clone(),
-        hydrate::Options::default(),
-        std::future::pending(),
-    )
-    .await;
+    common::hydrate_all(&v).await;
     v.prepare_detach().await.unwrap();
     v.prepare_detach().await.unwrap();
     assert!(v.target_shared());
@@ -91,13 +81,7 @@ async fn detach_is_refused_until_every_chunk_is_present() {
 async fn after_a_crash_a_shared_target_is_neither_replayed_onto_nor_cleared() {
     let dir = tempfile::tempdir().unwrap();
     let v = open(dir.path()).await;
-    hydrate::run(
-        v.clone(),
-        hydrate::Options::default(),
-        std::future::pending(),
-    )
-    .await;
-    v.flush().await.unwrap();
+    common::hydrate_all(&v).await;
     v.prepare_detach().await.unwrap();
     assert_eq!(v.stale_hashes(), 0);
     // Through the export, never flushed: chunk 1 (zero until now) and

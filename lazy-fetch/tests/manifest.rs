@@ -6,13 +6,15 @@
     reason = "test fixtures: offsets and sizes of small in-memory disks, byte patterns"
 )]
 
+mod common;
+
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Arc;
 
 use lazy_fetch::manifest::{self, Manifest};
 use lazy_fetch::source::file::FileSource;
-use lazy_fetch::{OpenOptions, Volume, hydrate};
+use lazy_fetch::{OpenOptions, Volume};
 
 const CHUNK: u64 = 4096;
 
@@ -69,13 +71,7 @@ async fn migrated(dir: &Path) -> Arc<Volume<FileSource>> {
         .await
         .unwrap();
     v.trim(12 * CHUNK, CHUNK, false).await.unwrap();
-    hydrate::run(
-        v.clone(),
-        hydrate::Options::default(),
-        std::future::pending(),
-    )
-    .await;
-    v.flush().await.unwrap();
+    common::hydrate_all(&v).await;
     v
 }
 
