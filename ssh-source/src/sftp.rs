@@ -65,6 +65,23 @@ impl<W> Drop for Sftp<W> {
     }
 }
 
+/// Ends the session when dropped before `done` (see `Sftp::call`):
+/// marks it dead and fails every request waiting for a reply.
+struct Sending<'a> {
+    dead: &'a AtomicBool,
+    pending: &'a Pending,
+    done: bool,
+}
+
+impl Drop for Sending<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            self.dead.store(true, Ordering::Release);
+            self.pending.lock().expect("poisoned").clear();
+        }
+    }
+}
+
 /// What FSTAT says of the disk.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Attrs {
@@ -220,10 +237,21 @@ impl<W: AsyncWrite + Unpin + Send + 'static> Sftp<W> {
         pkt.extend_from_slice(payload);
         let sent = {
             let mut w = self.writer.lock().await;
-            match w.write_all(&pkt).await {
+            // From here a cancelled call (a stall timeout drops it) may
+            // leave half a packet on the wire: the stream is then out of
+            // step with the server, and the session must end, not carry
+            // the next request after the half one.
+            let mut whole = Sending {
+                dead: &self.dead,
+                pending: &self.pending,
+                done: false,
+            };
+            let sent = match w.write_all(&pkt).await {
                 Ok(()) => w.flush().await,
                 Err(e) => Err(e),
-            }
+            };
+            whole.done = true;
+            sent
         };
         if let Err(e) = sent {
             self.pending.lock().expect("poisoned").remove(&id);
@@ -366,4 +394,54 @@ async fn read_packet<R: AsyncRead + Unpin>(r: &mut R) -> io::Result<(u8, Vec<u8>
     let mut buf = vec![0u8; len as usize - 1];
     r.read_exact(&mut buf).await?;
     Ok((kind, buf))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Debian's sftp-server spoken to over its stdin and stdout, as ssh
+    /// would carry it.
+    async fn local_server() -> (Sftp<tokio::process::ChildStdin>, tokio::process::Child) {
+        let bin = "/usr/lib/openssh/sftp-server";
+        assert!(
+            std::path::Path::new(bin).exists(),
+            "{bin} is missing: install the Debian package openssh-sftp-server"
+        );
+        let mut child = tokio::process::Command::new(bin)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let sftp = Sftp::start(child.stdout.take().unwrap(), child.stdin.take().unwrap())
+            .await
+            .unwrap();
+        (sftp, child)
+    }
+
+    /// Reads dropped before their answers arrive (what the stall timeout
+    /// does) leave the session in step: the answers go to no one, and the
+    /// next read gets its own bytes.
+    #[tokio::test]
+    async fn reads_dropped_before_their_answers_do_not_disturb_the_next() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk.img");
+        let data: Vec<u8> = (0..(4u32 << 20)).map(|i| (i * 7 % 251) as u8).collect();
+        std::fs::write(&path, &data).unwrap();
+        let (sftp, _child) = local_server().await;
+        let h = sftp.open(path.to_str().unwrap()).await.unwrap();
+        for round in 0..20u64 {
+            let at = round * 65536;
+            let cut = futures_util::FutureExt::now_or_never(sftp.read_exact(&h, at, 1 << 20));
+            assert!(cut.is_none(), "round {round}: finished in one poll");
+            let off = (round * 12345) % (3 << 20);
+            let got = sftp.read_exact(&h, off, 100_000).await.unwrap();
+            assert!(
+                got == data[off as usize..off as usize + 100_000],
+                "round {round}: another read's bytes"
+            );
+        }
+        assert!(!sftp.is_dead());
+    }
 }

@@ -76,6 +76,16 @@ impl Shell {
             ));
         }
         let mut io = self.io.lock().await;
+        if self.is_dead() {
+            return Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "the remote shell has ended",
+            ));
+        }
+        // Dead until this request is whole: one cancelled half way (a
+        // stall timeout drops it) leaves its answer, or part of it, in the
+        // stream, which the next request would take for its own.
+        self.dead.store(true, Ordering::Release);
         let result = async {
             io.0.write_all(format!("{offset} {len}\n").as_bytes())
                 .await?;
@@ -85,10 +95,8 @@ impl Shell {
             io::Result::Ok(buf)
         }
         .await;
-        if result.is_err() {
-            // A request cut short leaves the stream out of step: this
-            // session is done (the source opens another).
-            self.dead.store(true, Ordering::Release);
+        if result.is_ok() {
+            self.dead.store(false, Ordering::Release);
         }
         result.map_err(|e| io::Error::new(io::ErrorKind::ConnectionAborted, e))
     }
@@ -127,5 +135,33 @@ mod tests {
         assert_eq!(sh.read_exact(512, 1024).await.unwrap(), data[512..1536]);
         assert_eq!(sh.read_exact(4096, 904).await.unwrap(), data[4096..]);
         assert_eq!(sh.read_exact(0, 4096).await.unwrap(), data[..4096]);
+    }
+
+    /// A read dropped after its request went out (what the stall timeout
+    /// does) ends the session: the next read fails rather than take the
+    /// dropped one's answer for its own.
+    #[tokio::test]
+    async fn a_read_cut_short_ends_the_session_instead_of_misreading() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk.img");
+        let data: Vec<u8> = (0..(1u32 << 20)).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&path, &data).unwrap();
+        let mut child = tokio::process::Command::new("sh")
+            .arg("-c")
+            .arg(command_line(path.to_str().unwrap()))
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let sh = Shell::start(child.stdout.take().unwrap(), child.stdin.take().unwrap())
+            .await
+            .unwrap();
+        // Polled once: the request is written, the answer not yet read.
+        let cut = futures_util::FutureExt::now_or_never(sh.read_exact(0, 1 << 20));
+        assert!(cut.is_none(), "the read finished in one poll");
+        assert!(sh.is_dead());
+        let next = sh.read_exact(4096, 4096).await;
+        assert!(next.is_err(), "a read after a cut one must not succeed");
     }
 }

@@ -67,22 +67,20 @@ pub struct SshSource {
     health: Mutex<(Health, Option<Instant>)>,
 }
 
-/// An error clients see as `EIO` (the block-device errno rule maps
-/// `Other` so) with its message kept for the log.
-fn eio(msg: String) -> io::Error {
-    io::Error::other(msg)
+/// Where `spec` says the disk is, and how to reach it.
+fn endpoint(spec: &str, opts: &SshOptions) -> io::Result<Endpoint> {
+    let uri = SshUri::parse(spec).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    Ok(Endpoint {
+        uri,
+        accept_new_host_key: opts.accept_new_host_key,
+        connect_timeout: opts.connect_timeout,
+    })
 }
 
 impl SshSource {
     /// Connect now and learn the disk's size (a new migration).
     pub async fn connect(spec: &str, opts: SshOptions) -> io::Result<SshSource> {
-        let uri =
-            SshUri::parse(spec).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-        let endpoint = Endpoint {
-            uri,
-            accept_new_host_key: opts.accept_new_host_key,
-            connect_timeout: opts.connect_timeout,
-        };
+        let endpoint = endpoint(spec, &opts)?;
         let session = endpoint.connect().await.map_err(io::Error::other)?;
         let size = session.size().await?;
         if size == 0 {
@@ -100,13 +98,7 @@ impl SshSource {
     /// A resumed migration: the size is known; sessions start when needed
     /// (and check it).
     pub fn lazy(spec: &str, size: u64, opts: SshOptions) -> io::Result<SshSource> {
-        let uri =
-            SshUri::parse(spec).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-        let endpoint = Endpoint {
-            uri,
-            accept_new_host_key: opts.accept_new_host_key,
-            connect_timeout: opts.connect_timeout,
-        };
+        let endpoint = endpoint(spec, &opts)?;
         Ok(SshSource::new(spec, endpoint, size, opts))
     }
 
@@ -237,7 +229,8 @@ impl SshSource {
             if Instant::now() + backoff > deadline {
                 let since = self.health.lock().expect("poisoned").1;
                 let ago = since.map(|t| t.elapsed().as_secs()).unwrap_or(0);
-                return Err(eio(format!(
+                // `Other`: clients see EIO (the block-device errno rule).
+                return Err(io::Error::other(format!(
                     "{}: unreachable for {ago} s (retried for {:?}); last error: {last}",
                     self.endpoint.uri.endpoint(),
                     self.opts.retry_window
