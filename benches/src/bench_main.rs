@@ -3,7 +3,7 @@
 //! on stdout or the error on stderr.
 
 use std::io;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 /// Run `bench`: `parsed` is its arguments (an empty error asks for the
@@ -44,4 +44,13 @@ pub fn run<O>(
             ExitCode::FAILURE
         }
     }
+}
+
+/// The workspace's target directory, where the benches find the release
+/// `stream` and keep their scratch: `CARGO_TARGET_DIR`, or `target/` of
+/// the repository.
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"))
 }

@@ -108,10 +108,7 @@ struct Options {
 }
 
 fn parse_args() -> Result<Options, String> {
-    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| manifest.join("../target"));
+    let target = stream_benches::bench_main::target_dir();
     let mut o = Options {
         reps: 3,
         padded: 1,

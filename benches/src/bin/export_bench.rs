@@ -18,7 +18,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::fs;
 use std::io;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -57,10 +57,7 @@ struct Options {
 }
 
 fn parse_args() -> Result<Options, String> {
-    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| manifest.join("../target"));
+    let target = stream_benches::bench_main::target_dir();
     let mut o = Options {
         size: 1 << 30,
         runtime: Duration::from_secs(15),

@@ -41,11 +41,12 @@ struct Options {
 }
 
 fn parse_args() -> Result<Options, String> {
+    let target = stream_benches::bench_main::target_dir();
     let mut o = Options {
         sizes: vec!["64G".into(), "256G".into(), "1T".into()],
         percent: 1.0,
-        stream_bin: PathBuf::from("target/release/stream"),
-        dir: std::env::temp_dir().join("mem-bench"),
+        stream_bin: target.join("release/stream"),
+        dir: target.join("mem-bench"),
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {

@@ -92,10 +92,7 @@ struct Options {
 }
 
 fn parse_args() -> Result<Options, String> {
-    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| manifest.join("../target"));
+    let target = stream_benches::bench_main::target_dir();
     let mut o = Options {
         gib: vec![4],
         peers: false,
@@ -457,19 +454,11 @@ fn part_a(opts: &Options, size: u64) -> io::Result<(Cutover, Option<Copy>)> {
 
     let copy = if opts.peers {
         let c = Counter::start(&sock, &dir, "nbdcopy", 0)?;
-        let dest = data.0.join("nbdcopy.raw");
-        let mut cmd = Command::new("nbdcopy");
-        cmd.arg(c.uri())
-            .arg(&dest)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(File::create(dir.join("nbdcopy.log"))?);
-        let t = Instant::now();
-        let status = ChildGuard::spawn("nbdcopy", &mut cmd)?.wait_timeout(LONG)?;
-        let secs = t.elapsed().as_secs_f64();
-        if status.is_none_or(|s| !s.success()) {
-            return Err(io::Error::other(format!("nbdcopy: {status:?}")));
-        }
+        let secs = nbdcopy(
+            &c.uri(),
+            &data.0.join("nbdcopy.raw"),
+            &dir.join("nbdcopy.log"),
+        )?;
         Some(Copy {
             size,
             secs,
@@ -479,6 +468,22 @@ fn part_a(opts: &Options, size: u64) -> io::Result<(Cutover, Option<Copy>)> {
         None
     };
     Ok((cut, copy))
+}
+
+/// `nbdcopy URI DEST`, its stderr to `log`; the seconds it took.
+fn nbdcopy(uri: &str, dest: &Path, log: &Path) -> io::Result<f64> {
+    let mut cmd = Command::new("nbdcopy");
+    cmd.arg(uri)
+        .arg(dest)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(File::create(log)?);
+    let t = Instant::now();
+    let status = ChildGuard::spawn("nbdcopy", &mut cmd)?.wait_timeout(LONG)?;
+    if status.is_none_or(|s| !s.success()) {
+        return Err(io::Error::other(format!("nbdcopy: {status:?}")));
+    }
+    Ok(t.elapsed().as_secs_f64())
 }
 
 /// rsync's two passes and stream's seed + cutover over the same change.
@@ -705,18 +710,11 @@ fn part_c(opts: &Options, image: &BootImage) -> io::Result<Boots> {
         // A copy after the stop: nbdcopy of the whole disk over the same
         // link, then the boot is a local one.
         let copy = data.0.join("nbdcopy.raw");
-        let mut cmd = Command::new("nbdcopy");
-        cmd.arg(&uri)
-            .arg(&copy)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(File::create(dir.join(format!("nbdcopy-{rep}.log")))?);
-        let t = Instant::now();
-        let status = ChildGuard::spawn("nbdcopy", &mut cmd)?.wait_timeout(LONG)?;
-        if status.is_none_or(|s| !s.success()) {
-            return Err(io::Error::other(format!("nbdcopy: {status:?}")));
-        }
-        b.nbdcopy.push(t.elapsed().as_secs_f64());
+        b.nbdcopy.push(nbdcopy(
+            &uri,
+            &copy,
+            &dir.join(format!("nbdcopy-{rep}.log")),
+        )?);
         fs::remove_file(&copy)?;
         b.local.push(boot_from(
             disk.to_str().expect("UTF-8 path"),

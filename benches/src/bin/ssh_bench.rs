@@ -69,13 +69,14 @@ struct Options {
 }
 
 fn parse_args() -> Result<Options, String> {
+    let target = stream_benches::bench_main::target_dir();
     let mut o = Options {
         delays: vec![0, 1, 5],
         mib: 512,
         runs: 3,
         data_pct: 100,
-        stream_bin: PathBuf::from("target/release/stream"),
-        dir: std::env::temp_dir().join("ssh-bench"),
+        stream_bin: target.join("release/stream"),
+        dir: target.join("ssh-bench"),
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {

@@ -90,10 +90,7 @@ struct Options {
 }
 
 fn parse_args() -> Result<Options, String> {
-    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| manifest.join("../target"));
+    let target = stream_benches::bench_main::target_dir();
     let mut o = Options {
         quick: false,
         reps: 3,
@@ -104,7 +101,7 @@ fn parse_args() -> Result<Options, String> {
         hydrate_timeout: Duration::from_secs(240),
         scenarios: vec![1, 2, 3, 4, 5],
         stream_bin: target.join("release/stream"),
-        dir: manifest.join("../target/start-bench"),
+        dir: Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/start-bench"),
         write: None,
     };
     let (mut reps_set, mut runtime_set) = (false, false);
