@@ -38,7 +38,6 @@ struct Hashing {
     knobs: Arc<Knobs>,
 }
 
-#[derive(Default)]
 struct Knobs {
     /// `chunk_hashes` answers `None` (an nbdkit behind the same URI).
     no_hashes: AtomicBool,
@@ -47,6 +46,22 @@ struct Knobs {
     hash_reads: AtomicU64,
     /// Bytes of chunk data read.
     data_read: AtomicU64,
+    /// While set, data reads wait for a permit of `resume`.
+    hold: AtomicBool,
+    resume: tokio::sync::Semaphore,
+}
+
+impl Default for Knobs {
+    fn default() -> Self {
+        Knobs {
+            no_hashes: AtomicBool::new(false),
+            fail_every: AtomicU64::new(0),
+            hash_reads: AtomicU64::new(0),
+            data_read: AtomicU64::new(0),
+            hold: AtomicBool::new(false),
+            resume: tokio::sync::Semaphore::new(0),
+        }
+    }
 }
 
 struct FileHashes {
@@ -83,6 +98,9 @@ impl Source for Hashing {
         self.knobs
             .data_read
             .fetch_add(len as u64, Ordering::Relaxed);
+        if self.knobs.hold.load(Ordering::Acquire) {
+            drop(self.knobs.resume.acquire().await);
+        }
         self.file.read(offset, len, class).await
     }
 
@@ -240,6 +258,37 @@ async fn behind_the_sweep_a_fetch_asks_the_source_nothing_but_changed_data() {
     assert!(v.map().is_complete());
     v.flush().await.unwrap();
     assert_eq!(std::fs::read(dir.path().join("tgt")).unwrap(), src);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cutover_is_refused_while_a_fetch_is_in_flight() {
+    let dir = tempfile::tempdir().unwrap();
+    let knobs = Arc::new(Knobs::default());
+    seeded(dir.path(), &knobs).await;
+    // Forget one chunk (a pass found it changed) so a read must fetch it.
+    let v = open(dir.path(), &knobs).await;
+    v.forget_changed(&[0]).await.unwrap();
+    knobs.hold.store(true, Ordering::Release);
+    let reader = {
+        let v = v.clone();
+        tokio::spawn(async move { v.read(0, 4096).await.map(flatten) })
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while v.foreground_active() == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the read never fetched"
+        );
+        tokio::task::yield_now().await;
+    }
+    let err = v.make_candidates().await.unwrap_err().to_string();
+    assert!(err.contains("serving"), "{err}");
+    assert_eq!(v.candidates_left(), 0, "nothing was made a candidate");
+    knobs.hold.store(false, Ordering::Release);
+    // Enough for every read held, whether it waits already or not yet.
+    knobs.resume.add_permits(16);
+    let src = std::fs::read(dir.path().join("src")).unwrap();
+    assert_eq!(reader.await.unwrap().unwrap(), src[..4096]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -185,13 +185,7 @@ impl<S: Source> Volume<S> {
     /// anything serves or fetches; returns how many. Refused once a client
     /// wrote (as [`Volume::forget_changed`]).
     pub async fn make_candidates(&self) -> Result<u64> {
-        if self.map.written_count() > 0 {
-            return Err(Error::Invalid(
-                "clients have written to this volume: its chunks can no longer be compared \
-                 with the source and fetched again"
-                    .into(),
-            ));
-        }
+        self.check_may_forget()?;
         let g = self.geometry;
         let k = self.candidates.get_or_init(|| {
             Candidates::new(
@@ -228,11 +222,7 @@ impl<S: Source> Volume<S> {
         }
         k.left
             .store(absent_among(&k.bits, &self.map), Ordering::Relaxed);
-        let snapshot = state::map_bytes(&self.map);
-        let st = self.state.clone();
-        tokio::task::spawn_blocking(move || st.checkpoint(&snapshot))
-            .await
-            .map_err(persist)??;
+        self.checkpoint_now().await?;
         self.flush().await?;
         Ok(made)
     }

@@ -16,7 +16,7 @@
 //! Forgetting is the one place a chunk goes back to absent, and it is
 //! allowed only while nothing serves or fetches (right after `open`) and
 //! before any client wrote (a written chunk holds data the source never
-//! had). The new map is written as a checkpoint, since no journal entry can
+//! had): `check_may_forget` refuses otherwise. The new map is written as a checkpoint, since no journal entry can
 //! say "absent"; the target ranges are then cleared on a sparse target
 //! (recovery's rule: an absent chunk reads as zeros there), and after a
 //! crash in between recovery clears them.
@@ -89,10 +89,11 @@ impl<S: Source> Volume<S> {
         Ok(out)
     }
 
-    /// Make `changed` (chunk indexes, in order) absent again, durably; see
-    /// the module docs for when this is allowed. Returns how many were
-    /// present.
-    pub async fn forget_changed(&self, changed: &[u64]) -> Result<u64> {
+    /// Whether chunks may go back to absent now (the fence of the module
+    /// docs, checked here for [`Volume::forget_changed`] and
+    /// [`Volume::make_candidates`]): no client has written, and nothing is
+    /// in flight (client requests, foreground fetches, readahead).
+    pub(super) fn check_may_forget(&self) -> Result<()> {
         if self.map.written_count() > 0 {
             return Err(Error::Invalid(
                 "clients have written to this volume: its chunks can no longer be compared \
@@ -100,12 +101,20 @@ impl<S: Source> Volume<S> {
                     .into(),
             ));
         }
-        let mut forgotten = 0;
-        for &i in changed {
-            if self.map.forget(ChunkIndex(i)) {
-                forgotten += 1;
-            }
+        let busy = !self.requests.is_empty()
+            || self.foreground_active() > 0
+            || self.readahead_alive.0.load(Ordering::Acquire) > 0;
+        if busy {
+            return Err(Error::Invalid(
+                "the volume is serving: chunks go back to absent only before it serves".into(),
+            ));
         }
+        Ok(())
+    }
+
+    /// Write the map as a checkpoint now: no journal entry can say
+    /// "absent", so a map with forgotten chunks is made durable whole.
+    pub(super) async fn checkpoint_now(&self) -> Result<()> {
         let snapshot = state::map_bytes(&self.map);
         let st = self.state.clone();
         tokio::task::spawn_blocking(move || st.checkpoint(&snapshot))
@@ -113,7 +122,21 @@ impl<S: Source> Volume<S> {
             .map_err(|e| Error::PersistMap {
                 dir: self.state.path().to_path_buf(),
                 source: std::io::Error::other(e),
-            })??;
+            })?
+    }
+
+    /// Make `changed` (chunk indexes, in order) absent again, durably; see
+    /// the module docs for when this is allowed. Returns how many were
+    /// present.
+    pub async fn forget_changed(&self, changed: &[u64]) -> Result<u64> {
+        self.check_may_forget()?;
+        let mut forgotten = 0;
+        for &i in changed {
+            if self.map.forget(ChunkIndex(i)) {
+                forgotten += 1;
+            }
+        }
+        self.checkpoint_now().await?;
         if self.sparse_target {
             let g = self.geometry;
             let mut at = 0;

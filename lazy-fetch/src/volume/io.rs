@@ -115,9 +115,10 @@ impl<S: Source> Volume<S> {
         let any_present = run
             .clone()
             .any(|i| self.map.state(ChunkIndex(i)) != ChunkState::Absent);
-        // A candidate's target bytes are an old copy, not zeros.
-        let any_candidate = run.clone().any(|i| self.is_candidate(ChunkIndex(i)));
-        if !self.sparse_target || allocate || any_present || any_candidate {
+        // A candidate's target bytes are an old copy, not zeros (looked at
+        // only where nothing else already decides the write).
+        let any_candidate = || run.clone().any(|i| self.is_candidate(ChunkIndex(i)));
+        if !self.sparse_target || allocate || any_present || any_candidate() {
             let s = self.geometry.bytes(ChunkIndex(run.start)).start;
             let e = self.geometry.bytes(ChunkIndex(run.end - 1)).end;
             let first = ChunkIndex(run.start);
