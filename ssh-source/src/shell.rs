@@ -69,23 +69,24 @@ impl Shell {
     }
 
     pub async fn read_exact(&self, offset: u64, len: usize) -> io::Result<Vec<u8>> {
-        if self.is_dead() {
-            return Err(io::Error::new(
+        let ended = || {
+            io::Error::new(
                 io::ErrorKind::ConnectionAborted,
                 "the remote shell has ended",
-            ));
-        }
+            )
+        };
         let mut io = self.io.lock().await;
         if self.is_dead() {
-            return Err(io::Error::new(
-                io::ErrorKind::ConnectionAborted,
-                "the remote shell has ended",
-            ));
+            return Err(ended());
         }
-        // Dead until this request is whole: one cancelled half way (a
-        // stall timeout drops it) leaves its answer, or part of it, in the
-        // stream, which the next request would take for its own.
-        self.dead.store(true, Ordering::Release);
+        // A request that does not end whole (an error, or dropped half way
+        // by a stall timeout) leaves its answer, or part of it, in the
+        // stream, which the next request would take for its own: the
+        // session ends with it.
+        let mut step = Step {
+            dead: &self.dead,
+            whole: false,
+        };
         let result = async {
             io.0.write_all(format!("{offset} {len}\n").as_bytes())
                 .await?;
@@ -95,10 +96,22 @@ impl Shell {
             io::Result::Ok(buf)
         }
         .await;
-        if result.is_ok() {
-            self.dead.store(false, Ordering::Release);
-        }
+        step.whole = result.is_ok();
         result.map_err(|e| io::Error::new(io::ErrorKind::ConnectionAborted, e))
+    }
+}
+
+/// Marks the shell dead when dropped before its request was `whole`.
+struct Step<'a> {
+    dead: &'a AtomicBool,
+    whole: bool,
+}
+
+impl Drop for Step<'_> {
+    fn drop(&mut self) {
+        if !self.whole {
+            self.dead.store(true, Ordering::Release);
+        }
     }
 }
 
