@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use tokio::task::JoinSet;
 
 use crate::source::{Class, Source};
-use crate::volume::{MAX_RUN, Volume};
+use crate::volume::{Keep, MAX_RUN, Volume};
 
 #[derive(Clone, Debug)]
 pub struct Options {
@@ -180,7 +180,7 @@ async fn hydrate<S: Source>(volume: Arc<Volume<S>>, opts: Options) {
                 cursor = last + 1;
                 let v = volume.clone();
                 tasks.spawn(async move {
-                    let r = v.fetch_run(run, Class::Background).await;
+                    let r = v.fetch_run(run, Class::Background, Keep::Cold).await;
                     (r, Instant::now())
                 });
             }

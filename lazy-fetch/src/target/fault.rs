@@ -76,6 +76,11 @@ impl Backend for FaultBackend {
         self.inner.write_at(data, offset)
     }
 
+    fn write_bulk(&self, data: &[u8], offset: u64) -> io::Result<()> {
+        self.before(true, false)?;
+        self.inner.write_bulk(data, offset)
+    }
+
     fn zero(&self, offset: u64, len: u64, allocate: bool) -> io::Result<()> {
         self.before(true, false)?;
         self.inner.zero(offset, len, allocate)

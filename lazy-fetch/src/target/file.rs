@@ -18,6 +18,8 @@ use crate::error::{Error, Result};
 pub struct FileBackend {
     file: File,
     block_device: bool,
+    /// The same file opened with `O_DIRECT`, for hydration's writes.
+    direct: Option<super::direct::Direct>,
 }
 
 fn invalid(msg: String) -> Error {
@@ -105,7 +107,12 @@ impl Target {
             }
         }
         let canonical = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
-        let backend = Arc::new(FileBackend { file, block_device });
+        let direct = super::direct::Direct::open(&file);
+        let backend = Arc::new(FileBackend {
+            file,
+            block_device,
+            direct,
+        });
         Ok((
             Target::with_backend(backend, canonical, actual, block_device),
             created,
@@ -138,7 +145,11 @@ impl Target {
             )));
         }
         let canonical = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
-        let backend = Arc::new(FileBackend { file, block_device });
+        let backend = Arc::new(FileBackend {
+            file,
+            block_device,
+            direct: None,
+        });
         Ok(Target::with_backend(
             backend,
             canonical,
@@ -155,6 +166,13 @@ impl Backend for FileBackend {
 
     fn write_at(&self, data: &[u8], offset: u64) -> io::Result<()> {
         self.file.write_all_at(data, offset)
+    }
+
+    fn write_bulk(&self, data: &[u8], offset: u64) -> io::Result<()> {
+        match self.direct.as_ref().and_then(|d| d.write_at(data, offset)) {
+            Some(r) => r,
+            None => self.file.write_all_at(data, offset),
+        }
     }
 
     fn zero(&self, offset: u64, len: u64, allocate: bool) -> io::Result<()> {

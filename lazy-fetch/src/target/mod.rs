@@ -6,12 +6,14 @@
 //! can tell, which ranges hold data. Backends:
 //!
 //! - `file.rs`: a regular file (created sparse) or a block device, the
-//!   only one `stream` serves from;
+//!   only one `stream` serves from; hydration's writes bypass its page
+//!   cache where the file system allows (`direct.rs`);
 //! - `memory.rs`: bytes in memory with a durable image taken at each sync,
 //!   for engine tests that crash without a disk;
 //! - `fault.rs`: any backend with failures (ENOSPC, EIO) and scheduling
 //!   delays injected, for the fault and randomized-schedule tests.
 
+pub mod direct;
 pub mod fault;
 pub mod file;
 pub mod identity;
@@ -32,6 +34,12 @@ pub trait Backend: Send + Sync + Debug + 'static {
     /// Fill `buf` from `offset`; the range is inside the target.
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
     fn write_at(&self, data: &[u8], offset: u64) -> io::Result<()>;
+    /// A write nobody is about to read back (hydration): the backend may
+    /// keep it out of the page cache (`direct.rs`). Same effect as
+    /// `write_at` once it returns.
+    fn write_bulk(&self, data: &[u8], offset: u64) -> io::Result<()> {
+        self.write_at(data, offset)
+    }
     /// Make `[offset, offset + len)` read as zeros; `allocate` keeps it
     /// provisioned (NBD's NO_HOLE).
     fn zero(&self, offset: u64, len: u64, allocate: bool) -> io::Result<()>;
@@ -196,6 +204,19 @@ impl Target {
         let r = self
             .blocking(move |b| {
                 b.write_at(&data, offset)?;
+                Ok(data)
+            })
+            .await;
+        self.note("a write", &r);
+        r
+    }
+
+    /// [`Target::write_at`] for bytes nobody is about to read back
+    /// (hydration): kept out of the page cache where the backend can.
+    pub async fn write_bulk(&self, offset: u64, data: Vec<u8>) -> io::Result<Vec<u8>> {
+        let r = self
+            .blocking(move |b| {
+                b.write_bulk(&data, offset)?;
                 Ok(data)
             })
             .await;

@@ -295,6 +295,7 @@ impl<S: Source> Volume<S> {
         k: &Candidates,
         guards: &[ChunkGuard],
         class: Class,
+        keep: Keep,
     ) -> Result<Fetched> {
         let g = self.geometry;
         let first = guards.first().expect("at least one chunk").index();
@@ -442,7 +443,7 @@ impl<S: Source> Volume<S> {
             let s = g.bytes(guards[j].index()).start;
             let end = g.bytes(guards[e - 1].index()).end;
             let at = mem_len(s - range.start)..mem_len(end - range.start);
-            match self.fetch_from_source(&guards[j..e], class).await? {
+            match self.fetch_from_source(&guards[j..e], class, keep).await? {
                 Fetched::Zero => buf[at].fill(0),
                 Fetched::Data(d) => buf[at].copy_from_slice(&d),
             }

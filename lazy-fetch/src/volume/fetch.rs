@@ -4,6 +4,16 @@
 
 use super::*;
 
+/// Whether fetched bytes also stay in the page cache.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Keep {
+    /// A client reads them soon (its own fetch, readahead, CACHE).
+    Cached,
+    /// Nobody asked for them (hydration): written around the page cache
+    /// where the target allows (`target/direct.rs`).
+    Cold,
+}
+
 impl<S: Source> Volume<S> {
     /// Serve `[s, e)` of chunk `c`, which was absent when looked at.
     pub(super) async fn read_absent(
@@ -34,7 +44,10 @@ impl<S: Source> Volume<S> {
         if (s != r.start || e != r.end) && !self.is_candidate(c) {
             return self.read_piece_first(g, s, e, started).await;
         }
-        let fetched = match self.fetch_locked(&[g], Class::Foreground).await {
+        let fetched = match self
+            .fetch_locked(&[g], Class::Foreground, Keep::Cached)
+            .await
+        {
             Ok(f) => f,
             // The target is full: the chunk stays absent (nothing was
             // marked), but a read must not fail for want of room to cache
@@ -87,7 +100,9 @@ impl<S: Source> Volume<S> {
         let alive = self.readahead_alive.clone();
         alive.0.fetch_add(1, Ordering::AcqRel);
         let whole = tokio::spawn(async move {
-            let fetched = volume.fetch_locked(&[g], Class::Foreground).await;
+            let fetched = volume
+                .fetch_locked(&[g], Class::Foreground, Keep::Cached)
+                .await;
             drop(volume);
             alive.0.fetch_sub(1, Ordering::AcqRel);
             alive.1.notify_waiters();
@@ -126,13 +141,18 @@ impl<S: Source> Volume<S> {
     /// source first (`candidate`), the rest read with one source read per
     /// stretch. The returned buffer covers all of them (`Fetched::Zero`
     /// only if every chunk was fetched and found zero).
-    pub async fn fetch_locked(&self, guards: &[ChunkGuard], class: Class) -> Result<Fetched> {
+    pub async fn fetch_locked(
+        &self,
+        guards: &[ChunkGuard],
+        class: Class,
+        keep: Keep,
+    ) -> Result<Fetched> {
         if let Some(k) = self.candidates.get() {
             if guards.iter().any(|x| k.bits_get(x.index())) {
-                return self.confirm_or_fetch(k, guards, class).await;
+                return self.confirm_or_fetch(k, guards, class, keep).await;
             }
         }
-        self.fetch_from_source(guards, class).await
+        self.fetch_from_source(guards, class, keep).await
     }
 
     /// [`Volume::fetch_locked`] without candidates: one source read.
@@ -140,6 +160,7 @@ impl<S: Source> Volume<S> {
         &self,
         guards: &[ChunkGuard],
         class: Class,
+        keep: Keep,
     ) -> Result<Fetched> {
         let first = guards.first().expect("at least one chunk").index();
         let last = guards.last().expect("at least one chunk").index();
@@ -167,7 +188,7 @@ impl<S: Source> Volume<S> {
         Stats::add(&self.stats.bytes_fetched, len as u64);
         // Which chunks are all zero, and the blake3 of the others for the
         // kept manifest, from the bytes in hand, off the runtime threads.
-        let (g, start, keep) = (self.geometry, range.start, self.hashes.is_some());
+        let (g, start, hashed) = (self.geometry, range.start, self.hashes.is_some());
         let chunks: Vec<ChunkIndex> = guards.iter().map(|g| g.index()).collect();
         let (data, zero, digests) = tokio::task::spawn_blocking(move || {
             let mut zero = Vec::with_capacity(chunks.len());
@@ -177,7 +198,7 @@ impl<S: Source> Volume<S> {
                 let piece = &data[mem_len(r.start - start)..mem_len(r.end - start)];
                 let z = is_zero(piece);
                 zero.push(z);
-                digests.push(match (z, keep) {
+                digests.push(match (z, hashed) {
                     (false, true) => *blake3::hash(piece).as_bytes(),
                     _ => [0u8; 32],
                 });
@@ -205,8 +226,7 @@ impl<S: Source> Volume<S> {
                 } else {
                     let piece =
                         data[mem_len(r.start - range.start)..mem_len(r.end - range.start)].to_vec();
-                    self.target
-                        .write_at(r.start, piece)
+                    self.store(r.start, piece, keep)
                         .await
                         .map_err(|source| self.target_error(c, source))?;
                     self.record_hashes(c, &digests[mem_len(c.0 - first.0)..][..1])?;
@@ -216,8 +236,7 @@ impl<S: Source> Volume<S> {
             data
         } else {
             let data = self
-                .target
-                .write_at(range.start, data)
+                .store(range.start, data, keep)
                 .await
                 .map_err(|source| self.target_error(first, source))?;
             self.record_hashes(first, &digests)?;
@@ -227,6 +246,14 @@ impl<S: Source> Volume<S> {
             data
         };
         Ok(Fetched::Data(data))
+    }
+
+    /// Write fetched bytes to the target.
+    async fn store(&self, offset: u64, data: Vec<u8>, keep: Keep) -> std::io::Result<Vec<u8>> {
+        match keep {
+            Keep::Cached => self.target.write_at(offset, data).await,
+            Keep::Cold => self.target.write_bulk(offset, data).await,
+        }
     }
 
     /// Read the source, noted as what the current request waits for.
@@ -349,7 +376,8 @@ impl<S: Source> Volume<S> {
                 guards.push(g);
             }
             let n = guards.len();
-            self.fetch_locked(&guards, Class::Background).await?;
+            self.fetch_locked(&guards, Class::Background, Keep::Cached)
+                .await?;
             Stats::add(&self.stats.chunks_fetched_on_demand, n as u64);
             i += n as u64;
         }
@@ -367,7 +395,7 @@ impl<S: Source> Volume<S> {
         class: Class,
     ) -> Result<usize> {
         let guards = self.lock_run(start, max);
-        self.fetch_run(guards, class).await
+        self.fetch_run(guards, class, Keep::Cached).await
     }
 
     /// Lock up to `max` contiguous absent chunks from `start`, without
@@ -393,11 +421,16 @@ impl<S: Source> Volume<S> {
     }
 
     /// Fetch and store a run locked by [`Volume::lock_run`]; returns its length.
-    pub async fn fetch_run(&self, guards: Vec<ChunkGuard>, class: Class) -> Result<usize> {
+    pub async fn fetch_run(
+        &self,
+        guards: Vec<ChunkGuard>,
+        class: Class,
+        keep: Keep,
+    ) -> Result<usize> {
         if guards.is_empty() {
             return Ok(0);
         }
-        self.fetch_locked(&guards, class).await?;
+        self.fetch_locked(&guards, class, keep).await?;
         Stats::add(&self.stats.chunks_hydrated, guards.len() as u64);
         Ok(guards.len())
     }

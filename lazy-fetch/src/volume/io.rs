@@ -182,7 +182,7 @@ impl<S: Source> Volume<S> {
             if let Some(k) = self.candidates.get().filter(|k| k.bits_get(c)) {
                 // Compared (or fetched) into place first, then written as
                 // any present chunk.
-                self.confirm_or_fetch(k, std::slice::from_ref(&g), Class::Foreground)
+                self.confirm_or_fetch(k, std::slice::from_ref(&g), Class::Foreground, Keep::Cached)
                     .await?;
             }
         }

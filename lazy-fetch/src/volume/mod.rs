@@ -113,6 +113,7 @@ mod persist;
 mod readahead;
 mod status;
 
+pub use fetch::Keep;
 pub use open::OpenOptions;
 use readahead::Readahead;
 pub use status::Status;
