@@ -52,10 +52,13 @@ pub(crate) type Waiter = oneshot::Receiver<Result<Outcome, ClientError>>;
 /// Per-command state the reader accumulates until the final chunk.
 #[derive(Debug)]
 pub(crate) enum Op {
-    /// `buf` starts zeroed and has the request's length; `covered` records
-    /// which byte ranges (relative to the request offset) chunks filled.
-    /// Because chunks may not overlap, a hole chunk needs no memset: the
-    /// bytes it covers were never written and are still zero.
+    /// `buf` holds the bytes received so far: it starts empty with the
+    /// request's length as capacity, grows as data arrives in order (read
+    /// straight into the spare capacity: no memset of a buffer the payload
+    /// overwrites, a tenth of hydration's CPU), and is zero-filled only
+    /// where a chunk lands beyond its end and at completion, which is what
+    /// holes read as. `covered` records which byte ranges (relative to the
+    /// request offset) chunks filled; chunks may not overlap.
     Read {
         buf: Vec<u8>,
         covered: Coverage,
@@ -356,6 +359,49 @@ fn request_error(p: &Pending, errno: Errno, message: String) -> ClientError {
     }
 }
 
+/// Read `len` bytes of payload into `buf[start..start + len]`. Bytes past
+/// `buf`'s end are read into its spare capacity without zeroing it first;
+/// a gap between its end and `start` (a hole, or data still to come out of
+/// order) is zero-filled, and later data overwrites it.
+async fn fill<R>(rd: &mut R, buf: &mut Vec<u8>, start: usize, len: usize) -> Result<(), ClientError>
+where
+    R: AsyncRead + Unpin,
+{
+    let end = start + len;
+    if end <= buf.len() {
+        return rd
+            .read_exact(&mut buf[start..end])
+            .await
+            .map(drop)
+            .map_err(read_io);
+    }
+    if start > buf.len() {
+        buf.resize(start, 0);
+    }
+    // Bytes before the end are initialised: read those in place.
+    let inside = buf.len() - start;
+    rd.read_exact(&mut buf[start..]).await.map_err(read_io)?;
+    buf.reserve_exact(len - inside);
+    while buf.len() < end {
+        let want = end - buf.len();
+        let n = {
+            let spare = &mut buf.spare_capacity_mut()[..want];
+            let mut rb = tokio::io::ReadBuf::uninit(spare);
+            std::future::poll_fn(|cx| std::pin::Pin::new(&mut *rd).poll_read(cx, &mut rb))
+                .await
+                .map_err(read_io)?;
+            rb.filled().len()
+        };
+        if n == 0 {
+            return Err(read_io(std::io::ErrorKind::UnexpectedEof.into()));
+        }
+        // SAFETY: `poll_read` initialised the first `n` bytes of the spare
+        // capacity (`ReadBuf::filled`), which is within the reservation.
+        unsafe { buf.set_len(buf.len() + n) };
+    }
+    Ok(())
+}
+
 async fn simple_reply<R>(conn: &Conn, rd: &mut R) -> Result<(), ClientError>
 where
     R: AsyncRead + Unpin,
@@ -366,7 +412,7 @@ where
     let cookie = proto::be_u64(&b[4..12]);
 
     // Decide under the lock; take the read buffer out if data follows.
-    let mut buf = {
+    let (mut buf, length) = {
         let mut st = conn.state();
         let p = st
             .pending
@@ -400,11 +446,11 @@ where
                         .into(),
                 ));
             }
-            Op::Read { buf, .. } => std::mem::take(buf),
+            Op::Read { buf, .. } => (std::mem::take(buf), p.length as usize),
         }
     };
-    // The payload: exactly the requested length, which we allocated.
-    rd.read_exact(&mut buf).await.map_err(read_io)?;
+    // The payload: exactly the requested length.
+    fill(rd, &mut buf, 0, length).await?;
     let mut st = conn.state();
     let p = conn.finish(&mut st, cookie).ok_or_else(vanished)?;
     drop(st);
@@ -463,9 +509,7 @@ where
                 covered.insert(start, len).map_err(bad)?;
                 std::mem::take(buf)
             };
-            rd.read_exact(&mut buf[start as usize..(start + len) as usize])
-                .await
-                .map_err(read_io)?;
+            fill(rd, &mut buf, start as usize, len as usize).await?;
             let mut st = conn.state();
             let p = st.pending.get_mut(&h.cookie).ok_or_else(vanished)?;
             let Op::Read { buf: slot, .. } = &mut p.op else {
@@ -492,7 +536,7 @@ where
             let Op::Read { covered, .. } = &mut p.op else {
                 unreachable!("command checked above")
             };
-            // No memset: see `Op::Read`.
+            // Zero-filled later: see `Op::Read`.
             covered.insert(start, len).map_err(bad)?;
         }
         REPLY_TYPE_BLOCK_STATUS => {
@@ -568,13 +612,15 @@ fn complete(conn: &Conn, cookie: u64) -> Result<(), ClientError> {
             errno: *errno,
             message: message.clone(),
         }),
-        (None, Op::Read { buf, covered }) => {
+        (None, Op::Read { mut buf, covered }) => {
             if covered.total != p.length as u64 {
                 return Err(violation(format!(
                     "read at offset {} length {} succeeded with only {} bytes covered",
                     p.offset, p.length, covered.total
                 )));
             }
+            // Holes at the end read as zeros.
+            buf.resize(p.length as usize, 0);
             Ok(Outcome::Data(buf))
         }
         (None, Op::BlockStatus { extents: Some(e) }) => Ok(Outcome::Extents(e)),

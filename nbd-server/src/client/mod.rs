@@ -225,7 +225,7 @@ impl Client {
         }
         self.check_payload("read", offset, len)?;
         let op = Op::Read {
-            buf: vec![0; len as usize],
+            buf: Vec::with_capacity(len as usize),
             covered: Coverage::default(),
         };
         match self.submit(CMD_READ, 0, offset, len, &[], op).await? {

@@ -177,12 +177,21 @@ async fn structured_read_assembles_data_and_hole_chunks_in_any_order() {
             s.data(false, r.cookie, 120, &[3; 10]).await;
             s.hole(false, r.cookie, 100, 10).await;
             s.data(true, r.cookie, 110, &[1; 10]).await;
+            // Data in order, then a hole to the end (zeros not written by
+            // any chunk: the buffer is filled at completion).
+            let r = s.request().await;
+            s.data(false, r.cookie, 0, &[5; 4]).await;
+            s.hole(true, r.cookie, 4, 60).await;
             s
         });
         let got = c.read(100, 30).await.unwrap();
         let mut want = vec![0u8; 10];
         want.extend_from_slice(&[1; 10]);
         want.extend_from_slice(&[3; 10]);
+        assert_eq!(got, want);
+        let got = c.read(0, 64).await.unwrap();
+        let mut want = vec![5u8; 4];
+        want.resize(64, 0);
         assert_eq!(got, want);
         server.await.unwrap();
     })
