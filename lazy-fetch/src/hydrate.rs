@@ -8,8 +8,9 @@
 //!
 //! Scheduling (invariant 7): hydration reads use [`Class::Background`];
 //! while clients are busy (a fetch for them in flight, or any request of
-//! theirs in the last 20 ms) it drops to one run at a time and gives them a
-//! head start (a bounded wait, so it cannot starve); the
+//! theirs in the last 20 ms) it drops to one short run at a time
+//! ([`FOREGROUND_RUN`] chunks) and gives them a head start (a bounded
+//! wait, so it cannot starve); the
 //! `--rate-limit` is a token bucket on the bytes it fetches. When the source
 //! or the target fails (the source is gone, the target is full) it backs
 //! off (1 s doubling to 30 s) and tries again, so a lost source or a full
@@ -61,6 +62,10 @@ impl Default for Options {
 
 /// A client request within this window counts as foreground load.
 const FOREGROUND_WINDOW: Duration = Duration::from_millis(20);
+
+/// Chunks per run while clients are busy: a shorter burst at the source
+/// and on the CPU for their reads to wait behind.
+const FOREGROUND_RUN: usize = 4;
 
 /// Pending journal entries after which hydration saves progress itself.
 const PENDING_LIMIT: usize = 65536;
@@ -155,8 +160,8 @@ async fn hydrate<S: Source>(volume: Arc<Volume<S>>, opts: Options) {
                 tracing::warn!("hydration: saving progress failed: {e}");
             }
         }
-        // Foreground first: one run at a time while clients wait on the
-        // source, and give their fetches a head start (bounded).
+        // Foreground first: one short run at a time while clients wait on
+        // the source, and give their fetches a head start (bounded).
         let foreground = volume.yield_to_clients(FOREGROUND_WINDOW).await;
         let limit = if foreground { 1 } else { opts.workers.max(1) };
         while tasks.len() >= limit {
@@ -174,7 +179,7 @@ async fn hydrate<S: Source>(volume: Arc<Volume<S>>, opts: Options) {
                 tokio::time::sleep(wait).await;
             }
         }
-        let run = volume.lock_run(c, MAX_RUN);
+        let run = volume.lock_run(c, if foreground { FOREGROUND_RUN } else { MAX_RUN });
         match run.last().map(|g| g.index().0) {
             Some(last) => {
                 cursor = last + 1;
