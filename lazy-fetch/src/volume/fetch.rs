@@ -41,8 +41,11 @@ impl<S: Source> Volume<S> {
         Stats::add(&self.stats.chunks_fetched_on_demand, 1);
         // A candidate is compared, not read from the source: its bytes are
         // in the target already, most likely right.
-        if (s != r.start || e != r.end) && !self.is_candidate(c) {
-            return self.read_piece_first(g, s, e, started).await;
+        if !self.is_candidate(c) {
+            if s != r.start || e != r.end {
+                return self.read_piece_first(g, s, e, started).await;
+            }
+            return self.read_chunk_first(g, started).await;
         }
         let fetched = match self
             .fetch_locked(&[g], Class::Foreground, Keep::Cached)
@@ -74,6 +77,54 @@ impl<S: Source> Volume<S> {
                 Piece::Data(buf[mem_len(s - r.start)..mem_len(e - r.start)].to_vec())
             }
         })
+    }
+
+    /// A client waits for the whole absent chunk locked by `g`: answer it
+    /// as soon as the source's bytes are in, and store the chunk behind the
+    /// answer in a task that keeps the lock (its hash and target write are
+    /// off the client's wait). Anything else that wants the chunk waits for
+    /// the lock, so it sees the chunk stored; if storing fails the chunk
+    /// stays absent, as after a failed fetch, and the client had the
+    /// source's bytes either way.
+    async fn read_chunk_first(
+        self: &Arc<Self>,
+        g: ChunkGuard,
+        started: Instant,
+    ) -> Result<Piece> {
+        let c = g.index();
+        let r = self.geometry.bytes(c);
+        let len = mem_len(r.end - r.start);
+        let data = {
+            let _fg = ForegroundGuard::new(&self.fg_active);
+            self.source_read(r.start, len, Class::Foreground).await
+        };
+        let data = match data {
+            Ok(d) if d.len() == len => d,
+            Ok(_) => {
+                return Err(Error::FetchChunk {
+                    index: c,
+                    source: std::io::Error::other("source returned a short read"),
+                });
+            }
+            Err(source) => {
+                Stats::add(&self.stats.source_errors, 1);
+                return Err(Error::FetchChunk { index: c, source });
+            }
+        };
+        let answer = data.clone();
+        let volume = self.clone();
+        let alive = self.readahead_alive.clone();
+        alive.0.fetch_add(1, Ordering::AcqRel);
+        tokio::spawn(async move {
+            if let Err(e) = volume.store_fetched(&[g], data, Keep::Cached).await {
+                tracing::debug!("storing chunk {} after answering: {e}", c.0);
+            }
+            drop(volume);
+            alive.0.fetch_sub(1, Ordering::AcqRel);
+            alive.1.notify_waiters();
+        });
+        self.stats.foreground_fetch.record(started.elapsed());
+        Ok(Piece::Data(answer))
     }
 
     /// A client waits for `[s, e)`, part of the absent chunk locked by `g`:
@@ -183,6 +234,22 @@ impl<S: Source> Volume<S> {
                 source: std::io::Error::other("source returned a short read"),
             });
         }
+        self.store_fetched(guards, data, keep).await
+    }
+
+    /// Store `data`, the source's bytes of the chunks locked by `guards`
+    /// (contiguous, in order): zero chunks become holes, the others are
+    /// written and hashed, then all are marked present.
+    pub(super) async fn store_fetched(
+        &self,
+        guards: &[ChunkGuard],
+        data: Vec<u8>,
+        keep: Keep,
+    ) -> Result<Fetched> {
+        let first = guards.first().expect("at least one chunk").index();
+        let last = guards.last().expect("at least one chunk").index();
+        let range = self.geometry.bytes(first).start..self.geometry.bytes(last).end;
+        let len = mem_len(range.end - range.start);
         // Durable before the chunk can be marked present.
         self.fingerprint.offer_async(first.0, &data).await?;
         Stats::add(&self.stats.bytes_fetched, len as u64);
