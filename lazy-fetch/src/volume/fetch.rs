@@ -86,11 +86,7 @@ impl<S: Source> Volume<S> {
     /// the lock, so it sees the chunk stored; if storing fails the chunk
     /// stays absent, as after a failed fetch, and the client had the
     /// source's bytes either way.
-    async fn read_chunk_first(
-        self: &Arc<Self>,
-        g: ChunkGuard,
-        started: Instant,
-    ) -> Result<Piece> {
+    async fn read_chunk_first(self: &Arc<Self>, g: ChunkGuard, started: Instant) -> Result<Piece> {
         let c = g.index();
         let r = self.geometry.bytes(c);
         let len = mem_len(r.end - r.start);
