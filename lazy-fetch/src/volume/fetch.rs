@@ -88,36 +88,15 @@ impl<S: Source> Volume<S> {
     /// source's bytes either way.
     async fn read_chunk_first(self: &Arc<Self>, g: ChunkGuard, started: Instant) -> Result<Piece> {
         let c = g.index();
-        let r = self.geometry.bytes(c);
-        let len = mem_len(r.end - r.start);
-        let data = {
-            let _fg = ForegroundGuard::new(&self.fg_active);
-            self.source_read(r.start, len, Class::Foreground).await
-        };
-        let data = match data {
-            Ok(d) if d.len() == len => d,
-            Ok(_) => {
-                return Err(Error::FetchChunk {
-                    index: c,
-                    source: std::io::Error::other("source returned a short read"),
-                });
-            }
-            Err(source) => {
-                Stats::add(&self.stats.source_errors, 1);
-                return Err(Error::FetchChunk { index: c, source });
-            }
-        };
+        let data = self
+            .read_chunks(c, self.geometry.bytes(c), Class::Foreground)
+            .await?;
         let answer = data.clone();
         let volume = self.clone();
-        let alive = self.readahead_alive.clone();
-        alive.0.fetch_add(1, Ordering::AcqRel);
-        tokio::spawn(async move {
+        self.behind(async move {
             if let Err(e) = volume.store_fetched(&[g], data, Keep::Cached).await {
                 tracing::debug!("storing chunk {} after answering: {e}", c.0);
             }
-            drop(volume);
-            alive.0.fetch_sub(1, Ordering::AcqRel);
-            alive.1.notify_waiters();
         });
         self.stats.foreground_fetch.record(started.elapsed());
         Ok(Piece::Data(answer))
@@ -144,16 +123,10 @@ impl<S: Source> Volume<S> {
         let ps = (s & !4095).max(r.start);
         let pe = e.next_multiple_of(4096).min(r.end);
         let volume = self.clone();
-        let alive = self.readahead_alive.clone();
-        alive.0.fetch_add(1, Ordering::AcqRel);
-        let whole = tokio::spawn(async move {
-            let fetched = volume
+        let whole = self.behind(async move {
+            volume
                 .fetch_locked(&[g], Class::Foreground, Keep::Cached)
-                .await;
-            drop(volume);
-            alive.0.fetch_sub(1, Ordering::AcqRel);
-            alive.1.notify_waiters();
-            fetched
+                .await
         });
         let piece = {
             let _fg = ForegroundGuard::new(&self.fg_active);
@@ -209,9 +182,28 @@ impl<S: Source> Volume<S> {
         class: Class,
         keep: Keep,
     ) -> Result<Fetched> {
+        let (first, _, range) = self.run_of(guards);
+        let data = self.read_chunks(first, range, class).await?;
+        self.store_fetched(guards, data, keep).await
+    }
+
+    /// The first and last chunk of a locked run, and its bytes.
+    fn run_of(&self, guards: &[ChunkGuard]) -> (ChunkIndex, ChunkIndex, std::ops::Range<u64>) {
         let first = guards.first().expect("at least one chunk").index();
         let last = guards.last().expect("at least one chunk").index();
         let range = self.geometry.bytes(first).start..self.geometry.bytes(last).end;
+        (first, last, range)
+    }
+
+    /// Read `range` (chunks from `first`) from the source, whole, as a
+    /// fetch: a failure or a short read is the fetch's error, and a
+    /// foreground read is counted as clients waiting on the source.
+    async fn read_chunks(
+        &self,
+        first: ChunkIndex,
+        range: std::ops::Range<u64>,
+        class: Class,
+    ) -> Result<Vec<u8>> {
         let len = mem_len(range.end - range.start);
         let _fg = (class == Class::Foreground).then(|| ForegroundGuard::new(&self.fg_active));
         let data = self
@@ -230,7 +222,23 @@ impl<S: Source> Volume<S> {
                 source: std::io::Error::other("source returned a short read"),
             });
         }
-        self.store_fetched(guards, data, keep).await
+        Ok(data)
+    }
+
+    /// Run `work` (which holds chunk locks) in a task of its own, counted
+    /// with readahead so a flush or a stop waits for it.
+    fn behind<T: Send + 'static>(
+        self: &Arc<Self>,
+        work: impl std::future::Future<Output = T> + Send + 'static,
+    ) -> tokio::task::JoinHandle<T> {
+        let alive = self.readahead_alive.clone();
+        alive.0.fetch_add(1, Ordering::AcqRel);
+        tokio::spawn(async move {
+            let out = work.await;
+            alive.0.fetch_sub(1, Ordering::AcqRel);
+            alive.1.notify_waiters();
+            out
+        })
     }
 
     /// Store `data`, the source's bytes of the chunks locked by `guards`
@@ -242,9 +250,7 @@ impl<S: Source> Volume<S> {
         data: Vec<u8>,
         keep: Keep,
     ) -> Result<Fetched> {
-        let first = guards.first().expect("at least one chunk").index();
-        let last = guards.last().expect("at least one chunk").index();
-        let range = self.geometry.bytes(first).start..self.geometry.bytes(last).end;
+        let (first, last, range) = self.run_of(guards);
         let len = mem_len(range.end - range.start);
         // Durable before the chunk can be marked present.
         self.fingerprint.offer_async(first.0, &data).await?;
