@@ -119,6 +119,23 @@ impl Drop for Step<'_> {
 mod tests {
     use super::*;
 
+    /// The command line run by this machine's `sh` against `path`, as ssh
+    /// would run it on the legacy host.
+    async fn local_shell(path: &std::path::Path) -> (tokio::process::Child, Shell) {
+        let mut child = tokio::process::Command::new("sh")
+            .arg("-c")
+            .arg(command_line(path.to_str().unwrap()))
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let sh = Shell::start(child.stdout.take().unwrap(), child.stdin.take().unwrap())
+            .await
+            .unwrap();
+        (child, sh)
+    }
+
     #[test]
     fn the_path_is_quoted_for_the_remote_shell() {
         let line = command_line("/srv/it's here.img");
@@ -133,17 +150,7 @@ mod tests {
         let path = dir.path().join("disk.img");
         let data: Vec<u8> = (0..5000u32).map(|i| (i * 7 % 251) as u8).collect();
         std::fs::write(&path, &data).unwrap();
-        let mut child = tokio::process::Command::new("sh")
-            .arg("-c")
-            .arg(command_line(path.to_str().unwrap()))
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        let sh = Shell::start(child.stdout.take().unwrap(), child.stdin.take().unwrap())
-            .await
-            .unwrap();
+        let (_child, sh) = local_shell(&path).await;
         assert_eq!(sh.size(), 5000);
         assert_eq!(sh.read_exact(512, 1024).await.unwrap(), data[512..1536]);
         assert_eq!(sh.read_exact(4096, 904).await.unwrap(), data[4096..]);
@@ -159,17 +166,7 @@ mod tests {
         let path = dir.path().join("disk.img");
         let data: Vec<u8> = (0..(1u32 << 20)).map(|i| (i % 251) as u8).collect();
         std::fs::write(&path, &data).unwrap();
-        let mut child = tokio::process::Command::new("sh")
-            .arg("-c")
-            .arg(command_line(path.to_str().unwrap()))
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        let sh = Shell::start(child.stdout.take().unwrap(), child.stdin.take().unwrap())
-            .await
-            .unwrap();
+        let (_child, sh) = local_shell(&path).await;
         // Polled once: the request is written, the answer not yet read.
         let cut = futures_util::FutureExt::now_or_never(sh.read_exact(0, 1 << 20));
         assert!(cut.is_none(), "the read finished in one poll");

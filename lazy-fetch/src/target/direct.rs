@@ -21,7 +21,8 @@
 //! Mixing direct and buffered I/O on one file is coherent on Linux: a
 //! direct write first writes back and afterwards drops the page-cache
 //! pages of its range. The chunk locks keep a buffered write and a direct
-//! write from ever covering the same chunk at the same time.
+//! write from ever covering the same chunk at the same time (invariant 2
+//! in `volume/mod.rs`: every change to a chunk holds its lock).
 
 use std::alloc::Layout;
 use std::fs::File;

@@ -201,22 +201,23 @@ impl Target {
 
     /// Write `data` at `offset` and hand the buffer back.
     pub async fn write_at(&self, offset: u64, data: Vec<u8>) -> io::Result<Vec<u8>> {
-        let r = self
-            .blocking(move |b| {
-                b.write_at(&data, offset)?;
-                Ok(data)
-            })
-            .await;
-        self.note("a write", &r);
-        r
+        self.write(offset, data, false).await
     }
 
     /// [`Target::write_at`] for bytes nobody is about to read back
     /// (hydration): kept out of the page cache where the backend can.
     pub async fn write_bulk(&self, offset: u64, data: Vec<u8>) -> io::Result<Vec<u8>> {
+        self.write(offset, data, true).await
+    }
+
+    async fn write(&self, offset: u64, data: Vec<u8>, bulk: bool) -> io::Result<Vec<u8>> {
         let r = self
             .blocking(move |b| {
-                b.write_bulk(&data, offset)?;
+                if bulk {
+                    b.write_bulk(&data, offset)?;
+                } else {
+                    b.write_at(&data, offset)?;
+                }
                 Ok(data)
             })
             .await;

@@ -50,7 +50,10 @@
 //!    (their own source connection) and are counted in `fg_active`; every
 //!    client request stamps `fg_last`; the hydrator yields while either
 //!    says clients are busy ([`Volume::foreground_busy`]). Cold reads answer
-//!    with their own piece first (`read_piece_first`).
+//!    with their own piece first (`read_piece_first`), or with a whole
+//!    chunk before it is stored (`read_chunk_first`); in both, a task
+//!    (`behind`) keeps the chunk's lock until it is stored, so invariant 2
+//!    holds for whatever touches the chunk next.
 //! 8. *Bounded memory*: three bits per chunk (three more while a seeded
 //!    cutover's candidates are unresolved), the single-flight table (only
 //!    chunks in flight), and the pending journal entries (flushed by the
@@ -61,7 +64,7 @@
 //!    (`confirm_or_fetch`); the sweep's in-memory verdicts use the kept
 //!    record, which cannot change while the chunk is absent (records are
 //!    written only by a fetch, under the lock, just before the chunk is
-//!    marked present: `fetch_from_source`, `confirm_or_fetch`). Zeros are
+//!    marked present: `store_fetched`, `confirm_or_fetch`). Zeros are
 //!    written over a candidate, never assumed (`store_zero`), and
 //!    recovery does not clear candidates (`recover`). The set is dropped
 //!    at open once none is absent (`open`).
