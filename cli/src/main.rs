@@ -45,6 +45,12 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+/// Large buffers start on a 4 KiB boundary, so hydration writes the source's
+/// reply buffers to the target around the page cache without copying them
+/// (`lazy_fetch::target::alloc`).
+#[global_allocator]
+static ALLOC: lazy_fetch::target::alloc::BlockAligned = lazy_fetch::target::alloc::BlockAligned;
+
 #[derive(Parser)]
 #[command(
     name = "stream",

@@ -7,12 +7,14 @@
 //!
 //! - `file.rs`: a regular file (created sparse) or a block device, the
 //!   only one `stream` serves from; hydration's writes bypass its page
-//!   cache where the file system allows (`direct.rs`);
+//!   cache where the file system allows (`direct.rs`), from buffers that
+//!   `stream`'s allocator starts on a block boundary (`alloc.rs`);
 //! - `memory.rs`: bytes in memory with a durable image taken at each sync,
 //!   for engine tests that crash without a disk;
 //! - `fault.rs`: any backend with failures (ENOSPC, EIO) and scheduling
 //!   delays injected, for the fault and randomized-schedule tests.
 
+pub mod alloc;
 pub mod direct;
 pub mod fault;
 pub mod file;

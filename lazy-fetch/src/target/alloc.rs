@@ -1,0 +1,227 @@
+//! A global allocator that hands out large buffers on a page boundary, so
+//! hydration's direct writes (`direct.rs`) need no copy.
+//!
+//! A write that bypasses the page cache needs its buffer aligned to the
+//! device's block. The bytes hydration writes are the source's reply
+//! buffer (a `Vec<u8>` the NBD client reads the payload into), and a
+//! `Vec`'s alignment cannot be chosen; `direct.rs` therefore copied every
+//! run into an aligned buffer, a quarter of hydration's CPU (issue 19's
+//! profile). With this allocator installed (`stream` does, in `main.rs`),
+//! every allocation of [`LARGE`] bytes or more is its own anonymous
+//! mapping, page-aligned by construction, so a fetched run goes to the disk
+//! as it is. Without it, or for any buffer that is not aligned, `direct.rs`
+//! copies as before: alignment here is a speed-up, never a condition.
+//!
+//! A fresh mapping is faulted in page by page, which is what made glibc's
+//! own large blocks expensive (a 1 GiB hydration took 53 000 minor faults,
+//! and `posix_memalign` was worse: its blocks never raise glibc's dynamic
+//! mmap threshold, 264 000 faults, and kept in its heaps they tripled the
+//! peak RSS). Freed large blocks are therefore kept, up to [`CACHE_BYTES`]
+//! in all, and handed out again for a request of the same rounded size: the
+//! runs hydration reads are all one size, so their pages stay mapped and
+//! the peak RSS stays bounded by what is in use plus the cache.
+//!
+//! Small allocations are glibc's `malloc`, as Rust's system allocator uses
+//! it.
+
+use std::alloc::{GlobalAlloc, Layout};
+use std::ptr::null_mut;
+use std::sync::Mutex;
+
+/// Allocations of at least this many bytes are page-aligned mappings: the
+/// smallest chunk is 4 KiB and hydration's runs are whole chunks; below
+/// this a mapping per allocation would cost more than it saves.
+pub const LARGE: usize = 64 * 1024;
+
+/// The alignment direct I/O needs on every device we write to, and the
+/// page size the mappings are rounded to.
+pub const BOUNDARY: usize = 4096;
+
+/// Freed large blocks kept for reuse, in bytes (a run is 1 MiB with the
+/// default chunk size; hydration has up to 8 in flight).
+pub const CACHE_BYTES: usize = 16 << 20;
+
+/// Most blocks kept (a fixed table: the allocator cannot allocate).
+const SLOTS: usize = 32;
+
+/// What `malloc` guarantees on the platforms we build for (x86-64 and
+/// aarch64 glibc).
+const MALLOC_ALIGN: usize = 16;
+
+/// See the [module documentation](self).
+pub struct BlockAligned;
+
+/// Freed mappings: (address, rounded length), `len == 0` for an empty slot.
+struct Cache {
+    slots: [(usize, usize); SLOTS],
+    bytes: usize,
+}
+
+static CACHE: Mutex<Cache> = Mutex::new(Cache {
+    slots: [(0, 0); SLOTS],
+    bytes: 0,
+});
+
+fn cache() -> std::sync::MutexGuard<'static, Cache> {
+    // Nothing panics while holding it; a poisoned table is still consistent.
+    CACHE.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// `size` rounded up to whole pages.
+fn rounded(size: usize) -> usize {
+    size.div_ceil(BOUNDARY) * BOUNDARY
+}
+
+/// Whether a layout is served by a mapping (decided from the layout alone,
+/// so `dealloc` and `realloc` agree with `alloc`).
+fn is_large(layout: Layout) -> bool {
+    layout.size() >= LARGE && layout.align() <= BOUNDARY
+}
+
+/// A mapping of `len` (rounded) bytes: a kept one, or a fresh one (zeroed).
+/// Returns the pointer and whether it is fresh.
+fn map(len: usize) -> (*mut u8, bool) {
+    {
+        let mut c = cache();
+        if let Some(s) = c.slots.iter_mut().find(|s| s.1 == len) {
+            let p = s.0 as *mut u8;
+            *s = (0, 0);
+            c.bytes -= len;
+            return (p, false);
+        }
+    }
+    // SAFETY: an anonymous private mapping; no file, no fixed address.
+    let p = unsafe {
+        libc::mmap(
+            null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        (null_mut(), true)
+    } else {
+        (p.cast(), true)
+    }
+}
+
+/// Give back a mapping of `len` (rounded) bytes: kept if there is room,
+/// unmapped otherwise.
+fn unmap(p: *mut u8, len: usize) {
+    {
+        let mut c = cache();
+        if c.bytes + len <= CACHE_BYTES {
+            if let Some(s) = c.slots.iter_mut().find(|s| s.1 == 0) {
+                *s = (p as usize, len);
+                c.bytes += len;
+                return;
+            }
+        }
+    }
+    // SAFETY: `p` is a mapping of `len` bytes made by `map`, no longer used.
+    unsafe { libc::munmap(p.cast(), len) };
+}
+
+// SAFETY: small blocks are glibc's, with at least the layout's size and
+// alignment (posix_memalign above malloc's alignment), released with
+// `free`. Large blocks are page-aligned anonymous mappings of the rounded
+// size (alignment up to a page), released to the cache or with `munmap`;
+// which kind a block is follows from its layout, which the caller passes
+// unchanged to `dealloc` and `realloc`.
+unsafe impl GlobalAlloc for BlockAligned {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        if is_large(layout) {
+            return map(rounded(layout.size())).0;
+        }
+        if layout.align() <= MALLOC_ALIGN {
+            // SAFETY: plain malloc, as the system allocator does.
+            return unsafe { libc::malloc(layout.size()) }.cast();
+        }
+        let mut p = null_mut();
+        // SAFETY: the alignment is a power of two above 16, so a multiple of
+        // the pointer size.
+        match unsafe { libc::posix_memalign(&mut p, layout.align(), layout.size()) } {
+            0 => p.cast(),
+            _ => null_mut(),
+        }
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        if is_large(layout) {
+            let len = rounded(layout.size());
+            let (p, fresh) = map(len);
+            if !p.is_null() && !fresh {
+                // SAFETY: a kept mapping of `len` bytes, ours now.
+                unsafe { std::ptr::write_bytes(p, 0, layout.size()) };
+            }
+            return p;
+        }
+        if layout.align() <= MALLOC_ALIGN {
+            // SAFETY: calloc's memory is zeroed and aligned for up to 16.
+            return unsafe { libc::calloc(1, layout.size()) }.cast();
+        }
+        // SAFETY: same contract as `alloc`; zeroed below.
+        let p = unsafe { self.alloc(layout) };
+        if !p.is_null() {
+            // SAFETY: `p` holds `layout.size()` bytes.
+            unsafe { std::ptr::write_bytes(p, 0, layout.size()) };
+        }
+        p
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        if is_large(layout) {
+            unmap(ptr, rounded(layout.size()));
+        } else {
+            // SAFETY: `ptr` came from malloc, calloc, realloc or
+            // posix_memalign.
+            unsafe { libc::free(ptr.cast()) }
+        }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        // SAFETY: the caller's contract: `new_size` with the old alignment
+        // is a valid layout.
+        let new = unsafe { Layout::from_size_align_unchecked(new_size, layout.align()) };
+        match (is_large(layout), is_large(new)) {
+            (true, true) if rounded(layout.size()) == rounded(new_size) => ptr,
+            (true, true) => {
+                // SAFETY: moving our own mapping; the kernel keeps its pages.
+                let p = unsafe {
+                    libc::mremap(
+                        ptr.cast(),
+                        rounded(layout.size()),
+                        rounded(new_size),
+                        libc::MREMAP_MAYMOVE,
+                    )
+                };
+                if p == libc::MAP_FAILED {
+                    null_mut()
+                } else {
+                    p.cast()
+                }
+            }
+            (false, false) if layout.align() <= MALLOC_ALIGN => {
+                // SAFETY: `ptr` is from glibc; realloc keeps malloc's
+                // alignment, all the layout asks for.
+                unsafe { libc::realloc(ptr.cast(), new_size) }.cast()
+            }
+            _ => {
+                // From one kind to the other (or an over-aligned small
+                // block): allocate, copy what both hold, free the old one.
+                // SAFETY: `new` is valid; both blocks hold the bytes copied.
+                unsafe {
+                    let p = self.alloc(new);
+                    if !p.is_null() {
+                        std::ptr::copy_nonoverlapping(ptr, p, layout.size().min(new_size));
+                        self.dealloc(ptr, layout);
+                    }
+                    p
+                }
+            }
+        }
+    }
+}
