@@ -17,9 +17,13 @@
 //! and `posix_memalign` was worse: its blocks never raise glibc's dynamic
 //! mmap threshold, 264 000 faults, and kept in its heaps they tripled the
 //! peak RSS). Freed large blocks are therefore kept, up to [`CACHE_BYTES`]
-//! in all, and handed out again for a request of the same rounded size: the
-//! runs hydration reads are all one size, so their pages stay mapped and
-//! the peak RSS stays bounded by what is in use plus the cache.
+//! in all, and handed out again for a request of the same size class (the
+//! next power of two); a block freed when the table is full pushes out
+//! blocks of other classes, since the sizes in use change (a sparse disk's
+//! short runs, block status replies, then whole runs). Hydration's runs
+//! fall in a few classes, so their pages stay mapped (2 800 faults for the
+//! same 1 GiB), and the peak RSS is bounded by what is in use plus the
+//! cache.
 //!
 //! Small allocations are glibc's `malloc`, as Rust's system allocator uses
 //! it.
@@ -33,8 +37,8 @@ use std::sync::Mutex;
 /// this a mapping per allocation would cost more than it saves.
 pub const LARGE: usize = 64 * 1024;
 
-/// The alignment direct I/O needs on every device we write to, and the
-/// page size the mappings are rounded to.
+/// The alignment direct I/O needs on every device we write to (a page:
+/// every mapping starts on one).
 pub const BOUNDARY: usize = 4096;
 
 /// Freed large blocks kept for reuse, in bytes (a run is 1 MiB with the
@@ -42,7 +46,7 @@ pub const BOUNDARY: usize = 4096;
 pub const CACHE_BYTES: usize = 16 << 20;
 
 /// Most blocks kept (a fixed table: the allocator cannot allocate).
-const SLOTS: usize = 32;
+const SLOTS: usize = 64;
 
 /// What `malloc` guarantees on the platforms we build for (x86-64 and
 /// aarch64 glibc).
@@ -67,9 +71,13 @@ fn cache() -> std::sync::MutexGuard<'static, Cache> {
     CACHE.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// `size` rounded up to whole pages.
+/// The length of the mapping that serves `size` bytes: the next power of
+/// two, so blocks of nearby sizes share a class and a kept block fits the
+/// next request of its class (runs of 1 to 16 chunks, block status replies
+/// and client reads all vary). The pages past `size` are address space
+/// only: nothing touches them.
 fn rounded(size: usize) -> usize {
-    size.div_ceil(BOUNDARY) * BOUNDARY
+    size.next_power_of_two()
 }
 
 /// Whether a layout is served by a mapping (decided from the layout alone,
@@ -78,7 +86,7 @@ fn is_large(layout: Layout) -> bool {
     layout.size() >= LARGE && layout.align() <= BOUNDARY
 }
 
-/// A mapping of `len` (rounded) bytes: a kept one, or a fresh one (zeroed).
+/// A mapping of `len` (a class's) bytes: a kept one, or a fresh one (zeroed).
 /// Returns the pointer and whether it is fresh.
 fn map(len: usize) -> (*mut u8, bool) {
     {
@@ -108,27 +116,53 @@ fn map(len: usize) -> (*mut u8, bool) {
     }
 }
 
-/// Give back a mapping of `len` (rounded) bytes: kept if there is room,
-/// unmapped otherwise.
+/// Give back a mapping of `len` (a class's) bytes: kept, making room by
+/// unmapping kept blocks of other classes first (the classes in use
+/// change: a table full of small blocks must not turn away the runs), and
+/// unmapped if it cannot be kept.
 fn unmap(p: *mut u8, len: usize) {
+    let mut out = [(0usize, 0usize); SLOTS + 1];
+    let mut n = 0;
     {
         let mut c = cache();
-        if c.bytes + len <= CACHE_BYTES {
-            if let Some(s) = c.slots.iter_mut().find(|s| s.1 == 0) {
-                *s = (p as usize, len);
-                c.bytes += len;
-                return;
+        if len <= CACHE_BYTES {
+            loop {
+                let room = c.bytes + len <= CACHE_BYTES;
+                if room {
+                    if let Some(s) = c.slots.iter_mut().find(|s| s.1 == 0) {
+                        *s = (p as usize, len);
+                        c.bytes += len;
+                        break;
+                    }
+                }
+                // Evict one: another class if any, else one of this class.
+                let victim = c
+                    .slots
+                    .iter()
+                    .position(|s| s.1 != 0 && s.1 != len)
+                    .or_else(|| c.slots.iter().position(|s| s.1 != 0))
+                    .expect("a full table or too many bytes means a kept block");
+                out[n] = c.slots[victim];
+                n += 1;
+                c.bytes -= c.slots[victim].1;
+                c.slots[victim] = (0, 0);
             }
+        } else {
+            out[n] = (p as usize, len);
+            n += 1;
         }
     }
-    // SAFETY: `p` is a mapping of `len` bytes made by `map`, no longer used.
-    unsafe { libc::munmap(p.cast(), len) };
+    for &(q, l) in &out[..n] {
+        // SAFETY: a mapping of `l` bytes made by `map`, no longer used (it
+        // left the table, or was never kept).
+        unsafe { libc::munmap(q as *mut libc::c_void, l) };
+    }
 }
 
 // SAFETY: small blocks are glibc's, with at least the layout's size and
 // alignment (posix_memalign above malloc's alignment), released with
-// `free`. Large blocks are page-aligned anonymous mappings of the rounded
-// size (alignment up to a page), released to the cache or with `munmap`;
+// `free`. Large blocks are page-aligned anonymous mappings of their size
+// class (alignment up to a page), released to the cache or with `munmap`;
 // which kind a block is follows from its layout, which the caller passes
 // unchanged to `dealloc` and `realloc`.
 unsafe impl GlobalAlloc for BlockAligned {
