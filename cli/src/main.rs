@@ -45,9 +45,9 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-/// Large buffers start on a 4 KiB boundary, so hydration writes the source's
-/// reply buffers to the target around the page cache without copying them
-/// (`lazy_fetch::target::alloc`).
+/// Buffers of 64 KiB and more are page-aligned mappings, freed ones kept for
+/// reuse, so hydration writes the source's reply buffers to the target
+/// around the page cache without copying them (`lazy_fetch::target::alloc`).
 #[global_allocator]
 static ALLOC: lazy_fetch::target::alloc::BlockAligned = lazy_fetch::target::alloc::BlockAligned;
 

@@ -55,7 +55,7 @@ const MALLOC_ALIGN: usize = 16;
 /// See the [module documentation](self).
 pub struct BlockAligned;
 
-/// Freed mappings: (address, rounded length), `len == 0` for an empty slot.
+/// Kept mappings: (address, class length), length 0 for an empty slot.
 struct Cache {
     slots: [(usize, usize); SLOTS],
     bytes: usize,
