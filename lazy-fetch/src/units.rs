@@ -31,7 +31,7 @@ pub const MAX_CHUNK: u64 = 16 << 20;
 pub const DEFAULT_CHUNK: u64 = 64 * 1024;
 
 /// A length or offset inside a buffer the engine holds in memory (a chunk
-/// of at most [`MAX_CHUNK`] bytes, a run of at most
+/// of at most [`MAX_CHUNK`] bytes, a run of at most twice
 /// [`MAX_RUN`](crate::volume::MAX_RUN) chunks, one client request) as a
 /// `usize`. Such a span fits by construction; the conversion is checked
 /// anyway, so a broken bound panics here instead of truncating.
