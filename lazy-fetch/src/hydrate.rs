@@ -2,8 +2,8 @@
 //!
 //! It walks the map from a cursor, asks the source for its holes a window
 //! ahead (those chunks become zero chunks without a fetch), and fetches runs
-//! of contiguous absent chunks ([`RUN_BYTES`], up to `2 × MAX_RUN` chunks,
-//! at least one) with one source read, with a few runs in flight. It never waits on a chunk someone else holds: it
+//! of contiguous absent chunks (see [`idle_run`]) with one source read, with
+//! a few runs in flight. It never waits on a chunk someone else holds: it
 //! skips it and comes back on the next lap.
 //!
 //! Scheduling (invariant 7): hydration reads use [`Class::Background`];
@@ -75,11 +75,18 @@ const FOREGROUND_RUN: usize = 4;
 /// held 45 MiB).
 const RUN_BYTES: u64 = 2 << 20;
 
-/// Chunks per run while clients are idle: [`RUN_BYTES`] of them, within
-/// one chunk and `2 × MAX_RUN` chunks (so 4 KiB chunks still read 128 KiB
-/// at a time, and a chunk above 2 MiB is a run of its own).
-fn idle_run(chunk_size: u64) -> usize {
-    usize::try_from(RUN_BYTES / chunk_size).map_or(2 * MAX_RUN, |n| n.clamp(1, 2 * MAX_RUN))
+/// Chunks per run while clients are idle: [`RUN_BYTES`] of them, and no
+/// more than one second of the `--rate-limit` (`rate` bytes/s, 0 for none:
+/// a slow limit gets a steady trickle of small reads, not a 2 MiB burst and
+/// seconds of silence, which would also delay noticing a stalled source),
+/// within one chunk and `2 × MAX_RUN` chunks (so 4 KiB chunks still read
+/// 128 KiB at a time, and a chunk above 2 MiB is a run of its own).
+fn idle_run(chunk_size: u64, rate: u64) -> usize {
+    let mut bytes = RUN_BYTES;
+    if rate > 0 {
+        bytes = bytes.min(rate);
+    }
+    usize::try_from(bytes / chunk_size).map_or(2 * MAX_RUN, |n| n.clamp(1, 2 * MAX_RUN))
 }
 
 /// Pending journal entries after which hydration saves progress itself.
@@ -141,8 +148,6 @@ async fn hydrate<S: Source>(volume: Arc<Volume<S>>, opts: Options) {
     let mut holes_known_until = 0u64;
     let mut backoff = Backoff::new();
     let mut tasks: JoinSet<(crate::Result<usize>, Instant)> = JoinSet::new();
-    let idle = idle_run(g.chunk_size());
-    let run_bytes = g.chunk_size() * idle as u64;
     loop {
         if volume.map().is_complete() {
             break;
@@ -186,6 +191,8 @@ async fn hydrate<S: Source>(volume: Arc<Volume<S>>, opts: Options) {
             }
         }
         let rate = opts.rate_limit.load(Ordering::Relaxed);
+        let idle = idle_run(g.chunk_size(), rate);
+        let run_bytes = g.chunk_size() * idle as u64;
         if bucket.as_ref().map(|b| b.limit) != Some(rate).filter(|&r| r > 0) {
             bucket = (rate > 0).then(|| Bucket::new(rate));
         }
@@ -294,11 +301,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn idle_runs_are_2_mib_within_one_chunk_and_twice_max_run() {
-        assert_eq!(idle_run(64 << 10), 32);
-        assert_eq!(idle_run(1 << 20), 2);
-        assert_eq!(idle_run(16 << 20), 1);
-        assert_eq!(idle_run(4 << 10), 2 * MAX_RUN);
+    fn idle_runs_are_2_mib_or_a_second_of_the_rate_within_one_chunk_and_twice_max_run() {
+        assert_eq!(idle_run(64 << 10, 0), 32);
+        assert_eq!(idle_run(1 << 20, 0), 2);
+        assert_eq!(idle_run(16 << 20, 0), 1);
+        assert_eq!(idle_run(4 << 10, 0), 2 * MAX_RUN);
+        assert_eq!(idle_run(64 << 10, 512 << 10), 8);
+        assert_eq!(idle_run(64 << 10, 200 << 20), 32);
+        assert_eq!(idle_run(64 << 10, 1000), 1);
     }
 
     #[tokio::test(start_paused = true)]
