@@ -41,8 +41,8 @@ pub const LARGE: usize = 64 * 1024;
 /// every mapping starts on one).
 pub const BOUNDARY: usize = 4096;
 
-/// Freed large blocks kept for reuse, in bytes (a run is 1 MiB with the
-/// default chunk size; hydration has up to 8 in flight).
+/// Freed large blocks kept for reuse, in bytes (a hydration run is up to
+/// 2 MiB, with up to 8 in flight).
 pub const CACHE_BYTES: usize = 16 << 20;
 
 /// Most blocks kept (a fixed table: the allocator cannot allocate).
