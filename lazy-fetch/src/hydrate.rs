@@ -2,7 +2,7 @@
 //!
 //! It walks the map from a cursor, asks the source for its holes a window
 //! ahead (those chunks become zero chunks without a fetch), and fetches runs
-//! of contiguous absent chunks (see [`idle_run`]) with one source read, with
+//! of contiguous absent chunks (see `idle_run`) with one source read, with
 //! a few runs in flight. It never waits on a chunk someone else holds: it
 //! skips it and comes back on the next lap.
 //!

@@ -38,6 +38,7 @@ use lazy_fetch::target::Target;
 use lazy_fetch::target::fault::{FaultBackend, Faults};
 use lazy_fetch::target::memory::MemoryBackend;
 use lazy_fetch::units::ChunkIndex;
+use lazy_fetch::volume::{Keep, MAX_RUN};
 use lazy_fetch::{OpenOptions, Volume};
 
 const CHUNK: u64 = 16 << 10;
@@ -160,15 +161,27 @@ async fn client(world: Arc<World>, mut rng: Rng, id: usize) -> Result<(), String
     Ok(())
 }
 
-/// Background fetches of random runs, as hydration and readahead make, and
-/// rehashes of stale kept hashes.
+/// Background fetches of random runs, as readahead makes them (a few
+/// chunks, kept in the page cache) and as hydration does (up to its
+/// longest run, written around the cache), and rehashes of stale kept
+/// hashes.
 async fn fetcher(world: Arc<World>, mut rng: Rng) {
     for _ in 0..OPS_PER_CLIENT {
         let c = ChunkIndex(rng.below(CHUNKS));
-        let _ = world
-            .volume
-            .fetch_run_from(c, 1 + rng.below(4) as usize, Class::Background)
-            .await;
+        if rng.below(2) == 0 {
+            let _ = world
+                .volume
+                .fetch_run_from(c, 1 + rng.below(4) as usize, Class::Background)
+                .await;
+        } else {
+            let run = world
+                .volume
+                .lock_run(c, 1 + rng.below(2 * MAX_RUN as u64) as usize);
+            let _ = world
+                .volume
+                .fetch_run(run, Class::Background, Keep::Cold)
+                .await;
+        }
         // The background pass that re-derives hashes clients made stale,
         // racing their writes.
         let _ = world.volume.rehash_stale(2).await;

@@ -57,7 +57,10 @@
 //! 8. *Bounded memory*: three bits per chunk (three more while a seeded
 //!    cutover's candidates are unresolved), the single-flight table (only
 //!    chunks in flight), and the pending journal entries (flushed by the
-//!    persister when they grow).
+//!    persister when they grow). Fetched bytes are held per run in flight:
+//!    hydration's runs are at most 2 MiB or one chunk (`hydrate::idle_run`),
+//!    `Options::workers` of them; CACHE's ([`CACHE_SLOTS`] at a time) and
+//!    readahead's runs at most [`MAX_RUN`] chunks.
 //! 9. *A seeded copy is trusted only once compared*: an absent candidate
 //!    becomes present only when the blake3 of its bytes read from the
 //!    target, under its lock, equals the source's hash
