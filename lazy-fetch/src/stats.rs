@@ -89,6 +89,10 @@ pub struct Stats {
     /// without a fetch (`candidate`; also counted as hydrated or fetched
     /// on demand, whichever made them present).
     pub chunks_confirmed: AtomicU64,
+    /// Chunks fetched around a miss (`volume/prefetch.rs`), in this run.
+    pub chunks_prefetched: AtomicU64,
+    /// Of those, the ones a client read since, in this run.
+    pub prefetched_chunks_read: AtomicU64,
     /// Foreground fetches and their latency.
     pub foreground_fetch: Histogram,
     pub source_errors: AtomicU64,

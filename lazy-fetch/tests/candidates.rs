@@ -392,6 +392,10 @@ async fn clients_and_fetches_race_over_candidates_and_match_the_model() {
         knobs.fail_every.store(1 + rng.below(6), Ordering::Relaxed);
         let v = open(dir.path(), &knobs).await;
         v.make_candidates().await.unwrap();
+        if (seed / 2) % 2 == 0 {
+            // Every read that misses also prefetches the chunks around it.
+            v.set_prefetch_min_rtt(Some(std::time::Duration::ZERO));
+        }
         let model = Arc::new(std::sync::Mutex::new(
             std::fs::read(dir.path().join("src")).unwrap(),
         ));

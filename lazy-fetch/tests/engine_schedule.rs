@@ -3,7 +3,8 @@
 //!
 //! Many clients at once issue sub-chunk and multi-chunk writes, trims,
 //! write-zeroes, reads, caches and flushes over absent and present chunks
-//! while background fetches race them; the source and the target answer
+//! while background fetches (and, for even seeds, prefetches around every
+//! read that misses) race them; the source and the target answer
 //! after seeded random delays, so each seed finishes I/O in another order
 //! on a multi-threaded runtime. Two properties are checked:
 //!
@@ -189,7 +190,8 @@ async fn fetcher(world: Arc<World>, mut rng: Rng) {
     }
 }
 
-async fn run_seed(seed: u64) {
+/// Runs one schedule; returns the chunks prefetched in it.
+async fn run_seed(seed: u64) -> u64 {
     let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
     let size = CHUNKS * CHUNK - 1536;
     let mut data = vec![0u8; size as usize];
@@ -223,6 +225,13 @@ async fn run_seed(seed: u64) {
     )
     .await
     .unwrap();
+    if seed % 2 == 0 {
+        // Every read that misses also prefetches the chunks around it
+        // (with 40 chunks of 16 KiB, the whole disk), racing the rest.
+        volume.set_prefetch_min_rtt(Some(Duration::ZERO));
+    } else {
+        volume.set_prefetch_min_rtt(None);
+    }
     let world = Arc::new(World {
         volume: volume.clone(),
         model: Mutex::new(data),
@@ -310,11 +319,13 @@ async fn run_seed(seed: u64) {
         kept == want,
         "seed {seed}: the manifest differs from the model"
     );
+    let prefetched = volume.status().chunks_prefetched;
     volume.close().await.unwrap();
     assert!(
         memory.durable_image() == model,
         "seed {seed}: the synced target differs from the model"
     );
+    prefetched
 }
 
 fn seeds() -> u64 {
@@ -326,13 +337,25 @@ fn seeds() -> u64 {
 
 #[test]
 fn concurrent_clients_and_fetches_finish_and_match_the_model() {
+    let mut prefetching = 0;
     for seed in 0..seeds() {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(4)
             .enable_all()
             .build()
             .unwrap();
-        rt.block_on(run_seed(seed));
+        let prefetched = rt.block_on(run_seed(seed));
         rt.shutdown_timeout(Duration::from_secs(5));
+        assert!(
+            seed % 2 == 0 || prefetched == 0,
+            "seed {seed}: prefetched {prefetched} chunks with prefetch off"
+        );
+        prefetching += u64::from(prefetched > 0);
     }
+    // The race is there: prefetches ran in most schedules that allow them.
+    assert!(
+        prefetching * 4 >= seeds(),
+        "prefetches ran in {prefetching} of {} schedules",
+        seeds()
+    );
 }

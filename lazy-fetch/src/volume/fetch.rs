@@ -64,12 +64,12 @@ impl<S: Source> Volume<S> {
                         Error::FetchChunk { index: c, source }
                     })?;
                 Stats::add(&self.stats.bytes_fetched, e - s);
-                self.stats.foreground_fetch.record(started.elapsed());
+                self.note_fg_fetch(started.elapsed());
                 return Ok(Piece::Data(data));
             }
             Err(err) => return Err(err),
         };
-        self.stats.foreground_fetch.record(started.elapsed());
+        self.note_fg_fetch(started.elapsed());
         Ok(match fetched {
             Fetched::Zero => Piece::Zero(e - s),
             Fetched::Data(buf) if s == r.start && e == r.end => Piece::Data(buf),
@@ -98,7 +98,7 @@ impl<S: Source> Volume<S> {
                 tracing::debug!("storing chunk {} after answering: {e}", c.0);
             }
         });
-        self.stats.foreground_fetch.record(started.elapsed());
+        self.note_fg_fetch(started.elapsed());
         Ok(Piece::Data(answer))
     }
 
@@ -136,7 +136,7 @@ impl<S: Source> Volume<S> {
         match piece {
             Ok(data) if data.len() == mem_len(pe - ps) => {
                 Stats::add(&self.stats.bytes_fetched, pe - ps);
-                self.stats.foreground_fetch.record(started.elapsed());
+                self.note_fg_fetch(started.elapsed());
                 Ok(Piece::Data(data[mem_len(s - ps)..mem_len(e - ps)].to_vec()))
             }
             // Fall back on the whole chunk (its error, if it fails too).
@@ -145,7 +145,7 @@ impl<S: Source> Volume<S> {
                     index: c,
                     source: std::io::Error::other(join),
                 })??;
-                self.stats.foreground_fetch.record(started.elapsed());
+                self.note_fg_fetch(started.elapsed());
                 Ok(match fetched {
                     Fetched::Zero => Piece::Zero(e - s),
                     Fetched::Data(buf) => {
@@ -227,7 +227,7 @@ impl<S: Source> Volume<S> {
 
     /// Run `work` (which holds chunk locks) in a task of its own, counted
     /// with readahead so a flush or a stop waits for it.
-    fn behind<T: Send + 'static>(
+    pub(super) fn behind<T: Send + 'static>(
         self: &Arc<Self>,
         work: impl std::future::Future<Output = T> + Send + 'static,
     ) -> tokio::task::JoinHandle<T> {

@@ -14,9 +14,13 @@ impl<S: Source> Volume<S> {
         let mut at = offset;
         let chunks = self.geometry.chunks_of(offset, len);
         let mut i = chunks.start;
+        let mut missed = None;
         while i < chunks.end {
             let c = ChunkIndex(i);
             let state = self.map.state(c);
+            if state == ChunkState::Absent && missed.is_none() {
+                missed = Some(c);
+            }
             // Extend a run of chunks in the same present state.
             let mut j = i + 1;
             if state != ChunkState::Absent {
@@ -40,7 +44,12 @@ impl<S: Source> Volume<S> {
             at = run_end;
             i = j;
         }
+        if let Some(c) = missed {
+            // Before this read's own fetches go out (`prefetch`).
+            self.prefetch_around(c, chunks.clone());
+        }
         let mut pieces = try_join_all(parts).await?;
+        self.note_read(chunks);
         // Neighbouring zero pieces become one hole.
         pieces.dedup_by(|b, a| match (a, b) {
             (Piece::Zero(x), Piece::Zero(y)) => {
@@ -219,7 +228,7 @@ impl<S: Source> Volume<S> {
                 self.fingerprint.offer_async(c.0, &buf).await?;
                 Stats::add(&self.stats.bytes_fetched, r.end - r.start);
                 Stats::add(&self.stats.chunks_fetched_on_demand, 1);
-                self.stats.foreground_fetch.record(started.elapsed());
+                self.note_fg_fetch(started.elapsed());
                 let at = mem_len(offset - r.start);
                 buf[at..at + data.len()].copy_from_slice(&data);
                 self.stale(r.start, r.end - r.start);

@@ -60,7 +60,9 @@
 //!    persister when they grow). Fetched bytes are held per run in flight:
 //!    hydration's runs are at most 2 MiB or one chunk (`hydrate::idle_run`),
 //!    `Options::workers` of them; CACHE's ([`CACHE_SLOTS`] at a time) and
-//!    readahead's runs at most [`MAX_RUN`] chunks.
+//!    readahead's runs at most [`MAX_RUN`] chunks; prefetch's extents at
+//!    most `prefetch::MAX_EXTENT`, `prefetch::SLOTS` of them at a time
+//!    (and one more bit per chunk once a prefetch ran).
 //! 9. *A seeded copy is trusted only once compared*: an absent candidate
 //!    becomes present only when the blake3 of its bytes read from the
 //!    target, under its lock, equals the source's hash
@@ -75,6 +77,7 @@
 //! Layout, by job: `open.rs` (opening, identity checks, crash recovery),
 //! `io.rs` (the client I/O path and the one in-place change function),
 //! `fetch.rs` (fetching absent chunks, runs, holes, CACHE), `readahead.rs`,
+//! `prefetch.rs` (the extent around a miss on a far link),
 //! `persist.rs` (flush, close, the kept manifest's records), `status.rs`,
 //! `detach.rs` (sharing the target with a guest switched onto it live).
 //! The struct, its accessors and the small helpers stay here.
@@ -116,11 +119,13 @@ mod fetch;
 mod io;
 mod open;
 mod persist;
+mod prefetch;
 mod readahead;
 mod status;
 
 pub use fetch::Keep;
 pub use open::OpenOptions;
+use prefetch::Prefetch;
 use readahead::Readahead;
 pub use status::Status;
 
@@ -154,6 +159,8 @@ pub struct Volume<S> {
     /// present chunks are foreground load too, though they fetch nothing.
     fg_last: AtomicU64,
     readahead: Mutex<Readahead>,
+    /// Prefetch around misses on a far link (`prefetch`).
+    prefetch: Prefetch,
     /// Background tasks (readahead, whole-chunk fetches behind a piece-first
     /// read) still holding the volume, and their end. Shared apart from the
     /// volume so a task drops its handle on the volume *before* it counts

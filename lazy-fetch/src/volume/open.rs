@@ -274,6 +274,7 @@ impl<S: Source> Volume<S> {
                 }
             }
         }
+        let prefetch = Prefetch::new(header.chunk_size);
         let volume = Arc::new(Volume {
             geometry: header.geometry(),
             source,
@@ -289,6 +290,7 @@ impl<S: Source> Volume<S> {
             fg_active: AtomicUsize::new(0),
             fg_last: AtomicU64::new(0),
             readahead: Mutex::new(Readahead::default()),
+            prefetch,
             readahead_alive: Arc::new((AtomicUsize::new(0), tokio::sync::Notify::new())),
             requests: Arc::new(Requests::default()),
             cache_slots: tokio::sync::Semaphore::new(CACHE_SLOTS),

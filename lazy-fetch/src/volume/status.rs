@@ -27,6 +27,12 @@ pub struct Status {
     /// Seeded copies not yet compared (absent until then).
     #[serde(default)]
     pub chunks_to_confirm: u64,
+    /// Chunks fetched around misses on a far link, in this run, and how
+    /// many of them clients read since.
+    #[serde(default)]
+    pub chunks_prefetched: u64,
+    #[serde(default)]
+    pub prefetched_chunks_read: u64,
     pub foreground_fetches: u64,
     pub foreground_fetch_p50_us: Option<u64>,
     pub foreground_fetch_p99_us: Option<u64>,
@@ -81,6 +87,8 @@ impl<S: Source> Volume<S> {
             chunks_found_zero: Stats::get(&s.chunks_found_zero),
             chunks_confirmed: Stats::get(&s.chunks_confirmed),
             chunks_to_confirm: self.candidates_left(),
+            chunks_prefetched: Stats::get(&s.chunks_prefetched),
+            prefetched_chunks_read: Stats::get(&s.prefetched_chunks_read),
             foreground_fetches: s.foreground_fetch.count(),
             foreground_fetch_p50_us: s.foreground_fetch.quantile_us(0.5),
             foreground_fetch_p99_us: s.foreground_fetch.quantile_us(0.99),
