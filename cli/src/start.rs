@@ -71,6 +71,13 @@ pub struct StartArgs {
     /// Serve only: fetch chunks when clients touch them, hydrate nothing else.
     #[arg(long)]
     no_hydrate: bool,
+    /// When a fetch from the source takes this long (a far link), a read
+    /// that misses also fetches the absent chunks around it, in the
+    /// background: up to 4 MiB, no more than the link carries in one round
+    /// trip, more while clients read what it brings and less while they do
+    /// not. `0` prefetches on every miss, `off` never [e.g. 5ms, 0, off].
+    #[arg(long, value_name = "TIME", default_value = "2ms", value_parser = parse_prefetch_rtt)]
+    prefetch_rtt: PrefetchRtt,
     #[command(flatten)]
     mount: crate::mount::MountArgs,
     #[command(flatten)]
@@ -187,6 +194,7 @@ pub async fn run(args: StartArgs) -> anyhow::Result<()> {
     }
 
     volume.serve_again()?;
+    volume.set_prefetch_min_rtt(args.prefetch_rtt.0);
 
     let listener = match (&args.socket, args.mount.mount_only) {
         (_, true) => None,
@@ -603,4 +611,44 @@ pub async fn open_source(
     Ok(AnySource::File(FileSource::open(&path).with_context(
         || format!("cannot open the source {}", path.display()),
     )?))
+}
+
+/// `--prefetch-rtt`: from which source round trip reads prefetch around a
+/// miss (`None`: never).
+#[derive(Clone, Copy, Debug)]
+struct PrefetchRtt(Option<Duration>);
+
+/// `2ms`, `0`, `1s`, `off`.
+fn parse_prefetch_rtt(s: &str) -> Result<PrefetchRtt, String> {
+    let s = s.trim();
+    if s == "off" {
+        return Ok(PrefetchRtt(None));
+    }
+    let bad = || format!("cannot parse {s:?} as a round trip (use e.g. 2ms, 1s, 0 or off)");
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = num.parse().map_err(|_| bad())?;
+    let d = match unit {
+        "ms" => Duration::from_millis(n),
+        "s" => Duration::from_secs(n),
+        "" if n == 0 => Duration::ZERO,
+        _ => return Err(bad()),
+    };
+    Ok(PrefetchRtt(Some(d)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefetch_rtt_takes_milliseconds_seconds_zero_and_off() {
+        let ms = |s| parse_prefetch_rtt(s).map(|p| p.0);
+        assert_eq!(ms("2ms"), Ok(Some(Duration::from_millis(2))));
+        assert_eq!(ms("1s"), Ok(Some(Duration::from_secs(1))));
+        assert_eq!(ms("0"), Ok(Some(Duration::ZERO)));
+        assert_eq!(ms("off"), Ok(None));
+        for bad in ["2", "5m", "ms", "-1ms", ""] {
+            assert!(ms(bad).is_err(), "{bad:?} was taken");
+        }
+    }
 }

@@ -336,7 +336,8 @@ fn render(r: &StatusReply) -> String {
          source     {} [{}]\n\
          target     {}\n\
          present    {:.1}% ({} of {}), {} chunks written by clients\n\
-         fetched    {} from the source: {} chunks on demand, {} hydrated, {} source holes skipped\n\
+         fetched    {} from the source: {} chunks on demand, {} prefetched around them ({} read \
+         since), {} hydrated, {} source holes skipped\n\
          hydration  {}/s, {}\n\
          latency    foreground fetch p50 {} p99 {} ({} fetches)\n\
          clients    {} connected to {}\n\
@@ -367,6 +368,8 @@ fn render(r: &StatusReply) -> String {
         v.chunks_written,
         human_bytes(v.bytes_fetched as f64),
         v.chunks_fetched_on_demand,
+        v.chunks_prefetched,
+        v.prefetched_chunks_read,
         v.chunks_hydrated,
         v.chunks_source_holes,
         human_bytes(r.hydration_rate),

@@ -2,7 +2,8 @@
 //! connections of random writes of mixed sizes (512 B..256 KiB) at queue
 //! depth 16 and 32, a FLUSH every 16 writes, over chunks already present
 //! and chunks still absent on the source, every block verified by
-//! checksum afterwards.
+//! checksum afterwards. At depth 32 reads that miss also prefetch around
+//! them (`--prefetch-rtt 0`), so prefetches race the writes.
 //!
 //! Issue 12, case 1: sub-chunk writes with flushes at depth 16 wedged the
 //! engine (a FLUSH that never returned) in 4 of 5 tries; fio then never
@@ -90,7 +91,12 @@ fn stress_round(depth: u32, round: usize, mode: Mode) {
             std::os::unix::fs::FileExt::write_all_at(&f, &[0xa5; 512], c * 65536 + 1024).unwrap();
         }
     }
-    let start = Start::new(&source, &target, dir.path()).no_hydrate(mode == Mode::Fresh);
+    let mut start = Start::new(&source, &target, dir.path()).no_hydrate(mode == Mode::Fresh);
+    if depth == 32 {
+        // Every read that misses also prefetches the chunks around it, in
+        // the background, racing the writes (a far link's behaviour).
+        start = start.args(&["--prefetch-rtt", "0"]);
+    }
     let mut running = start.spawn();
     let uri = format!("--uri={}", running.uri);
 
@@ -163,6 +169,13 @@ fn stress_round(depth: u32, round: usize, mode: Mode) {
         );
     }
     running.assert_alive();
+    if depth == 32 {
+        let st = running.status();
+        assert!(
+            st["volume"]["chunks_prefetched"].as_u64().unwrap() > 0,
+            "no read prefetched anything: {st}"
+        );
+    }
     if mode == Mode::Seeded {
         let st = running.wait_hydrated(ROUND_BOUND);
         assert_eq!(st["volume"]["chunks_to_confirm"], 0, "{st}");
