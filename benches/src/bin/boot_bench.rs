@@ -40,7 +40,9 @@ use std::time::{Duration, Instant};
 use stream_benches::boot::{self, BootImage, BootSpec};
 use stream_benches::lazy::{StartSpec, StreamStart, counter};
 use stream_benches::report::{machine, shell_line};
-use stream_benches::servers::{self, Binaries, ServerKind, Transport, wait_until_served};
+use stream_benches::servers::{
+    self, Binaries, RATE_BURST, ServerKind, Transport, wait_until_served,
+};
 use stream_benches::stats::{median, range};
 use test_support::child::ChildGuard;
 use test_support::tool::find_tool;
@@ -48,7 +50,7 @@ use test_support::tool::find_tool;
 const USAGE: &str = "\
 usage: boot_bench [--delays 0,1,5] [--peers direct,stream,...] [--reps N]
                   [--timeout SECS] [--stream-bin PATH] [--image-dir DIR]
-                  [--dir DIR]
+                  [--dir DIR] [--rate BITS/s]
 
 Needs `cargo build --release --bin stream` first (or --stream-bin), and
 qemu-system-x86_64, qemu-storage-daemon, qemu-img, nbdkit, nbdcopy and
@@ -57,7 +59,10 @@ nbdinfo on PATH; builds the image with vendor-fixtures/boot/build-image
   --peers    any of direct, stream, stream+hydrate, nbdkit-cache, qsd-cor,
              copy-first (default: all)
   --reps N   boots per peer and delay (default 1)
-  --timeout  bound of one boot, qemu start to marker (default 120)";
+  --timeout  bound of one boot, qemu start to marker (default 120)
+  --rate     also limit the imitated link's bandwidth (nbdkit's rate
+             filter, bits per second across connections, e.g. 1G, 100M;
+             bursts of 1 ms)";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Peer {
@@ -115,6 +120,8 @@ struct Options {
     stream_bin: PathBuf,
     image_dir: PathBuf,
     dir: PathBuf,
+    /// Bandwidth of the imitated link (nbdkit rate filter), if limited.
+    rate: Option<String>,
 }
 
 fn parse_args() -> Result<Options, String> {
@@ -127,6 +134,7 @@ fn parse_args() -> Result<Options, String> {
         stream_bin: target.join("release/stream"),
         image_dir: target.join("boot-image"),
         dir: target.join("boot-bench"),
+        rate: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -150,6 +158,7 @@ fn parse_args() -> Result<Options, String> {
             "--stream-bin" => o.stream_bin = value("--stream-bin")?.into(),
             "--image-dir" => o.image_dir = value("--image-dir")?.into(),
             "--dir" => o.dir = value("--dir")?.into(),
+            "--rate" => o.rate = Some(value("--rate")?),
             "-h" | "--help" => return Err(String::new()),
             other => return Err(format!("unknown argument {other}")),
         }
@@ -296,6 +305,11 @@ fn one_boot(
     if delay > 0 {
         filters.push("delay");
         params.push(format!("delay-read={delay}ms"));
+    }
+    if let Some(rate) = &opts.rate {
+        filters.push("rate");
+        params.push(format!("rate={rate}"));
+        params.push(format!("burstiness={RATE_BURST}"));
     }
     let source = servers::start_nbdkit_source(&filters, "file", &params, size, dir, "source")?;
 
@@ -517,9 +531,15 @@ fn report(opts: &Options, image: &BootImage, size: u64, rows: &[Row], took: Dura
     }
     let _ = writeln!(
         r,
-        "- {} boot(s) per peer and delay (medians, min-max in brackets), run took {:.0} s\n",
+        "- {} boot(s) per peer and delay (medians, min-max in brackets), run took {:.0} s{}\n",
         opts.reps,
-        took.as_secs_f64()
+        took.as_secs_f64(),
+        match &opts.rate {
+            Some(r) => format!(
+                "; the link limited to {r}bit/s (nbdkit's rate filter, bursts of {RATE_BURST} s)"
+            ),
+            None => String::new(),
+        }
     );
     let _ = writeln!(
         r,
