@@ -21,10 +21,19 @@ const CHUNK: u64 = 64 << 10;
 const SIZE: u64 = 64 * CHUNK;
 const BOUND: Duration = Duration::from_secs(20);
 
+fn pattern(size: u64) -> Vec<u8> {
+    (0..size).map(|i| (i * 13 % 251) as u8 | 1).collect()
+}
+
 async fn open(dir: &std::path::Path) -> (Arc<Volume<MemorySource>>, Vec<u8>) {
-    let data: Vec<u8> = (0..SIZE).map(|i| (i * 13 % 251) as u8 | 1).collect();
-    let v = Volume::open(
-        MemorySource::new(data.clone(), Vec::new()),
+    let data = pattern(SIZE);
+    let v = open_source(dir, MemorySource::new(data.clone(), Vec::new())).await;
+    (v, data)
+}
+
+async fn open_source(dir: &std::path::Path, source: MemorySource) -> Arc<Volume<MemorySource>> {
+    Volume::open(
+        source,
         &OpenOptions {
             target: dir.join("target.img"),
             state_dir: dir.join("state"),
@@ -33,8 +42,7 @@ async fn open(dir: &std::path::Path) -> (Arc<Volume<MemorySource>>, Vec<u8>) {
         },
     )
     .await
-    .unwrap();
-    (v, data)
+    .unwrap()
 }
 
 fn bytes(data: &[u8], at: u64, len: u64) -> &[u8] {
@@ -147,22 +155,11 @@ async fn writes_sent_with_a_prefetch_in_flight_are_kept() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_that_never_use_it_turn_prefetch_off_and_clustered_reads_back_on() {
     const CHUNKS: u64 = 2048;
-    let size = CHUNKS * CHUNK;
-    let data: Vec<u8> = (0..size).map(|i| (i * 13 % 251) as u8 | 1).collect();
     let dir = tempfile::tempdir().unwrap();
     // A far link: round trips of 0-5 ms, so the bandwidth-delay product
     // never stands in for use here.
-    let v = Volume::open(
-        MemorySource::new(data.clone(), Vec::new()).with_delays(7, 5000),
-        &OpenOptions {
-            target: dir.path().join("target.img"),
-            state_dir: dir.path().join("state"),
-            chunk_size: Some(CHUNK),
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
+    let source = MemorySource::new(pattern(CHUNKS * CHUNK), Vec::new()).with_delays(7, 5000);
+    let v = open_source(dir.path(), source).await;
     v.set_prefetch_min_rtt(Some(Duration::ZERO));
     let read = |c: u64| {
         let v = v.clone();
