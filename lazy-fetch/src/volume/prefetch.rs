@@ -4,10 +4,10 @@
 //! clustered, not sequentially) find their chunks present or already in
 //! flight instead of paying a round trip each.
 //!
-//! Every byte is fetched once in a migration anyway (hydration, or
-//! finalize's after `--no-hydrate`), so what a prefetch risks is not the
-//! bytes but the link and the CPU they take while clients wait. Three
-//! measures bound it:
+//! Nearly every byte is fetched once in a migration anyway (hydration, or
+//! finalize's after `--no-hydrate`; all but chunks a client overwrites
+//! whole first), so what a prefetch risks is not the bytes but the link
+//! and the CPU they take while clients wait. Three measures bound it:
 //!
 //! - *The round trip*: nothing is prefetched while a foreground fetch
 //!   takes less than [`MIN_RTT`] (smoothed): on a near source a miss costs
@@ -20,19 +20,20 @@
 //!   is read by a client, halves below one in 64, and stops when none is.
 //!   Random reads over a large disk read almost none of what a prefetch
 //!   brings (with a floor of 2 chunks they still cost 5-10% of their p50
-//!   at 5 ms, issue 19); a boot read 15-25% of it.
+//!   at 5 ms, issue 19); a boot read 6-25% of it, epoch by epoch.
 //!
 //! While use or the bandwidth has turned it off, one miss in
 //! [`PROBE_EVERY`] still prefetches the [`PROBE_CHUNKS`] that follow it, so
 //! a workload that changes (a boot after a scan) or a link that clears
 //! turns it back on.
 //!
-//! At most [`SLOTS`] extents are in flight. Prefetches use [`Class::Background`] (the hydration connection: never
-//! queued ahead of a client's fetch), lock their chunks before the
-//! client's own fetch goes out (a client reading one of them waits for it
-//! instead of fetching it again), never touch the chunks of the request
-//! that missed, and run in `behind` tasks, so a flush or a stop waits for
-//! them.
+//! At most [`SLOTS`] extents are in flight. Prefetches use
+//! [`Class::Background`] (the hydration connection: never queued ahead of
+//! a client's fetch), lock their chunks before the client's own fetch goes
+//! out (a client reading one of them waits for it instead of fetching it
+//! again), never touch the chunks of the request that missed, and run in
+//! `behind` tasks, so a flush or a stop waits for them. Chunks of 4 MiB or
+//! more are never prefetched around (an extent would be one chunk).
 
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -52,7 +53,8 @@ const FIRST_EXTENT: u64 = 1 << 20;
 /// Prefetches between two verdicts on the extent.
 const EPOCH: u64 = 8;
 
-/// While use has turned prefetch off: one miss in this many probes.
+/// While use or the bandwidth has turned prefetch off: one miss in this
+/// many probes.
 const PROBE_EVERY: u64 = 128;
 
 /// Chunks a probe fetches.
@@ -76,8 +78,8 @@ pub(super) struct Prefetch {
     /// Smoothed time of a foreground fetch, µs: the source's round trip as
     /// clients see it (0 before the first).
     rtt_us: AtomicU64,
-    /// Round trip from which prefetch starts, µs ([`MIN_RTT`]; tests set
-    /// it with [`Volume::set_prefetch_min_rtt`]).
+    /// Round trip from which prefetch starts, µs ([`MIN_RTT`], or what
+    /// [`Volume::set_prefetch_min_rtt`] set; `u64::MAX`: never).
     min_rtt_us: AtomicU64,
     tune: Mutex<Tune>,
     slots: Arc<tokio::sync::Semaphore>,
@@ -104,7 +106,7 @@ impl Prefetch {
             rtt_us: AtomicU64::new(0),
             min_rtt_us: AtomicU64::new(u64::try_from(MIN_RTT.as_micros()).unwrap_or(u64::MAX)),
             tune: Mutex::new(Tune {
-                wanted: pow2_floor(FIRST_EXTENT / chunk_size),
+                wanted: first_chunks(chunk_size),
                 since_probe: 0,
                 bandwidth: 0,
                 issued: 0,
@@ -122,6 +124,15 @@ fn pow2_floor(n: u64) -> u64 {
     } else {
         1 << (63 - n.leading_zeros())
     }
+}
+
+/// Chunks of the extent a far link starts with (and comes back to):
+/// [`FIRST_EXTENT`], and at least 2 chunks where [`MAX_EXTENT`] holds them
+/// (1 MiB chunks still prefetch 2).
+fn first_chunks(chunk: u64) -> u64 {
+    pow2_floor(FIRST_EXTENT / chunk)
+        .max(2)
+        .min(pow2_floor(MAX_EXTENT / chunk))
 }
 
 /// Chunks per extent: what use wants, within the bandwidth-delay product
@@ -153,7 +164,7 @@ fn verdict(wanted: u64, hits: u64, chunks: u64, chunk: u64) -> u64 {
     let most = pow2_floor(MAX_EXTENT / chunk);
     if hits * 16 >= chunks {
         if wanted <= 1 {
-            pow2_floor(FIRST_EXTENT / chunk)
+            first_chunks(chunk)
         } else {
             (wanted * 2).min(most)
         }
@@ -379,6 +390,15 @@ mod tests {
         assert_eq!(verdict(1, 0, 32, K64), 1, "probes read nothing: still off");
         assert_eq!(verdict(1, 2, 32, K64), 16, "probes were read: back on");
         assert_eq!(verdict(16, 4, 128, K64), 16, "1 in 32: kept");
+    }
+
+    #[test]
+    fn large_chunks_start_at_two_within_the_cap() {
+        assert_eq!(first_chunks(K64), 16);
+        assert_eq!(first_chunks(1 << 20), 2);
+        assert_eq!(first_chunks(2 << 20), 2);
+        assert_eq!(first_chunks(4 << 20), 1, "one chunk fills the cap");
+        assert_eq!(verdict(1, 2, 8, 1 << 20), 2, "back on at 2 chunks");
     }
 
     #[test]
