@@ -197,3 +197,27 @@ async fn reads_that_never_use_it_turn_prefetch_off_and_clustered_reads_back_on()
     assert!(st.prefetched_chunks_read > 0, "{st:?}");
     v.close().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_round_trip_is_trusted_from_the_fourth_fetch() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = MemorySource::new(pattern(SIZE), Vec::new()).with_delays(3, 3000);
+    let v = open_source(dir.path(), source).await;
+    // Any timed fetch is slow enough here, as one slow fetch on a loaded
+    // machine would be for the 2 ms default.
+    v.set_prefetch_min_rtt(Some(Duration::from_micros(1)));
+    for c in [1u64, 20, 40, 60] {
+        flatten(v.read(c * CHUNK, 4096).await.unwrap());
+        tokio::time::timeout(BOUND, v.idle()).await.unwrap();
+        assert_eq!(
+            v.status().chunks_prefetched,
+            0,
+            "prefetched on {} timed fetch(es)",
+            v.status().foreground_fetches
+        );
+    }
+    flatten(v.read(8 * CHUNK, 4096).await.unwrap());
+    tokio::time::timeout(BOUND, v.idle()).await.unwrap();
+    assert!(v.status().chunks_prefetched > 0, "{:?}", v.status());
+    v.close().await.unwrap();
+}

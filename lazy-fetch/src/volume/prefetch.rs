@@ -10,8 +10,9 @@
 //! and the CPU they take while clients wait. Three measures bound it:
 //!
 //! - *The round trip*: nothing is prefetched while a foreground fetch
-//!   takes less than [`MIN_RTT`] (smoothed): on a near source a miss costs
-//!   less than fetching and storing its neighbours does.
+//!   takes less than [`MIN_RTT`] (smoothed, from the [`MIN_SAMPLES`]th
+//!   fetch on): on a near source a miss costs less than fetching and
+//!   storing its neighbours does.
 //! - *The bandwidth-delay product*: an extent is never more than the link
 //!   carries in one round trip (the bandwidth measured on earlier
 //!   extents), so a client's next miss waits at most about one more round
@@ -43,6 +44,11 @@ use crate::presence::Bitmap;
 
 /// A foreground fetch slower than this (smoothed) turns prefetch on.
 pub const MIN_RTT: Duration = Duration::from_millis(2);
+
+/// Foreground fetches timed before their round trip is trusted (unless
+/// prefetch was asked for on every miss): one slow fetch on a loaded
+/// machine is not a far link.
+const MIN_SAMPLES: u64 = 4;
 
 /// Largest extent, in bytes.
 pub const MAX_EXTENT: u64 = 4 << 20;
@@ -78,6 +84,8 @@ pub(super) struct Prefetch {
     /// Smoothed time of a foreground fetch, µs: the source's round trip as
     /// clients see it (0 before the first).
     rtt_us: AtomicU64,
+    /// Foreground fetches timed.
+    samples: AtomicU64,
     /// Round trip from which prefetch starts, µs ([`MIN_RTT`], or what
     /// [`Volume::set_prefetch_min_rtt`] set; `u64::MAX`: never).
     min_rtt_us: AtomicU64,
@@ -104,6 +112,7 @@ impl Prefetch {
             unread: OnceLock::new(),
             hits: AtomicU64::new(0),
             rtt_us: AtomicU64::new(0),
+            samples: AtomicU64::new(0),
             min_rtt_us: AtomicU64::new(u64::try_from(MIN_RTT.as_micros()).unwrap_or(u64::MAX)),
             tune: Mutex::new(Tune {
                 wanted: first_chunks(chunk_size),
@@ -187,6 +196,7 @@ impl<S: Source> Volume<S> {
         let old = p.rtt_us.load(Ordering::Relaxed);
         let new = if old == 0 { us } else { (old * 7 + us) / 8 };
         p.rtt_us.store(new.max(1), Ordering::Relaxed);
+        p.samples.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Prefetch from another round trip than [`MIN_RTT`] (`stream start
@@ -223,6 +233,9 @@ impl<S: Source> Volume<S> {
         let rtt = Duration::from_micros(p.rtt_us.load(Ordering::Relaxed));
         let min_rtt = Duration::from_micros(p.min_rtt_us.load(Ordering::Relaxed));
         if rtt.is_zero() || rtt < min_rtt || self.read_only {
+            return;
+        }
+        if !min_rtt.is_zero() && p.samples.load(Ordering::Relaxed) < MIN_SAMPLES {
             return;
         }
         let chunk = self.geometry.chunk_size();
