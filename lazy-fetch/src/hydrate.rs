@@ -9,7 +9,7 @@
 //! Scheduling (invariant 7): hydration reads use [`Class::Background`];
 //! while clients are busy (a fetch for them in flight, or any request of
 //! theirs in the last 20 ms) it drops to one short run at a time
-//! ([`FOREGROUND_RUN`] chunks) and gives them a head start (a bounded
+//! (`FOREGROUND_RUN` chunks) and gives them a head start (a bounded
 //! wait, so it cannot starve); the
 //! `--rate-limit` is a token bucket on the bytes it fetches. When the source
 //! or the target fails (the source is gone, the target is full) it backs

@@ -352,7 +352,8 @@ fn concurrent_clients_and_fetches_finish_and_match_the_model() {
         );
         prefetching += u64::from(prefetched > 0);
     }
-    // The race is there: prefetches ran in most schedules that allow them.
+    // The race is there: prefetches ran in at least half of the schedules
+    // that allow them.
     assert!(
         prefetching * 4 >= seeds(),
         "prefetches ran in {prefetching} of {} schedules",

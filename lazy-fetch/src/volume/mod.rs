@@ -53,7 +53,12 @@
 //!    with their own piece first (`read_piece_first`), or with a whole
 //!    chunk before it is stored (`read_chunk_first`); in both, a task
 //!    (`behind`) keeps the chunk's lock until it is stored, so invariant 2
-//!    holds for whatever touches the chunk next.
+//!    holds for whatever touches the chunk next. Prefetches around a miss
+//!    (`prefetch_around`) use [`Class::Background`] and do not yield:
+//!    clients asked for them, and at most `prefetch::SLOTS` extents run;
+//!    they take their chunks' locks with `try_lock` only (`lock_run`),
+//!    outside the request that missed, so they never wait on a client and
+//!    a client's read of one of them waits for its store.
 //! 8. *Bounded memory*: three bits per chunk (three more while a seeded
 //!    cutover's candidates are unresolved), the single-flight table (only
 //!    chunks in flight), and the pending journal entries (flushed by the

@@ -199,7 +199,7 @@ impl<S: Source> Volume<S> {
         p.samples.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Prefetch from another round trip than [`MIN_RTT`] (`stream start
+    /// Prefetch from another round trip than the 2 ms default (`stream start
     /// --prefetch-rtt`): zero prefetches on every miss once a foreground
     /// fetch has been timed, `None` never.
     pub fn set_prefetch_min_rtt(&self, d: Option<Duration>) {
