@@ -23,7 +23,9 @@
 //! - `seq`: sequential 1 MiB reads (QD4) of a region nothing touched, MiB/s;
 //! - `hydration`: time from start until every chunk is on the target
 //!   (stream: its status; qsd: the block-stream job ends; nbdcopy: the
-//!   copy), with the server's peak RSS and CPU time;
+//!   copy; nbdcopy also with `--flush`, durable as stream's is), with the
+//!   server's peak RSS and CPU time; the median of `--copy-reps` copies
+//!   (3), since one copy of 1 GiB varies by a third run to run here;
 //! - `fg-under-hydration`: QD1 4 KiB p99 while the copy runs, against
 //!   `cold-4k` (idle);
 //! - `trace`: the boot-like trace ([`stream_benches::trace`]) replayed at
@@ -58,16 +60,20 @@ use test_support::tool::find_tool;
 
 const USAGE: &str = "\
 usage: suite [--quick] [--out DIR] [--write FILE] [--delays 0,1,5]
-             [--rate RATE] [--runtime SECS] [--reps N] [--dense-mib N]
+             [--rate RATE] [--runtime SECS] [--reps N] [--copy-reps N]
+             [--dense-mib N]
              [--peers direct,stream,qsd-stream,nbdkit-cache,nbdcopy-then-serve]
              [--scenarios cold-4k,cold-64k,seq,hydration,fg-under-hydration,trace]
              [--boot] [--stream-bin PATH] [--dir DIR]
 
 Runs every scenario for every peer and writes results.md, results.json and
 SVG plots into DIR (default benches/results/<UTC date-time>/).
-  --quick       1 ms link only, 2 s fio runs, 1 run per latency cell,
-                256 MiB hydration disk (default: 0, 1 and 5 ms links,
-                4 s runs, median of 2 runs, 1 GiB)
+  --quick       1 ms link only, 2 s fio runs, 1 run per latency cell and
+                per copy, 256 MiB hydration disk (default: 0, 1 and 5 ms
+                links, 4 s runs, median of 2 runs per latency cell and of
+                3 per copy, 1 GiB)
+  --copy-reps N full copies per peer and link (hydration, nbdcopy); the
+                median
   --rate RATE   also limit the source's bandwidth (nbdkit rate filter,
                 e.g. 100M = 100 Mbit/s, bursts of 1 ms)
   --write FILE  put the report between the suite markers of FILE
@@ -102,6 +108,10 @@ struct Options {
     runtime: Duration,
     /// Runs per latency cell (cold reads, fg under hydration); the median.
     reps: usize,
+    /// Full copies per hydration cell; the median. A copy of 1 GiB varies
+    /// by a third from one run to the next here (issue 19), so one run
+    /// could not tell two copiers apart.
+    copy_reps: usize,
     dense_size: u64,
     seq_bytes: u64,
     hydrate_timeout: Duration,
@@ -122,6 +132,7 @@ fn parse_args() -> Result<Options, String> {
         rate: None,
         runtime: Duration::from_secs(4),
         reps: 2,
+        copy_reps: 3,
         dense_size: 1 << 30,
         seq_bytes: 256 << 20,
         hydrate_timeout: Duration::from_secs(300),
@@ -133,8 +144,8 @@ fn parse_args() -> Result<Options, String> {
         out: None,
         write: None,
     };
-    let (mut delays_set, mut runtime_set, mut dense_set, mut reps_set) =
-        (false, false, false, false);
+    let (mut delays_set, mut runtime_set, mut dense_set, mut reps_set, mut copy_reps_set) =
+        (false, false, false, false, false);
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut value = |name: &str| args.next().ok_or(format!("{name} needs a value"));
@@ -154,6 +165,10 @@ fn parse_args() -> Result<Options, String> {
             "--reps" => {
                 o.reps = num(&value("--reps")?)?.max(1) as usize;
                 reps_set = true;
+            }
+            "--copy-reps" => {
+                o.copy_reps = num(&value("--copy-reps")?)?.max(1) as usize;
+                copy_reps_set = true;
             }
             "--dense-mib" => {
                 o.dense_size = num(&value("--dense-mib")?)?.max(16) << 20;
@@ -200,6 +215,9 @@ fn parse_args() -> Result<Options, String> {
         }
         if !reps_set {
             o.reps = 1;
+        }
+        if !copy_reps_set {
+            o.copy_reps = 1;
         }
         o.seq_bytes = 64 << 20;
         o.hydrate_timeout = Duration::from_secs(120);
@@ -472,9 +490,9 @@ fn run(opts: &Options) -> io::Result<()> {
         // Copy-then-serve: one full copy per link (the hydration figure);
         // every later read is of the local copy.
         if opts.peers.contains(&PeerKind::CopyThenServe) {
-            copy_then_serve(&mut ctx, &mut run, delay, &has);
+            let first = copy_then_serve(&mut ctx, &mut run, delay, &has);
             if has("hydration") {
-                durable_copy(&mut ctx, &mut run, delay);
+                copies(&mut ctx, &mut run, delay, first);
             }
         }
         let lazy: Vec<PeerKind> = opts
@@ -669,22 +687,45 @@ fn hydration(ctx: &mut Ctx, run: &mut Run, delay: u64, p: PeerKind) {
         return;
     }
     let (timeout, size) = (ctx.opts.hydrate_timeout, ctx.opts.dense_size);
-    let r = ctx.with_peer(SourceKind::Dense, delay, p, true, |peer| {
-        let r = peer.wait_hydrated(timeout)?;
-        Ok((r, peer.usage()))
-    });
-    match r {
-        Ok((Some((took, samples)), usage)) => {
-            let mib = size as f64 / (1 << 20) as f64;
-            let s = took.as_secs_f64();
-            run.put("hydration", p, delay, "time", "s", Some(s), "");
-            run.put("hydration", p, delay, "rate", "MiB/s", Some(mib / s), "");
-            run.usage("hydration", p, delay, usage);
-            run.progress.push((p, delay, samples));
+    let mut runs = Vec::new();
+    for _ in 0..ctx.opts.copy_reps {
+        let r = ctx.with_peer(SourceKind::Dense, delay, p, true, |peer| {
+            let r = peer.wait_hydrated(timeout)?;
+            Ok((r, peer.usage()))
+        });
+        match r {
+            Ok((Some((took, samples)), usage)) => runs.push((took.as_secs_f64(), samples, usage)),
+            Ok((None, _)) => return run.put("hydration", p, delay, "time", "s", None, "n/a"),
+            Err(e) => return failed(run, "hydration", p, delay, &e),
         }
-        Ok((None, _)) => run.put("hydration", p, delay, "time", "s", None, "n/a"),
-        Err(e) => failed(run, "hydration", p, delay, &e),
     }
+    let times: Vec<f64> = runs.iter().map(|r| r.0).collect();
+    let s = median(&times);
+    // Usage and progress of the run at the median (the lower one of two).
+    runs.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let (_, samples, usage) = runs.swap_remove((runs.len() - 1) / 2);
+    let mib = size as f64 / (1 << 20) as f64;
+    run.put(
+        "hydration",
+        p,
+        delay,
+        "time",
+        "s",
+        Some(s),
+        copies_note(&times),
+    );
+    run.put("hydration", p, delay, "rate", "MiB/s", Some(mib / s), "");
+    run.usage("hydration", p, delay, usage);
+    run.progress.push((p, delay, samples));
+}
+
+/// "median of N runs: a–b s" when there was more than one run.
+fn copies_note(times: &[f64]) -> String {
+    if times.len() < 2 {
+        return String::new();
+    }
+    let (lo, hi) = range(times);
+    format!("median of {} runs, {lo:.2}–{hi:.2} s", times.len())
 }
 
 fn fg_under_hydration(ctx: &mut Ctx, run: &mut Run, delay: u64, p: PeerKind) {
@@ -783,46 +824,61 @@ fn trace_run(ctx: &mut Ctx, run: &mut Run, delay: u64, p: PeerKind) {
     }
 }
 
-/// The same copy as copy-then-serve's, made durable (`nbdcopy --flush`):
-/// what a hydrated chunk is, the journal marking it present only once the
-/// target is synced. A row of its own, beside the page-cache copy.
-fn durable_copy(ctx: &mut Ctx, run: &mut Run, delay: u64) {
+/// The hydration cells of copy-then-serve: `first` (its own copy, if it
+/// made one) and more copies like it, alternated with the same copy made
+/// durable (`nbdcopy --flush`: what a hydrated chunk is, the journal
+/// marking it present only once the target is synced), `copy_reps` of
+/// each; the medians, each in a row of its own.
+fn copies(ctx: &mut Ctx, run: &mut Run, delay: u64, first: Option<Duration>) {
     let p = PeerKind::CopyThenServe;
-    let r = (|| {
-        let dir = ctx.fresh_dir()?;
-        let src = ctx.source(SourceKind::Dense, delay, &dir)?;
-        let r = stream_benches::peers::nbdcopy_with(
-            &src.uri,
-            &dir.join("durable.img"),
-            ctx.opts.dense_size,
-            ctx.opts.hydrate_timeout,
-            true,
-        );
-        src.guard.stop()?;
-        let _ = fs::remove_dir_all(&dir);
-        r
-    })();
-    match r {
-        Ok((took, _)) => run.put(
-            "hydration",
-            p,
-            delay,
-            "time, durable",
-            "s",
-            Some(took.as_secs_f64()),
-            "nbdcopy --flush",
-        ),
-        Err(e) => failed(run, "hydration", p, delay, &e),
+    let (mut plain, mut durable) = (Vec::new(), Vec::new());
+    plain.extend(first.map(|d| d.as_secs_f64()));
+    let n = ctx.opts.copy_reps;
+    while plain.len() < n || durable.len() < n {
+        // Alternated: the durable copies catch up with the plain ones.
+        let flush = durable.len() < plain.len() || plain.len() >= n;
+        let r = (|| {
+            let dir = ctx.fresh_dir()?;
+            let src = ctx.source(SourceKind::Dense, delay, &dir)?;
+            let r = stream_benches::peers::nbdcopy_with(
+                &src.uri,
+                &dir.join("copy.img"),
+                ctx.opts.dense_size,
+                ctx.opts.hydrate_timeout,
+                flush,
+            );
+            src.guard.stop()?;
+            let _ = fs::remove_dir_all(&dir);
+            r
+        })();
+        match r {
+            Ok((took, _)) if flush => durable.push(took.as_secs_f64()),
+            Ok((took, _)) => plain.push(took.as_secs_f64()),
+            Err(e) => return failed(run, "hydration", p, delay, &e),
+        }
     }
+    let s = median(&plain);
+    let mib = ctx.opts.dense_size as f64 / (1 << 20) as f64;
+    let note = format!("nbdcopy; {}", copies_note(&plain));
+    run.put("hydration", p, delay, "time", "s", Some(s), note);
+    run.put("hydration", p, delay, "rate", "MiB/s", Some(mib / s), "");
+    let note = format!("nbdcopy --flush; {}", copies_note(&durable));
+    let d = median(&durable);
+    run.put("hydration", p, delay, "time, durable", "s", Some(d), note);
 }
 
 /// Copy-then-serve: the copy is the hydration; the served copy then takes
 /// the read scenarios (all local reads by then).
-fn copy_then_serve(ctx: &mut Ctx, run: &mut Run, delay: u64, has: &dyn Fn(&str) -> bool) {
+/// Returns the time of its copy (`None` if it failed), for [`copies`].
+fn copy_then_serve(
+    ctx: &mut Ctx,
+    run: &mut Run,
+    delay: u64,
+    has: &dyn Fn(&str) -> bool,
+) -> Option<Duration> {
     let p = PeerKind::CopyThenServe;
     let (runtime, json, trace) = (ctx.opts.runtime, fio_json(ctx), ctx.trace.clone());
     let extra = seq_extra(ctx, ctx.opts.dense_size);
-    let size = ctx.opts.dense_size;
     let r = ctx.with_peer(SourceKind::Dense, delay, p, true, |peer| {
         let (took, copy_usage) = peer.copy.expect("copy-then-serve copies first");
         let mut out = vec![];
@@ -851,21 +907,15 @@ fn copy_then_serve(ctx: &mut Ctx, run: &mut Run, delay: u64, has: &dyn Fn(&str) 
     });
     let (took, copy_usage, ready, out, replay, serve_usage) = match r {
         Ok(x) => x,
-        Err(e) => return failed(run, "hydration", p, delay, &e),
+        Err(e) => {
+            failed(run, "hydration", p, delay, &e);
+            return None;
+        }
     };
     let local = "after the full copy: local reads";
     if has("hydration") {
+        // The time and rate rows: the median of `copies`.
         let s = took.as_secs_f64();
-        run.put("hydration", p, delay, "time", "s", Some(s), "nbdcopy");
-        run.put(
-            "hydration",
-            p,
-            delay,
-            "rate",
-            "MiB/s",
-            Some(size as f64 / (1 << 20) as f64 / s),
-            "",
-        );
         run.usage("hydration", p, delay, Some(copy_usage));
         run.progress
             .push((p, delay, vec![(0.0, 0.0), (s, 0.0), (s, 1.0)]));
@@ -908,6 +958,7 @@ fn copy_then_serve(ctx: &mut Ctx, run: &mut Run, delay: u64, has: &dyn Fn(&str) 
         );
         run.usage("trace", p, delay, serve_usage);
     }
+    Some(took)
 }
 
 fn boot(ctx: &mut Ctx, run: &mut Run, delay: u64, p: PeerKind) {
@@ -1019,7 +1070,9 @@ fn markdown(
         "- method: {} mode; source nbdkit on a unix socket, `--filter=delay delay-read=N ms`{}; \
          cold/seq/fg sources: nbdkit `random` {} GiB; hydration/trace source: a {} MiB \
          pseudo-random file (nbdkit `file`, page cache hot); fio nbd engine, 1 job, {} s runs, \
-         latency cells (cold, fg) the median of {} runs, other cells one run; a fresh source and peer per measurement; trace: {} reads, {} MiB \
+         latency cells (cold, fg) the median of {} runs, hydration cells of {} copies (stream's \
+         peak RSS and CPU from the copy at the median), other cells one run; a fresh source and \
+         peer per measurement; trace: {} reads, {} MiB \
          ({} % of the disk), QD{TRACE_DEPTH}, background copy running",
         if opts.quick { "quick" } else { "full" },
         opts.rate
@@ -1029,6 +1082,7 @@ fn markdown(
         opts.dense_size >> 20,
         opts.runtime.as_secs(),
         opts.reps,
+        opts.copy_reps,
         ctx.trace.len(),
         trace::bytes(&ctx.trace) >> 20,
         trace::TOUCH_PERCENT,
