@@ -490,8 +490,10 @@ fn run(opts: &Options) -> io::Result<()> {
         // Copy-then-serve: one full copy per link (the hydration figure);
         // every later read is of the local copy.
         if opts.peers.contains(&PeerKind::CopyThenServe) {
+            // Its failure is recorded; more copies would put figures
+            // beside the error.
             let first = copy_then_serve(&mut ctx, &mut run, delay, &has);
-            if has("hydration") {
+            if has("hydration") && first.is_some() {
                 copies(&mut ctx, &mut run, delay, first);
             }
         }
@@ -857,13 +859,23 @@ fn copies(ctx: &mut Ctx, run: &mut Run, delay: u64, first: Option<Duration>) {
             Err(e) => return failed(run, "hydration", p, delay, &e),
         }
     }
+    let with = |what: &str, times: &[f64]| match copies_note(times) {
+        n if n.is_empty() => what.to_string(),
+        n => format!("{what}; {n}"),
+    };
     let s = median(&plain);
     let mib = ctx.opts.dense_size as f64 / (1 << 20) as f64;
-    let note = format!("nbdcopy; {}", copies_note(&plain));
-    run.put("hydration", p, delay, "time", "s", Some(s), note);
+    run.put(
+        "hydration",
+        p,
+        delay,
+        "time",
+        "s",
+        Some(s),
+        with("nbdcopy", &plain),
+    );
     run.put("hydration", p, delay, "rate", "MiB/s", Some(mib / s), "");
-    let note = format!("nbdcopy --flush; {}", copies_note(&durable));
-    let d = median(&durable);
+    let (d, note) = (median(&durable), with("nbdcopy --flush", &durable));
     run.put("hydration", p, delay, "time, durable", "s", Some(d), note);
 }
 
@@ -1070,8 +1082,9 @@ fn markdown(
         "- method: {} mode; source nbdkit on a unix socket, `--filter=delay delay-read=N ms`{}; \
          cold/seq/fg sources: nbdkit `random` {} GiB; hydration/trace source: a {} MiB \
          pseudo-random file (nbdkit `file`, page cache hot); fio nbd engine, 1 job, {} s runs, \
-         latency cells (cold, fg) the median of {} runs, hydration cells of {} copies (stream's \
-         peak RSS and CPU from the copy at the median), other cells one run; a fresh source and \
+         latency cells (cold, fg) the median of {} runs, hydration cells the median of {} copies \
+         (peak RSS and CPU: stream's and qsd's from the copy at the median, nbdcopy's from its \
+         first), other cells one run; a fresh source and \
          peer per measurement; trace: {} reads, {} MiB \
          ({} % of the disk), QD{TRACE_DEPTH}, background copy running",
         if opts.quick { "quick" } else { "full" },
