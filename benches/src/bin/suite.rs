@@ -702,32 +702,45 @@ fn hydration(ctx: &mut Ctx, run: &mut Run, delay: u64, p: PeerKind) {
         }
     }
     let times: Vec<f64> = runs.iter().map(|r| r.0).collect();
-    let s = median(&times);
+    put_copy_time(run, p, delay, size, &times, None);
     // Usage and progress of the run at the median (the lower one of two).
     runs.sort_by(|a, b| a.0.total_cmp(&b.0));
     let (_, samples, usage) = runs.swap_remove((runs.len() - 1) / 2);
-    let mib = size as f64 / (1 << 20) as f64;
-    run.put(
-        "hydration",
-        p,
-        delay,
-        "time",
-        "s",
-        Some(s),
-        copies_note(&times),
-    );
-    run.put("hydration", p, delay, "rate", "MiB/s", Some(mib / s), "");
     run.usage("hydration", p, delay, usage);
     run.progress.push((p, delay, samples));
 }
 
-/// "median of N runs: a–b s" when there was more than one run.
-fn copies_note(times: &[f64]) -> String {
-    if times.len() < 2 {
-        return String::new();
-    }
-    let (lo, hi) = range(times);
-    format!("median of {} runs, {lo:.2}–{hi:.2} s", times.len())
+/// The hydration cell's "time" (the median of `times`, copies of `size`
+/// bytes) and the "rate" it makes; the note names the copier, if given,
+/// and the spread.
+fn put_copy_time(
+    run: &mut Run,
+    p: PeerKind,
+    delay: u64,
+    size: u64,
+    times: &[f64],
+    what: Option<&str>,
+) {
+    let s = median(times);
+    let mib = size as f64 / (1 << 20) as f64;
+    let note = copies_note(what, times);
+    run.put("hydration", p, delay, "time", "s", Some(s), note);
+    run.put("hydration", p, delay, "rate", "MiB/s", Some(mib / s), "");
+}
+
+/// `what`, then "median of N runs: a–b s" when there was more than one.
+fn copies_note(what: Option<&str>, times: &[f64]) -> String {
+    let spread = if times.len() < 2 {
+        None
+    } else {
+        let (lo, hi) = range(times);
+        Some(format!("median of {} runs, {lo:.2}–{hi:.2} s", times.len()))
+    };
+    what.into_iter()
+        .map(str::to_string)
+        .chain(spread)
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 fn fg_under_hydration(ctx: &mut Ctx, run: &mut Run, delay: u64, p: PeerKind) {
@@ -859,23 +872,11 @@ fn copies(ctx: &mut Ctx, run: &mut Run, delay: u64, first: Option<Duration>) {
             Err(e) => return failed(run, "hydration", p, delay, &e),
         }
     }
-    let with = |what: &str, times: &[f64]| match copies_note(times) {
-        n if n.is_empty() => what.to_string(),
-        n => format!("{what}; {n}"),
-    };
-    let s = median(&plain);
-    let mib = ctx.opts.dense_size as f64 / (1 << 20) as f64;
-    run.put(
-        "hydration",
-        p,
-        delay,
-        "time",
-        "s",
-        Some(s),
-        with("nbdcopy", &plain),
+    put_copy_time(run, p, delay, ctx.opts.dense_size, &plain, Some("nbdcopy"));
+    let (d, note) = (
+        median(&durable),
+        copies_note(Some("nbdcopy --flush"), &durable),
     );
-    run.put("hydration", p, delay, "rate", "MiB/s", Some(mib / s), "");
-    let (d, note) = (median(&durable), with("nbdcopy --flush", &durable));
     run.put("hydration", p, delay, "time, durable", "s", Some(d), note);
 }
 
