@@ -194,12 +194,12 @@ pub fn start(
     })
 }
 
-/// nbdkit as a *source*: `plugin` with `params`, behind `filters` (e.g.
 /// Seconds of its rate nbdkit's `rate` filter lets a client burst (its
 /// `burstiness`): a link sends at its rate from the first byte, where the
 /// filter's default of 2 s would carry a whole boot at 1 Gbit/s unlimited.
 pub const RATE_BURST: f64 = 0.001;
 
+/// nbdkit as a *source*: `plugin` with `params`, behind `filters` (e.g.
 /// `delay` with `delay-read=1ms` among the params to imitate a remote
 /// link), read-only on a unix socket in `workdir` (test-support's
 /// launcher, then the `nbdinfo` size check). Unlike [`start`] it serves
